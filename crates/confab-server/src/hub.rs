@@ -1,0 +1,295 @@
+//! Local bookkeeping of who is subscribed where, and fan-out of pre-encoded frames.
+//!
+//! Rooms live in [`SHARDS`] independently locked maps (by room-name hash), so no lock is shared
+//! by all rooms. Each room keeps its subscriber list as an immutable `Arc<[..]>` that is replaced
+//! on subscribe/unsubscribe (copy-on-write): fan-out holds the shard lock only long enough to
+//! clone that `Arc`, then pushes to every queue with no lock held.
+//!
+//! The hub also counts each user's sessions per room, which is what turns many devices into one
+//! `user_joined` (first session in) and one `user_left` (last session out, or gone past the
+//! presence grace period after a disconnect).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::outbound::{Outbound, Priority, SessionHandle, SessionId};
+
+/// Number of independently locked room maps.
+const SHARDS: usize = 64;
+
+/// How a session stopped being subscribed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Departure {
+    /// It sent `leave` (or lost membership): if it was the user's last session, `user_left` now.
+    Leave,
+    /// Its connection dropped: if it was the user's last session, `user_left` only if no session
+    /// of theirs re-joins within the grace period. The value identifies this departure.
+    Disconnect(u64),
+}
+
+#[derive(Debug)]
+struct UserInRoom {
+    /// Sessions of this user subscribed to the room.
+    sessions: u32,
+    /// Set while the user has no session here but may still come back (disconnect grace).
+    departing: Option<u64>,
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    /// Current subscribers; replaced, never mutated, so fan-out can work on a snapshot.
+    subscribers: Arc<[Arc<SessionHandle>]>,
+    /// Per-user session counts.
+    users: HashMap<String, UserInRoom>,
+}
+
+/// Rooms and their local subscribers.
+#[derive(Debug)]
+pub struct Hub {
+    shards: Box<[Mutex<HashMap<Arc<str>, Room>>]>,
+    hasher: RandomState,
+    next_departure: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Hub {
+    /// An empty hub.
+    pub fn new() -> Hub {
+        Hub {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            next_departure: AtomicU64::new(1),
+        }
+    }
+
+    // A std mutex: every critical section below is a few map operations and never awaits.
+    fn shard(&self, room: &str) -> MutexGuard<'_, HashMap<Arc<str>, Room>> {
+        let index = (self.hasher.hash_one(room) as usize) % SHARDS;
+        self.shards[index].lock().expect("hub shard lock poisoned")
+    }
+
+    /// A fresh id for a [`Departure::Disconnect`].
+    pub fn next_departure_id(&self) -> u64 {
+        self.next_departure.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a session to a room. Returns the interned room name and whether others should be
+    /// told `user_joined` (true only for the user's first session, and not for a user coming
+    /// back within the grace period).
+    pub fn subscribe(&self, room: &str, handle: &Arc<SessionHandle>) -> (Arc<str>, bool) {
+        let mut shard = self.shard(room);
+        let key = match shard.get_key_value(room) {
+            Some((key, _)) => Arc::clone(key),
+            None => Arc::from(room),
+        };
+        let entry = shard.entry(Arc::clone(&key)).or_default();
+        if entry.subscribers.iter().any(|s| s.id == handle.id) {
+            return (key, false);
+        }
+        let mut subscribers = entry.subscribers.to_vec();
+        subscribers.push(Arc::clone(handle));
+        entry.subscribers = subscribers.into();
+        let user = entry
+            .users
+            .entry(handle.user.id.clone())
+            .or_insert(UserInRoom {
+                sessions: 0,
+                departing: None,
+            });
+        let announce = user.sessions == 0 && user.departing.is_none();
+        user.sessions += 1;
+        user.departing = None;
+        (key, announce)
+    }
+
+    /// Removes a session from a room. Returns true if others should be told `user_left` now.
+    pub fn unsubscribe(
+        &self,
+        room: &str,
+        session: SessionId,
+        user_id: &str,
+        how: Departure,
+    ) -> bool {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else {
+            return false;
+        };
+        let before = entry.subscribers.len();
+        let subscribers: Vec<_> = entry
+            .subscribers
+            .iter()
+            .filter(|s| s.id != session)
+            .cloned()
+            .collect();
+        if subscribers.len() == before {
+            return false;
+        }
+        entry.subscribers = subscribers.into();
+        let mut announce = false;
+        if let Some(user) = entry.users.get_mut(user_id) {
+            user.sessions = user.sessions.saturating_sub(1);
+            if user.sessions == 0 {
+                match how {
+                    Departure::Leave => {
+                        entry.users.remove(user_id);
+                        announce = true;
+                    }
+                    Departure::Disconnect(id) => user.departing = Some(id),
+                }
+            }
+        }
+        Self::drop_if_empty(&mut shard, room);
+        announce
+    }
+
+    /// Called when a disconnect's grace period ends. Returns true if the user never came back to
+    /// the room and others should now be told `user_left`.
+    pub fn departure_expired(&self, room: &str, user_id: &str, departure: u64) -> bool {
+        let mut shard = self.shard(room);
+        let Some(entry) = shard.get_mut(room) else {
+            return false;
+        };
+        let expired = entry
+            .users
+            .get(user_id)
+            .is_some_and(|u| u.sessions == 0 && u.departing == Some(departure));
+        if expired {
+            entry.users.remove(user_id);
+            Self::drop_if_empty(&mut shard, room);
+        }
+        expired
+    }
+
+    fn drop_if_empty(shard: &mut HashMap<Arc<str>, Room>, room: &str) {
+        if shard
+            .get(room)
+            .is_some_and(|r| r.subscribers.is_empty() && r.users.is_empty())
+        {
+            shard.remove(room);
+        }
+    }
+
+    /// A snapshot of a room's subscribers (empty if none).
+    pub fn subscribers(&self, room: &str) -> Arc<[Arc<SessionHandle>]> {
+        self.shard(room)
+            .get(room)
+            .map(|r| Arc::clone(&r.subscribers))
+            .unwrap_or_else(|| Arc::new([]))
+    }
+
+    /// Pushes one encoded frame to every subscriber of `room` except `except`.
+    pub fn deliver(
+        &self,
+        room: &str,
+        item: &Outbound,
+        priority: Priority,
+        except: Option<SessionId>,
+    ) {
+        let subscribers = self.subscribers(room);
+        for subscriber in subscribers.iter() {
+            if Some(subscriber.id) != except {
+                subscriber.push(item.clone(), priority);
+            }
+        }
+    }
+
+    /// Forgets a room entirely (it was deleted) and returns who was subscribed.
+    pub fn remove_room(&self, room: &str) -> Vec<Arc<SessionHandle>> {
+        self.shard(room)
+            .remove(room)
+            .map(|r| r.subscribers.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The sessions of one user subscribed to a room.
+    pub fn sessions_of(&self, room: &str, user_id: &str) -> Vec<Arc<SessionHandle>> {
+        self.subscribers(room)
+            .iter()
+            .filter(|s| s.user.id == user_id)
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use confab_proto::UserRef;
+
+    fn session(id: SessionId, user: &str) -> Arc<SessionHandle> {
+        SessionHandle::new(
+            id,
+            UserRef {
+                id: user.into(),
+                name: user.into(),
+            },
+            16,
+        )
+        .0
+    }
+
+    #[test]
+    fn first_session_in_and_last_out_are_announced_once() {
+        let hub = Hub::new();
+        let (phone, laptop) = (session(1, "ann"), session(2, "ann"));
+        assert!(hub.subscribe("r", &phone).1);
+        assert!(!hub.subscribe("r", &laptop).1);
+        assert!(!hub.subscribe("r", &laptop).1, "re-subscribing is a no-op");
+        assert_eq!(hub.subscribers("r").len(), 2);
+        assert!(!hub.unsubscribe("r", 1, "ann", Departure::Leave));
+        assert!(hub.unsubscribe("r", 2, "ann", Departure::Leave));
+        assert!(hub.subscribers("r").is_empty());
+        assert!(!hub.unsubscribe("r", 2, "ann", Departure::Leave));
+    }
+
+    #[test]
+    fn quick_reconnect_is_silent_and_late_one_is_announced() {
+        let hub = Hub::new();
+        let first = session(1, "ann");
+        hub.subscribe("r", &first);
+        let departure = hub.next_departure_id();
+        assert!(!hub.unsubscribe("r", 1, "ann", Departure::Disconnect(departure)));
+        // Back within the grace period: no user_joined, and the old departure is void.
+        assert!(!hub.subscribe("r", &session(2, "ann")).1);
+        assert!(!hub.departure_expired("r", "ann", departure));
+        // Gone for good this time.
+        let departure = hub.next_departure_id();
+        hub.unsubscribe("r", 2, "ann", Departure::Disconnect(departure));
+        assert!(hub.departure_expired("r", "ann", departure));
+        assert!(hub.subscribe("r", &session(3, "ann")).1);
+    }
+
+    #[test]
+    fn deliver_skips_the_excluded_session() {
+        let hub = Hub::new();
+        let (a, mut a_rx) = SessionHandle::new(
+            1,
+            UserRef {
+                id: "a".into(),
+                name: "a".into(),
+            },
+            4,
+        );
+        let (b, mut b_rx) = SessionHandle::new(
+            2,
+            UserRef {
+                id: "b".into(),
+                name: "b".into(),
+            },
+            4,
+        );
+        hub.subscribe("r", &a);
+        hub.subscribe("r", &b);
+        let item = Outbound::Event(axum::extract::ws::Utf8Bytes::from_static("x"));
+        hub.deliver("r", &item, Priority::Reliable, Some(1));
+        assert!(a_rx.try_recv().is_err());
+        assert!(b_rx.try_recv().is_ok());
+    }
+}

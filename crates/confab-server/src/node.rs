@@ -1,0 +1,706 @@
+//! The node: one running confab server and every chat operation it offers.
+//!
+//! REST handlers and WebSocket sessions both call into [`Node`], so a message posted over REST
+//! and one sent over a socket take exactly the same path (validation, membership, committer,
+//! broker). The node owns the shared parts (store, hub, broker, presence, typing, committer) and
+//! the shutdown token and task tracker every background task is registered with.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use confab_proto::{
+    Member, PresenceStatus, RoomSummary, ServerEvent, SettableStatus, UserPresence, UserRef,
+    is_valid_room_name,
+};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, TokenKeys};
+use crate::broker::Broker;
+use crate::committer::{Committer, Pending, Reply};
+use crate::config::Config;
+use crate::error::ChatError;
+use crate::hub::{Departure, Hub};
+use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, encode};
+use crate::presence::{Presence, TooManyConnections};
+use crate::store::{Appended, HistoryPage, HistoryQuery, NewMessage, RoomRecord, Store, now_ms};
+use crate::typing::Typing;
+
+/// How often expired typing indicators are swept.
+const TYPING_SWEEP: Duration = Duration::from_millis(250);
+
+/// One confab server's shared state and operations.
+#[derive(Debug)]
+pub struct Node {
+    /// Effective configuration.
+    pub config: Arc<Config>,
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Token signing and verification.
+    pub tokens: TokenKeys,
+    /// Local subscriptions.
+    pub hub: Arc<Hub>,
+    /// Room fan-out (local, or across nodes).
+    pub broker: Arc<dyn Broker>,
+    /// User-level online status.
+    pub presence: Presence,
+    /// Typing indicators.
+    pub typing: Typing,
+    /// Group-commit pipeline for chat messages.
+    pub committer: Committer,
+    /// Cancelled when the server begins shutting down: sessions close with 1001, timers stop.
+    pub shutdown: CancellationToken,
+    /// Every session and timer task, so shutdown can wait for all of them.
+    pub tasks: TaskTracker,
+    next_session: AtomicU64,
+    /// Token users already written to the store (id and name), so a reconnect costs no write.
+    known_users: Mutex<HashSet<(String, String)>>,
+    /// REST message sends, per user.
+    rest_messages: DefaultKeyedRateLimiter<String>,
+}
+
+/// What a session needs to answer `join`.
+#[derive(Debug)]
+pub struct JoinedRoom {
+    /// The room.
+    pub room: RoomRecord,
+    /// The user's stored read position.
+    pub read_seq: u64,
+}
+
+impl Node {
+    /// Assembles a node. The committer's task is started by the caller (see `Server`).
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        tokens: TokenKeys,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        committer: Committer,
+    ) -> Node {
+        let rest_quota = quota(config.message_rate, config.message_burst);
+        Node {
+            typing: Typing::new(config.typing_timeout()),
+            config,
+            store,
+            tokens,
+            hub,
+            broker,
+            presence: Presence::default(),
+            committer,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            next_session: AtomicU64::new(1),
+            known_users: Mutex::new(HashSet::new()),
+            rest_messages: RateLimiter::keyed(rest_quota),
+        }
+    }
+
+    // ---- identity -------------------------------------------------------------------------
+
+    /// Verifies a token and makes sure its user exists in the store.
+    pub async fn authenticate(&self, token: &str) -> Result<UserRef, ChatError> {
+        let user = self.tokens.verify(token)?;
+        let key = (user.id.clone(), user.name.clone());
+        let known = self.known_users.lock().expect("known users").contains(&key);
+        if !known {
+            self.store.ensure_user(&user).await?;
+            self.known_users.lock().expect("known users").insert(key);
+        }
+        Ok(user)
+    }
+
+    /// Creates a password account and returns it with a token.
+    pub async fn register(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> Result<(UserRef, String), ChatError> {
+        let user = create_account(self.store.as_ref(), name, password).await?;
+        let token = self.tokens.issue(&user, None);
+        Ok((user, token))
+    }
+
+    /// Checks a username and password and returns the account with a fresh token.
+    pub async fn login(&self, name: &str, password: &str) -> Result<(UserRef, String), ChatError> {
+        let bad = || ChatError::Unauthorized("invalid username or password".into());
+        let Some((user, hash)) = self.store.account(name).await? else {
+            return Err(bad());
+        };
+        let password = password.to_string();
+        let ok = tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
+            .await
+            .map_err(|_| ChatError::ShuttingDown)?;
+        if !ok {
+            return Err(bad());
+        }
+        let token = self.tokens.issue(&user, None);
+        Ok((user, token))
+    }
+
+    // ---- rooms ----------------------------------------------------------------------------
+
+    /// Creates a room owned by `user`, who becomes its first member.
+    pub async fn create_room(
+        &self,
+        user: &UserRef,
+        name: &str,
+        private: bool,
+    ) -> Result<RoomRecord, ChatError> {
+        if !is_valid_room_name(name) {
+            return Err(invalid_room_name(name));
+        }
+        let room = RoomRecord {
+            id: name.to_string(),
+            name: name.to_string(),
+            private,
+            owner: Some(user.id.clone()),
+            dm: false,
+            last_seq: 0,
+        };
+        self.store
+            .create_room(&room, std::slice::from_ref(&user.id))
+            .await?;
+        Ok(room)
+    }
+
+    /// Makes `user` a member of a room they may join, creating unknown public rooms on demand.
+    /// This is the rule behind both WebSocket `join` and `POST /api/rooms/{room}/join`.
+    pub async fn enter_room(&self, user: &UserRef, room_id: &str) -> Result<JoinedRoom, ChatError> {
+        let room = match self.store.room(room_id).await? {
+            Some(room) => room,
+            None if self.config.auto_create_rooms && is_valid_room_name(room_id) => {
+                let room = RoomRecord {
+                    id: room_id.to_string(),
+                    name: room_id.to_string(),
+                    private: false,
+                    owner: Some(user.id.clone()),
+                    dm: false,
+                    last_seq: 0,
+                };
+                let room = self
+                    .store
+                    .ensure_room(&room, std::slice::from_ref(&user.id))
+                    .await?;
+                return Ok(JoinedRoom { room, read_seq: 0 });
+            }
+            None if !is_valid_room_name(room_id) && !room_id.starts_with("dm:") => {
+                return Err(invalid_room_name(room_id));
+            }
+            None => return Err(ChatError::room_not_found(room_id)),
+        };
+        match self.store.membership(room_id, &user.id).await? {
+            Some(read_seq) => Ok(JoinedRoom { room, read_seq }),
+            None if room.private => Err(forbidden_room(room_id)),
+            None => {
+                self.store.add_member(room_id, &user.id).await?;
+                Ok(JoinedRoom { room, read_seq: 0 })
+            }
+        }
+    }
+
+    /// The room, if `user` may read it (public, or a member).
+    pub async fn readable_room(
+        &self,
+        user: &UserRef,
+        room_id: &str,
+    ) -> Result<RoomRecord, ChatError> {
+        let room = self
+            .store
+            .room(room_id)
+            .await?
+            .ok_or_else(|| ChatError::room_not_found(room_id))?;
+        if room.private && self.store.membership(room_id, &user.id).await?.is_none() {
+            return Err(forbidden_room(room_id));
+        }
+        Ok(room)
+    }
+
+    /// Fails unless `user` is a member of the room (needed to post or mark read).
+    pub async fn require_member(&self, user: &UserRef, room_id: &str) -> Result<u64, ChatError> {
+        match self.store.membership(room_id, &user.id).await? {
+            Some(read_seq) => Ok(read_seq),
+            None => match self.store.room(room_id).await? {
+                None => Err(ChatError::room_not_found(room_id)),
+                Some(room) if room.private => Err(forbidden_room(room_id)),
+                Some(_) => Err(ChatError::Forbidden(format!(
+                    "join room {room_id:?} before posting to it"
+                ))),
+            },
+        }
+    }
+
+    /// Ends `user`'s membership and unsubscribes all of their sessions from the room.
+    pub async fn leave_room(&self, user: &UserRef, room_id: &str) -> Result<(), ChatError> {
+        if self.store.room(room_id).await?.is_none() {
+            return Err(ChatError::room_not_found(room_id));
+        }
+        if !self.store.remove_member(room_id, &user.id).await? {
+            return Err(ChatError::BadRequest(format!(
+                "not a member of room {room_id:?}"
+            )));
+        }
+        let room: Arc<str> = Arc::from(room_id);
+        let mut announce = false;
+        for session in self.hub.sessions_of(room_id, &user.id) {
+            announce |= self
+                .hub
+                .unsubscribe(room_id, session.id, &user.id, Departure::Leave);
+            session.push(Outbound::Left(Arc::clone(&room)), Priority::Reliable);
+        }
+        if announce {
+            self.announce_user_left(room_id, user);
+        }
+        Ok(())
+    }
+
+    /// Deletes a room (owner only); its subscribers are told they left.
+    pub async fn delete_room(&self, user: &UserRef, room_id: &str) -> Result<(), ChatError> {
+        let room = self
+            .store
+            .room(room_id)
+            .await?
+            .ok_or_else(|| ChatError::room_not_found(room_id))?;
+        if room.owner.as_deref() != Some(user.id.as_str()) {
+            return Err(ChatError::Forbidden(format!(
+                "only the owner may delete room {room_id:?}"
+            )));
+        }
+        self.store.delete_room(room_id).await?;
+        let room: Arc<str> = Arc::from(room_id);
+        for session in self.hub.remove_room(room_id) {
+            session.push(Outbound::Left(Arc::clone(&room)), Priority::Reliable);
+        }
+        Ok(())
+    }
+
+    /// Members of a room the user may read, with their online flag.
+    pub async fn members(&self, user: &UserRef, room_id: &str) -> Result<Vec<Member>, ChatError> {
+        self.readable_room(user, room_id).await?;
+        self.member_list(room_id).await
+    }
+
+    /// Members of a room with their online flag (no access check).
+    pub async fn member_list(&self, room_id: &str) -> Result<Vec<Member>, ChatError> {
+        let members = self.store.members(room_id).await?;
+        Ok(members
+            .into_iter()
+            .map(|m| Member {
+                online: self.presence.status(&m.id) != PresenceStatus::Offline,
+                id: m.id,
+                name: m.name,
+            })
+            .collect())
+    }
+
+    /// Public rooms and the user's rooms, with unread information.
+    pub async fn list_rooms(&self, user: &UserRef) -> Result<Vec<RoomSummary>, ChatError> {
+        let listings = self.store.rooms_for(&user.id).await?;
+        Ok(listings
+            .into_iter()
+            .map(|l| RoomSummary {
+                member: l.read_seq.is_some(),
+                last_seq: l.room.last_seq,
+                read_seq: l.read_seq.unwrap_or(0),
+                room: l.room.info(),
+            })
+            .collect())
+    }
+
+    /// Gets or creates the direct-message room between `user` and the user named `other`.
+    pub async fn open_dm(&self, user: &UserRef, other: &str) -> Result<RoomRecord, ChatError> {
+        let other = self
+            .store
+            .user_by_name(other)
+            .await?
+            .ok_or_else(|| ChatError::NotFound(format!("no user named {other:?}")))?;
+        if other.id == user.id {
+            return Err(ChatError::BadRequest(
+                "cannot open a direct-message room with yourself".into(),
+            ));
+        }
+        let id = confab_proto::dm_room_id(&user.id, &other.id);
+        let (first, second) = if user.id <= other.id {
+            (user, &other)
+        } else {
+            (&other, user)
+        };
+        let room = RoomRecord {
+            name: format!("{}, {}", first.name, second.name),
+            id,
+            private: true,
+            owner: None,
+            dm: true,
+            last_seq: 0,
+        };
+        Ok(self
+            .store
+            .ensure_room(&room, &[user.id.clone(), other.id.clone()])
+            .await?)
+    }
+
+    // ---- messages -------------------------------------------------------------------------
+
+    /// A page of history from a room the user may read.
+    pub async fn history(
+        &self,
+        user: &UserRef,
+        room_id: &str,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<HistoryPage, ChatError> {
+        self.readable_room(user, room_id).await?;
+        let query = self.history_query(before, after, limit)?;
+        Ok(self.store.history(room_id, query).await?)
+    }
+
+    /// Turns the optional paging parameters into a store query, applying the page cap.
+    pub fn history_query(
+        &self,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<HistoryQuery, ChatError> {
+        let max = self.config.max_history_page;
+        let limit = match limit {
+            Some(0) => return Err(ChatError::BadRequest("limit must be at least 1".into())),
+            Some(limit) => limit.min(max),
+            None => self.config.join_history.clamp(1, max),
+        };
+        Ok(match (before, after) {
+            (None, None) => HistoryQuery::Latest { limit },
+            (Some(before), None) => HistoryQuery::Before { before, limit },
+            (before, Some(after)) => HistoryQuery::After {
+                after,
+                before,
+                limit,
+            },
+        })
+    }
+
+    /// Checks a message's content against the protocol's rules.
+    pub fn validate_content(
+        &self,
+        content: &str,
+        client_id: Option<&str>,
+    ) -> Result<(), ChatError> {
+        if content.trim().is_empty() {
+            return Err(ChatError::BadRequest("content must not be empty".into()));
+        }
+        let max = self.config.max_content_chars;
+        if content.len() > max && content.chars().count() > max {
+            return Err(ChatError::TooLarge(format!(
+                "content is longer than {max} characters"
+            )));
+        }
+        if client_id.is_some_and(|c| c.is_empty() || c.len() > 128) {
+            return Err(ChatError::BadRequest(
+                "client_id must be 1 to 128 characters".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds a message ready for the committer.
+    pub fn new_message(
+        &self,
+        user: &UserRef,
+        room: &str,
+        content: String,
+        client_id: Option<String>,
+    ) -> NewMessage {
+        NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            room: room.to_string(),
+            user: user.clone(),
+            content,
+            client_id,
+            timestamp_ms: now_ms(),
+        }
+    }
+
+    /// Posts a message over REST: rate limit, validation, membership, then the same committer
+    /// path as a WebSocket send. Returns once the message is stored.
+    pub async fn post_message(
+        &self,
+        user: &UserRef,
+        room_id: &str,
+        content: String,
+        client_id: Option<String>,
+    ) -> Result<Appended, ChatError> {
+        if self.rest_messages.check_key(&user.id).is_err() {
+            return Err(ChatError::RateLimited(
+                "too many messages; slow down".into(),
+            ));
+        }
+        self.validate_content(&content, client_id.as_deref())?;
+        self.require_member(user, room_id).await?;
+        let (reply, answer) = oneshot::channel();
+        self.committer
+            .submit(Pending {
+                message: self.new_message(user, room_id, content, client_id),
+                reply: Reply::Request(reply),
+            })
+            .await?;
+        answer.await.map_err(|_| ChatError::ShuttingDown)?
+    }
+
+    /// Stores a read position and tells the room.
+    pub async fn mark_read(
+        &self,
+        user: &UserRef,
+        room_id: &str,
+        seq: u64,
+    ) -> Result<u64, ChatError> {
+        self.require_member(user, room_id).await?;
+        let stored = self.store.set_read(room_id, &user.id, seq).await?;
+        let event = ServerEvent::Read {
+            room: room_id.to_string(),
+            user: user.clone(),
+            seq: stored,
+        };
+        self.publish(room_id, &event, Priority::Reliable, None);
+        Ok(stored)
+    }
+
+    /// Encodes an event once and publishes it to a room.
+    pub fn publish(
+        &self,
+        room: &str,
+        event: &ServerEvent,
+        priority: Priority,
+        except: Option<SessionId>,
+    ) {
+        self.broker
+            .publish(room, Outbound::Event(encode(event)), priority, except);
+    }
+
+    // ---- typing ---------------------------------------------------------------------------
+
+    /// Handles a `typing` command from a session subscribed to `room`.
+    pub fn set_typing(&self, room: &Arc<str>, handle: &SessionHandle, is_typing: bool) {
+        let changed = if is_typing {
+            self.typing
+                .start(room, handle.id, &handle.user, Instant::now())
+        } else {
+            self.typing.stop(room, handle.id)
+        };
+        if changed {
+            self.announce_typing(room, &handle.user, handle.id, is_typing);
+        }
+    }
+
+    fn announce_typing(&self, room: &str, user: &UserRef, session: SessionId, is_typing: bool) {
+        let event = ServerEvent::Typing {
+            room: room.to_string(),
+            user: user.clone(),
+            is_typing,
+        };
+        self.publish(room, &event, Priority::Droppable, Some(session));
+    }
+
+    /// Runs until shutdown, switching off typing indicators whose refreshes stopped and
+    /// forgetting idle rate-limit keys.
+    pub async fn run_housekeeping(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TYPING_SWEEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut ticks: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            for expired in self.typing.expire(Instant::now()) {
+                self.announce_typing(&expired.room, &expired.user, expired.session, false);
+            }
+            ticks += 1;
+            if ticks % 240 == 0 {
+                self.rest_messages.retain_recent();
+            }
+        }
+    }
+
+    // ---- sessions and presence ------------------------------------------------------------
+
+    /// A fresh session id.
+    pub fn next_session_id(&self) -> SessionId {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a new session with presence (enforcing the per-user connection cap).
+    pub fn session_started(
+        self: &Arc<Self>,
+        handle: &SessionHandle,
+    ) -> Result<(), TooManyConnections> {
+        let change = self.presence.connect(
+            handle.id,
+            &handle.user,
+            self.config.max_connections_per_user,
+        )?;
+        if let Some(status) = change {
+            self.announce_presence(handle.user.clone(), status);
+        }
+        Ok(())
+    }
+
+    /// Sets a session's own status.
+    pub fn set_status(self: &Arc<Self>, handle: &SessionHandle, status: SettableStatus) {
+        if let Some(status) = self.presence.set_status(handle.id, &handle.user.id, status) {
+            self.announce_presence(handle.user.clone(), status);
+        }
+    }
+
+    /// Cleans up after a session's connection is gone: typing off now; `user_left` and
+    /// `offline` only if the user does not come back within the grace period.
+    pub fn session_ended(self: &Arc<Self>, handle: &SessionHandle, rooms: Vec<Arc<str>>) {
+        let user = &handle.user;
+        let departure = self.hub.next_departure_id();
+        for room in &rooms {
+            if self.typing.stop(room, handle.id) {
+                self.announce_typing(room, user, handle.id, false);
+            }
+            self.hub
+                .unsubscribe(room, handle.id, &user.id, Departure::Disconnect(departure));
+        }
+        let offline_pending = self.presence.disconnect(handle.id, &user.id, departure);
+        if rooms.is_empty() && offline_pending.is_none() {
+            return;
+        }
+        let node = Arc::clone(self);
+        let user = user.clone();
+        let grace = self.config.presence_grace();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(grace) => {}
+                () = node.shutdown.cancelled() => return,
+            }
+            for room in rooms {
+                if node.hub.departure_expired(&room, &user.id, departure) {
+                    node.announce_user_left(&room, &user);
+                }
+            }
+            if offline_pending.is_some() {
+                if let Some(user) = node.presence.grace_expired(&user.id, departure) {
+                    node.announce_presence(user, PresenceStatus::Offline);
+                }
+            }
+        });
+    }
+
+    /// Tells a room that a user's first session arrived.
+    pub fn announce_user_joined(&self, room: &str, user: &UserRef, session: SessionId) {
+        let event = ServerEvent::UserJoined {
+            room: room.to_string(),
+            user: user.clone(),
+        };
+        self.publish(room, &event, Priority::Reliable, Some(session));
+    }
+
+    fn announce_user_left(&self, room: &str, user: &UserRef) {
+        let event = ServerEvent::UserLeft {
+            room: room.to_string(),
+            user: user.clone(),
+        };
+        self.publish(room, &event, Priority::Reliable, None);
+    }
+
+    /// Sends a user's new status to every session subscribed to a room the user belongs to
+    /// (once per session, however many rooms they share).
+    fn announce_presence(self: &Arc<Self>, user: UserRef, status: PresenceStatus) {
+        let node = Arc::clone(self);
+        self.tasks.spawn(async move {
+            let rooms = match node.store.rooms_of_user(&user.id).await {
+                Ok(rooms) => rooms,
+                Err(err) => {
+                    tracing::warn!(error = %err, user = %user.id, "cannot announce presence");
+                    return;
+                }
+            };
+            let frame = encode(&ServerEvent::Presence { user, status });
+            let mut told = HashSet::new();
+            for room in rooms {
+                for session in node.hub.subscribers(&room).iter() {
+                    if told.insert(session.id) {
+                        session.push(Outbound::Event(frame.clone()), Priority::Droppable);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Statuses for a list of user ids, in the order asked.
+    pub fn presence_of(&self, ids: &[&str]) -> Vec<UserPresence> {
+        ids.iter()
+            .map(|id| UserPresence {
+                id: (*id).to_string(),
+                status: self.presence.status(id),
+            })
+            .collect()
+    }
+}
+
+/// Validates and stores a new password account (shared by `POST /api/register` and
+/// `confab user add`).
+pub async fn create_account(
+    store: &dyn Store,
+    name: &str,
+    password: &str,
+) -> Result<UserRef, ChatError> {
+    validate_username(name)?;
+    if password.chars().count() < 6 || password.len() > 1024 {
+        return Err(ChatError::BadRequest(
+            "password must be 6 to 1024 characters".into(),
+        ));
+    }
+    let password = password.to_string();
+    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+        .await
+        .map_err(|_| ChatError::ShuttingDown)?;
+    let user = UserRef {
+        id: uuid::Uuid::now_v7().to_string(),
+        name: name.to_string(),
+    };
+    store.create_account(&user, &hash).await?;
+    Ok(user)
+}
+
+fn quota(per_second: u32, burst: u32) -> Quota {
+    let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+    let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(rate).allow_burst(burst)
+}
+
+/// A token bucket for one session's commands.
+pub fn session_limiter(per_second: u32, burst: u32) -> governor::DefaultDirectRateLimiter {
+    RateLimiter::direct(quota(per_second, burst))
+}
+
+fn validate_username(name: &str) -> Result<(), ChatError> {
+    let ok = (1..=32).contains(&name.chars().count())
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ChatError::BadRequest(
+            "username must be 1 to 32 letters, digits, '_', '-' or '.'".into(),
+        ))
+    }
+}
+
+fn invalid_room_name(name: &str) -> ChatError {
+    ChatError::BadRequest(format!(
+        "invalid room name {name:?}: use 1 to 64 of a-z, 0-9, '_' and '-', starting with a letter or digit"
+    ))
+}
+
+fn forbidden_room(room: &str) -> ChatError {
+    ChatError::Forbidden(format!("room {room:?} is private"))
+}

@@ -1,0 +1,194 @@
+//! User-level presence: one status per user across all of their devices.
+//!
+//! A user is `online` from their first session, `away` when every session says so, and
+//! `offline` only after their last session has been gone for the grace period, so a reconnect
+//! (a page reload, a flaky train tunnel) produces no flicker. Only changes of the aggregate are
+//! reported; the caller announces them.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use confab_proto::{PresenceStatus, SettableStatus, UserRef};
+
+use crate::outbound::SessionId;
+
+#[derive(Debug)]
+struct UserState {
+    user: UserRef,
+    /// Each connected session's own status.
+    sessions: HashMap<SessionId, SettableStatus>,
+    /// The status last announced to others.
+    announced: PresenceStatus,
+    /// Set while the user has no session but is inside the grace period.
+    departing: Option<u64>,
+}
+
+/// Too many concurrent connections for one user.
+#[derive(Debug, thiserror::Error)]
+#[error("user already has {0} connections")]
+pub struct TooManyConnections(pub usize);
+
+/// Tracks every connected user's sessions and aggregate status.
+#[derive(Debug, Default)]
+pub struct Presence {
+    // A std mutex: critical sections are a few map operations; connects and status changes are
+    // rare next to chat traffic, which never touches this map.
+    users: Mutex<HashMap<String, UserState>>,
+}
+
+fn aggregate(sessions: &HashMap<SessionId, SettableStatus>) -> Option<PresenceStatus> {
+    if sessions.is_empty() {
+        None
+    } else if sessions.values().any(|s| *s == SettableStatus::Online) {
+        Some(PresenceStatus::Online)
+    } else {
+        Some(PresenceStatus::Away)
+    }
+}
+
+impl Presence {
+    /// Registers a new session. Returns the status to announce if the aggregate changed.
+    pub fn connect(
+        &self,
+        session: SessionId,
+        user: &UserRef,
+        max_sessions: usize,
+    ) -> Result<Option<PresenceStatus>, TooManyConnections> {
+        let mut users = self.users.lock().expect("presence lock");
+        let state = users.entry(user.id.clone()).or_insert_with(|| UserState {
+            user: user.clone(),
+            sessions: HashMap::new(),
+            announced: PresenceStatus::Offline,
+            departing: None,
+        });
+        if state.sessions.len() >= max_sessions {
+            return Err(TooManyConnections(state.sessions.len()));
+        }
+        state.user = user.clone();
+        state.sessions.insert(session, SettableStatus::Online);
+        state.departing = None;
+        Ok(Self::update(state))
+    }
+
+    /// Removes a session. If it was the user's last, returns the id of the departure to pass to
+    /// [`Presence::grace_expired`] once the grace period is over.
+    pub fn disconnect(&self, session: SessionId, user_id: &str, departure: u64) -> Option<u64> {
+        let mut users = self.users.lock().expect("presence lock");
+        let state = users.get_mut(user_id)?;
+        state.sessions.remove(&session);
+        if state.sessions.is_empty() {
+            state.departing = Some(departure);
+            Some(departure)
+        } else {
+            // The others may all be away now.
+            let _ = Self::update(state);
+            None
+        }
+    }
+
+    /// Ends a grace period: returns the user if they are now offline (nobody came back).
+    pub fn grace_expired(&self, user_id: &str, departure: u64) -> Option<UserRef> {
+        let mut users = self.users.lock().expect("presence lock");
+        let state = users.get(user_id)?;
+        if !state.sessions.is_empty() || state.departing != Some(departure) {
+            return None;
+        }
+        let state = users.remove(user_id)?;
+        (state.announced != PresenceStatus::Offline).then_some(state.user)
+    }
+
+    /// Sets one session's status. Returns the status to announce if the aggregate changed.
+    pub fn set_status(
+        &self,
+        session: SessionId,
+        user_id: &str,
+        status: SettableStatus,
+    ) -> Option<PresenceStatus> {
+        let mut users = self.users.lock().expect("presence lock");
+        let state = users.get_mut(user_id)?;
+        *state.sessions.get_mut(&session)? = status;
+        Self::update(state)
+    }
+
+    fn update(state: &mut UserState) -> Option<PresenceStatus> {
+        let now = aggregate(&state.sessions)?;
+        (now != state.announced).then(|| {
+            state.announced = now;
+            now
+        })
+    }
+
+    /// The status others currently see for a user.
+    pub fn status(&self, user_id: &str) -> PresenceStatus {
+        self.users
+            .lock()
+            .expect("presence lock")
+            .get(user_id)
+            .map_or(PresenceStatus::Offline, |s| s.announced)
+    }
+
+    /// How many sessions a user has open.
+    pub fn connections(&self, user_id: &str) -> usize {
+        self.users
+            .lock()
+            .expect("presence lock")
+            .get(user_id)
+            .map_or(0, |s| s.sessions.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann() -> UserRef {
+        UserRef {
+            id: "ann".into(),
+            name: "Ann".into(),
+        }
+    }
+
+    #[test]
+    fn devices_aggregate_into_one_status() {
+        let presence = Presence::default();
+        assert_eq!(
+            presence.connect(1, &ann(), 5).unwrap(),
+            Some(PresenceStatus::Online)
+        );
+        assert_eq!(presence.connect(2, &ann(), 5).unwrap(), None);
+        assert_eq!(presence.set_status(1, "ann", SettableStatus::Away), None);
+        assert_eq!(
+            presence.set_status(2, "ann", SettableStatus::Away),
+            Some(PresenceStatus::Away)
+        );
+        assert_eq!(presence.status("ann"), PresenceStatus::Away);
+        assert_eq!(presence.disconnect(1, "ann", 10), None);
+        assert_eq!(presence.disconnect(2, "ann", 11), Some(11));
+        // Still away (not offline) during the grace period.
+        assert_eq!(presence.status("ann"), PresenceStatus::Away);
+        assert_eq!(
+            presence.grace_expired("ann", 11).map(|u| u.id),
+            Some("ann".into())
+        );
+        assert_eq!(presence.status("ann"), PresenceStatus::Offline);
+    }
+
+    #[test]
+    fn reconnect_within_grace_is_silent() {
+        let presence = Presence::default();
+        presence.connect(1, &ann(), 5).unwrap();
+        assert_eq!(presence.disconnect(1, "ann", 7), Some(7));
+        assert_eq!(presence.connect(2, &ann(), 5).unwrap(), None);
+        assert!(presence.grace_expired("ann", 7).is_none());
+        assert_eq!(presence.status("ann"), PresenceStatus::Online);
+    }
+
+    #[test]
+    fn connection_cap() {
+        let presence = Presence::default();
+        presence.connect(1, &ann(), 2).unwrap();
+        presence.connect(2, &ann(), 2).unwrap();
+        assert!(presence.connect(3, &ann(), 2).is_err());
+        assert_eq!(presence.connections("ann"), 2);
+    }
+}

@@ -1,0 +1,442 @@
+//! One WebSocket connection: a single task that reads commands, writes queued frames, keeps the
+//! heartbeat and closes the socket with the right code.
+//!
+//! The task owns the socket and the receiving end of the session's bounded queue. Everything
+//! other parts of the server want to send arrives through that queue ([`SessionHandle::push`]),
+//! and the task writes whatever has accumulated in one flush. Direct replies to the client's
+//! own commands (`joined`, `history`, `pong`, errors) are written by the task itself.
+//!
+//! Per room the session remembers the highest seq it has delivered and skips anything at or
+//! below it. Combined with "subscribe, then read history" in `join`, this gives every
+//! subscriber each message exactly once and in seq order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
+use futures_util::{SinkExt, StreamExt};
+use governor::DefaultDirectRateLimiter;
+use tokio::sync::mpsc;
+
+use crate::committer::{Pending, Reply};
+use crate::error::ChatError;
+use crate::hub::Departure;
+use crate::node::{Node, session_limiter};
+use crate::outbound::{Outbound, SessionHandle, encode};
+use crate::store::HistoryQuery;
+
+/// Frames taken from the queue per flush.
+const WRITE_BATCH: usize = 128;
+
+/// Consecutive rate-limited commands after which the connection is closed as a flood.
+const FLOOD_LIMIT: u32 = 100;
+
+/// Runs a session on an upgraded socket until either side closes it.
+pub async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
+    let id = node.next_session_id();
+    let (handle, queue) = SessionHandle::new(id, user, node.config.outbound_queue);
+    if let Err(err) = node.session_started(&handle) {
+        let _ = socket
+            .send(close_message(close::POLICY_VIOLATION, &err.to_string()))
+            .await;
+        return;
+    }
+    let mut session = Session {
+        messages: session_limiter(node.config.message_rate, node.config.message_burst),
+        commands: session_limiter(node.config.command_rate, node.config.command_burst),
+        node: Arc::clone(&node),
+        handle: Arc::clone(&handle),
+        queue,
+        socket,
+        rooms: HashMap::new(),
+        last_heard: Instant::now(),
+        refused_in_a_row: 0,
+    };
+    session.run().await;
+    let rooms = session.rooms.into_keys().collect();
+    node.session_ended(&handle, rooms);
+}
+
+/// Why the loop ended and what to tell the peer.
+enum Ending {
+    /// The peer closed or the connection broke: nothing more to send.
+    Gone,
+    /// Close with this code and reason.
+    Close(u16, &'static str),
+}
+
+struct Session {
+    node: Arc<Node>,
+    handle: Arc<SessionHandle>,
+    queue: mpsc::Receiver<Outbound>,
+    socket: WebSocket,
+    /// Subscribed rooms with the highest seq delivered in each.
+    rooms: HashMap<Arc<str>, u64>,
+    /// Chat message token bucket.
+    messages: DefaultDirectRateLimiter,
+    /// Token bucket for every other command.
+    commands: DefaultDirectRateLimiter,
+    /// Last time anything arrived from the peer.
+    last_heard: Instant,
+    /// Rate-limited commands since the last accepted one.
+    refused_in_a_row: u32,
+}
+
+impl Session {
+    async fn run(&mut self) {
+        let connected = ServerEvent::Connected {
+            user: self.handle.user.clone(),
+            session: self.handle.id.to_string(),
+            heartbeat_ms: self.node.config.heartbeat_interval_ms,
+        };
+        if self.send(&connected).await.is_err() {
+            return;
+        }
+        let interval = self.node.config.heartbeat_interval();
+        let mut heartbeat =
+            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        let ending = loop {
+            tokio::select! {
+                biased;
+                () = self.node.shutdown.cancelled() => {
+                    // Hand over what is already queued (acks, messages), then say goodbye.
+                    while let Ok(item) = self.queue.try_recv() {
+                        batch.push(item);
+                    }
+                    let _ = self.write_batch(&mut batch).await;
+                    break Ending::Close(close::GOING_AWAY, "server shutting down");
+                }
+                () = self.handle.slow().cancelled() => {
+                    break Ending::Close(
+                        close::TRY_AGAIN_LATER,
+                        "too slow: outbound queue overflowed; re-join with since",
+                    );
+                }
+                received = self.queue.recv_many(&mut batch, WRITE_BATCH) => {
+                    if received == 0 || self.write_batch(&mut batch).await.is_err() {
+                        break Ending::Gone;
+                    }
+                }
+                inbound = self.socket.next() => {
+                    self.last_heard = Instant::now();
+                    match inbound {
+                        Some(Ok(Message::Text(text))) => {
+                            if let Err(ending) = self.on_text(text.as_str()).await {
+                                break ending;
+                            }
+                        }
+                        Some(Ok(Message::Binary(_))) => {
+                            let error = error_event(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames".into());
+                            if self.send(&error).await.is_err() {
+                                break Ending::Gone;
+                            }
+                        }
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => break Ending::Gone,
+                        Some(Err(err)) => break ending_for(err),
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if self.last_heard.elapsed() > self.node.config.heartbeat_timeout() {
+                        break Ending::Close(close::POLICY_VIOLATION, "heartbeat timeout");
+                    }
+                    if self.write(Message::Ping(Default::default())).await.is_err() {
+                        break Ending::Gone;
+                    }
+                }
+            }
+        };
+        if let Ending::Close(code, reason) = ending {
+            let _ = self.write(close_message(code, reason)).await;
+        }
+    }
+
+    /// Writes everything taken from the queue with one flush.
+    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), ()> {
+        let write = async {
+            for item in batch.drain(..) {
+                let frame = match item {
+                    Outbound::Chat(chat) => match self.rooms.get_mut(&*chat.room) {
+                        Some(delivered) if chat.seq > *delivered => {
+                            *delivered = chat.seq;
+                            chat.frame.clone()
+                        }
+                        // Already delivered with the join's history, or no longer subscribed.
+                        _ => continue,
+                    },
+                    Outbound::Event(frame) => frame,
+                    Outbound::Left(room) => {
+                        if self.rooms.remove(&room).is_none() {
+                            continue;
+                        }
+                        self.node.set_typing(&room, &self.handle, false);
+                        encode(&ServerEvent::Left {
+                            reference: None,
+                            room: room.to_string(),
+                        })
+                    }
+                };
+                self.socket.feed(Message::Text(frame)).await?;
+            }
+            self.socket.flush().await
+        };
+        match tokio::time::timeout(self.node.config.write_timeout(), write).await {
+            Ok(Ok(())) => Ok(()),
+            _ => {
+                batch.clear();
+                Err(())
+            }
+        }
+    }
+
+    /// Writes one frame now, bounded by the write timeout.
+    async fn write(&mut self, message: Message) -> Result<(), ()> {
+        match tokio::time::timeout(self.node.config.write_timeout(), self.socket.send(message))
+            .await
+        {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    async fn send(&mut self, event: &ServerEvent) -> Result<(), ()> {
+        self.write(Message::Text(encode(event))).await
+    }
+
+    /// Handles one text frame. `Err` ends the connection.
+    async fn on_text(&mut self, text: &str) -> Result<(), Ending> {
+        let command = match parse_command(text) {
+            Ok(command) => command,
+            Err((reference, message)) => {
+                if !self.admit(false) {
+                    return self.refuse(reference).await;
+                }
+                let error = error_event(reference, ErrorCode::BadRequest, message);
+                return self.send(&error).await.map_err(|()| Ending::Gone);
+            }
+        };
+        let is_message = matches!(command, ClientCommand::Message { .. });
+        if !self.admit(is_message) {
+            return self.refuse(command.reference().cloned()).await;
+        }
+        let reference = command.reference().cloned();
+        match self.dispatch(command).await {
+            Ok(Some(reply)) => self.send(&reply).await.map_err(|()| Ending::Gone),
+            Ok(None) => Ok(()),
+            Err(err) => {
+                let error = error_event(reference, err.code(), err.public_message());
+                self.send(&error).await.map_err(|()| Ending::Gone)
+            }
+        }
+    }
+
+    /// Takes a token from the right bucket.
+    fn admit(&mut self, is_message: bool) -> bool {
+        let limiter = if is_message {
+            &self.messages
+        } else {
+            &self.commands
+        };
+        let admitted = limiter.check().is_ok();
+        if admitted {
+            self.refused_in_a_row = 0;
+        }
+        admitted
+    }
+
+    async fn refuse(&mut self, reference: Option<Ref>) -> Result<(), Ending> {
+        self.refused_in_a_row += 1;
+        if self.refused_in_a_row > FLOOD_LIMIT {
+            return Err(Ending::Close(
+                close::POLICY_VIOLATION,
+                "flooding: too many rate-limited commands",
+            ));
+        }
+        let error = error_event(
+            reference,
+            ErrorCode::RateLimited,
+            "rate limit exceeded; slow down".into(),
+        );
+        self.send(&error).await.map_err(|()| Ending::Gone)
+    }
+
+    /// Executes a command; returns the direct reply, if the command has one besides errors.
+    async fn dispatch(&mut self, command: ClientCommand) -> Result<Option<ServerEvent>, ChatError> {
+        let node = Arc::clone(&self.node);
+        let user = self.handle.user.clone();
+        match command {
+            ClientCommand::Join {
+                reference,
+                room,
+                since,
+            } => self.join(reference, &room, since).await.map(Some),
+            ClientCommand::Leave { reference, room } => {
+                if let Some(key) = self.rooms.remove_entry(room.as_str()).map(|(key, _)| key) {
+                    node.set_typing(&key, &self.handle, false);
+                    if node
+                        .hub
+                        .unsubscribe(&room, self.handle.id, &user.id, Departure::Leave)
+                    {
+                        let event = ServerEvent::UserLeft {
+                            room: room.clone(),
+                            user,
+                        };
+                        node.publish(&room, &event, crate::outbound::Priority::Reliable, None);
+                    }
+                }
+                Ok(Some(ServerEvent::Left { reference, room }))
+            }
+            ClientCommand::Message {
+                reference,
+                room,
+                content,
+                client_id,
+            } => {
+                node.validate_content(&content, client_id.as_deref())?;
+                if !self.rooms.contains_key(room.as_str()) {
+                    node.require_member(&user, &room).await?;
+                }
+                let message = node.new_message(&user, &room, content, client_id);
+                let reply = Reply::Session {
+                    handle: Arc::clone(&self.handle),
+                    reference,
+                };
+                node.committer.submit(Pending { message, reply }).await?;
+                Ok(None)
+            }
+            ClientCommand::Typing {
+                room, is_typing, ..
+            } => {
+                let key = self.subscribed(&room)?;
+                node.set_typing(&key, &self.handle, is_typing);
+                Ok(None)
+            }
+            ClientCommand::Read { room, seq, .. } => {
+                node.mark_read(&user, &room, seq).await?;
+                Ok(None)
+            }
+            ClientCommand::History {
+                reference,
+                room,
+                before,
+                after,
+                limit,
+            } => {
+                let page = node.history(&user, &room, before, after, limit).await?;
+                Ok(Some(ServerEvent::History {
+                    reference,
+                    room,
+                    messages: page.messages,
+                    has_more: page.has_more,
+                }))
+            }
+            ClientCommand::Status { status, .. } => {
+                node.set_status(&self.handle, status);
+                Ok(None)
+            }
+            ClientCommand::Ping { reference } => Ok(Some(ServerEvent::Pong { reference })),
+        }
+    }
+
+    fn subscribed(&self, room: &str) -> Result<Arc<str>, ChatError> {
+        self.rooms
+            .get_key_value(room)
+            .map(|(key, _)| Arc::clone(key))
+            .ok_or_else(|| ChatError::BadRequest(format!("join room {room:?} first")))
+    }
+
+    /// Subscribe first, then read history: anything committed in between arrives live, and the
+    /// delivered-seq watermark drops what the history already contained.
+    async fn join(
+        &mut self,
+        reference: Option<Ref>,
+        room_id: &str,
+        since: Option<u64>,
+    ) -> Result<ServerEvent, ChatError> {
+        let node = Arc::clone(&self.node);
+        let user = self.handle.user.clone();
+        let already = self.rooms.contains_key(room_id);
+        if !already && self.rooms.len() >= node.config.max_rooms_per_session {
+            return Err(ChatError::Forbidden(format!(
+                "a session may join at most {} rooms",
+                node.config.max_rooms_per_session
+            )));
+        }
+        let joined = node.enter_room(&user, room_id).await?;
+        let (key, announce) = node.hub.subscribe(room_id, &self.handle);
+        let query = match since {
+            Some(since) => HistoryQuery::After {
+                after: since,
+                before: None,
+                limit: node.config.max_history_page,
+            },
+            None => node.history_query(None, None, None)?,
+        };
+        let loaded = async {
+            let page = node.store.history(room_id, query).await?;
+            let members = node.member_list(room_id).await?;
+            Ok::<_, ChatError>((page, members))
+        }
+        .await;
+        let (page, members) = match loaded {
+            Ok(loaded) => loaded,
+            Err(err) => {
+                if !already {
+                    node.hub
+                        .unsubscribe(room_id, self.handle.id, &user.id, Departure::Leave);
+                }
+                return Err(err);
+            }
+        };
+        let newest_sent = page.messages.last().map_or(0, |m| m.seq);
+        let watermark = if page.has_more {
+            newest_sent
+        } else {
+            page.last_seq.max(newest_sent)
+        };
+        let delivered = self.rooms.entry(key).or_insert(0);
+        *delivered = (*delivered).max(watermark);
+        if announce {
+            node.announce_user_joined(room_id, &user, self.handle.id);
+        }
+        Ok(ServerEvent::Joined {
+            reference,
+            room: joined.room.info(),
+            members,
+            messages: page.messages,
+            has_more: page.has_more,
+            read_seq: joined.read_seq,
+        })
+    }
+}
+
+fn error_event(reference: Option<Ref>, code: ErrorCode, message: String) -> ServerEvent {
+    ServerEvent::Error {
+        reference,
+        code,
+        message,
+    }
+}
+
+fn close_message(code: u16, reason: &str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(reason),
+    }))
+}
+
+/// Maps a read error to how the connection ends: an oversized frame gets 1009, anything else
+/// means the connection is already broken.
+fn ending_for(err: axum::Error) -> Ending {
+    let inner = err.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            Ending::Close(close::MESSAGE_TOO_BIG, "frame exceeds the size limit")
+        }
+        Some(tungstenite::Error::Utf8(_)) => Ending::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+        _ => Ending::Gone,
+    }
+}

@@ -1,0 +1,225 @@
+//! Durable state: users, rooms, memberships with read positions, and message history.
+//!
+//! [`Store`] is the seam between the chat logic and a database. The embedded default is
+//! [`SqliteStore`]: one writer thread that commits whatever has queued up in a single
+//! transaction (group commit), and a small pool of reader connections. A PostgreSQL store for
+//! multi-node deployments implements the same trait.
+//!
+//! Invariants every implementation keeps:
+//! - a room's `seq` starts at 1 and has no gaps, even across crashes (seq assignment and the
+//!   insert commit together);
+//! - `append` returns only after the batch is durably committed;
+//! - `(user, client_id)` is unique: appending a known pair returns the original message with
+//!   `duplicate = true` and stores nothing.
+
+mod sqlite;
+
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use confab_proto::{ChatMessage, UserRef};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// A unique name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// The row the operation needs does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The database reported an error.
+    #[error("database error: {0}")]
+    Database(String),
+    /// The store has been shut down.
+    #[error("store is closed")]
+    Closed,
+}
+
+/// A room as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomRecord {
+    /// Room id (the name, or `dm:<a>:<b>`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// Joinable by members only.
+    pub private: bool,
+    /// Creator's user id, if a user created it.
+    pub owner: Option<String>,
+    /// Direct-message room.
+    pub dm: bool,
+    /// Seq of the newest message, 0 when empty.
+    pub last_seq: u64,
+}
+
+impl RoomRecord {
+    /// The wire form of the room.
+    pub fn info(&self) -> confab_proto::RoomInfo {
+        confab_proto::RoomInfo {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            private: self.private,
+            owner: self.owner.clone(),
+            dm: self.dm,
+        }
+    }
+}
+
+/// A room in a user's list: the room, whether they are a member, and their read position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomListing {
+    /// The room.
+    pub room: RoomRecord,
+    /// `Some(read_seq)` if the user is a member.
+    pub read_seq: Option<u64>,
+}
+
+/// A message on its way into the store; the store assigns `seq`.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// Pre-generated id (UUIDv7).
+    pub id: String,
+    /// Target room.
+    pub room: String,
+    /// Author.
+    pub user: UserRef,
+    /// Text.
+    pub content: String,
+    /// Idempotency key.
+    pub client_id: Option<String>,
+    /// Server receive time, milliseconds since the epoch.
+    pub timestamp_ms: i64,
+}
+
+/// The outcome of appending one message.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    /// The stored message (the original one for a duplicate).
+    pub message: ChatMessage,
+    /// True if `(user, client_id)` was already stored and nothing new was written.
+    pub duplicate: bool,
+}
+
+/// Which slice of history to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryQuery {
+    /// The newest `limit` messages.
+    Latest {
+        /// Page size.
+        limit: u32,
+    },
+    /// The newest `limit` messages with a seq below `before`.
+    Before {
+        /// Exclusive upper bound.
+        before: u64,
+        /// Page size.
+        limit: u32,
+    },
+    /// The oldest `limit` messages with a seq above `after` (and below `before`, if given).
+    After {
+        /// Exclusive lower bound.
+        after: u64,
+        /// Optional exclusive upper bound.
+        before: Option<u64>,
+        /// Page size.
+        limit: u32,
+    },
+}
+
+/// A page of history, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPage {
+    /// Messages, oldest first.
+    pub messages: Vec<ChatMessage>,
+    /// More messages exist beyond the page in the direction asked.
+    pub has_more: bool,
+    /// The room's newest seq when the page was read.
+    pub last_seq: u64,
+}
+
+/// Durable state behind the chat logic. Methods are grouped by table, in create-read-update-
+/// delete order.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates a password account; `Conflict` if the name is taken by another account.
+    async fn create_account(&self, user: &UserRef, password_hash: &str) -> Result<(), StoreError>;
+    /// Records a token user on first sight, or refreshes their display name.
+    async fn ensure_user(&self, user: &UserRef) -> Result<(), StoreError>;
+    /// The account and password hash for a login name.
+    async fn account(&self, name: &str) -> Result<Option<(UserRef, String)>, StoreError>;
+    /// A user by display name (accounts first, then token users).
+    async fn user_by_name(&self, name: &str) -> Result<Option<UserRef>, StoreError>;
+
+    /// Creates a room and makes `members` its members; `Conflict` if the id exists.
+    async fn create_room(&self, room: &RoomRecord, members: &[String]) -> Result<(), StoreError>;
+    /// Creates the room unless it exists, adds `members` either way, and returns the stored room.
+    async fn ensure_room(
+        &self,
+        room: &RoomRecord,
+        members: &[String],
+    ) -> Result<RoomRecord, StoreError>;
+    /// A room by id.
+    async fn room(&self, id: &str) -> Result<Option<RoomRecord>, StoreError>;
+    /// Public rooms plus every room the user is a member of.
+    async fn rooms_for(&self, user_id: &str) -> Result<Vec<RoomListing>, StoreError>;
+    /// Deletes a room with its members and messages.
+    async fn delete_room(&self, id: &str) -> Result<(), StoreError>;
+
+    /// Makes a user a member; returns false if they already were.
+    async fn add_member(&self, room: &str, user_id: &str) -> Result<bool, StoreError>;
+    /// `Some(read_seq)` if the user is a member of the room.
+    async fn membership(&self, room: &str, user_id: &str) -> Result<Option<u64>, StoreError>;
+    /// Every member of a room.
+    async fn members(&self, room: &str) -> Result<Vec<UserRef>, StoreError>;
+    /// Ids of every room the user is a member of.
+    async fn rooms_of_user(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
+    /// Moves the user's read position forward (never back); returns the stored position.
+    async fn set_read(&self, room: &str, user_id: &str, seq: u64) -> Result<u64, StoreError>;
+    /// Ends a membership; returns false if there was none.
+    async fn remove_member(&self, room: &str, user_id: &str) -> Result<bool, StoreError>;
+
+    /// Stores a batch in one commit, assigning seqs in order. The outer error fails the whole
+    /// batch (nothing committed); inner errors fail single messages (e.g. room deleted).
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError>;
+    /// A page of a room's history.
+    async fn history(&self, room: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError>;
+}
+
+/// RFC 3339 UTC with milliseconds, the protocol's timestamp format.
+pub fn format_timestamp(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    let Ok(at) = time::OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
+        return "1970-01-01T00:00:00.000Z".to_string();
+    };
+    let format = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    at.format(&format)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".to_string())
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_have_milliseconds() {
+        assert_eq!(format_timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+    }
+}

@@ -1,0 +1,852 @@
+//! The embedded store: SQLite in WAL mode.
+//!
+//! Writes go to one dedicated thread that owns the only write connection. It takes every job
+//! that has queued up (up to [`MAX_JOBS_PER_COMMIT`]), runs each inside its own savepoint of one
+//! transaction, commits once, and only then answers the callers. Under load many messages share
+//! one fsync-free WAL commit; when idle a job commits alone with no added delay.
+//!
+//! Reads run on tokio's blocking pool against a small pool of read-only connections; WAL lets
+//! them proceed while the writer commits.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use async_trait::async_trait;
+use confab_proto::{ChatMessage, UserRef};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+use super::{
+    Appended, HistoryPage, HistoryQuery, NewMessage, RoomListing, RoomRecord, Store, StoreError,
+    format_timestamp, now_ms,
+};
+use crate::config::SqliteSync;
+
+/// Upper bound on jobs folded into one transaction, so one commit never grows without limit.
+const MAX_JOBS_PER_COMMIT: usize = 256;
+
+/// Read connections kept open for reuse.
+const READ_POOL_SIZE: usize = 8;
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+
+/// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
+/// succeeded (to release or roll back the savepoint) plus the function that answers the caller
+/// once the commit outcome is known.
+type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Deliver) + Send>;
+
+/// Answers a caller after the commit; receives the commit error if the commit failed.
+type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    /// Queue to the writer thread. `None` once closed, so late writers get `Closed`.
+    writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
+    /// The writer thread, joined by [`SqliteStore::close`].
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Idle read connections.
+    readers: Arc<Mutex<Vec<Connection>>>,
+    /// Database file, for opening more read connections.
+    path: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db_err(err: rusqlite::Error) -> StoreError {
+    StoreError::Database(err.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) `dir/confab.db`, applies migrations and starts the writer.
+    pub fn open(dir: &Path, sync: SqliteSync) -> Result<SqliteStore, StoreError> {
+        std::fs::create_dir_all(dir).map_err(|err| {
+            StoreError::Database(format!("cannot create {}: {err}", dir.display()))
+        })?;
+        let path = dir.join("confab.db");
+        let mut conn = Connection::open(&path).map_err(db_err)?;
+        let synchronous = match sync {
+            SqliteSync::Normal => "NORMAL",
+            SqliteSync::Full => "FULL",
+        };
+        conn.execute_batch(&format!(
+            "PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = {synchronous};
+             PRAGMA foreign_keys = ON;
+             PRAGMA busy_timeout = 5000;
+             PRAGMA wal_autocheckpoint = 4000;"
+        ))
+        .map_err(db_err)?;
+        migrate(&mut conn)?;
+
+        let (sender, receiver) = mpsc::channel::<WriteJob>();
+        let writer_thread = std::thread::Builder::new()
+            .name("confab-sqlite-writer".into())
+            .spawn(move || run_writer(conn, receiver))
+            .map_err(|err| StoreError::Database(format!("cannot start writer thread: {err}")))?;
+        Ok(SqliteStore {
+            writer: Mutex::new(Some(sender)),
+            writer_thread: Mutex::new(Some(writer_thread)),
+            readers: Arc::new(Mutex::new(Vec::new())),
+            path,
+        })
+    }
+
+    /// Finishes every queued write, then stops the writer thread. Later writes fail `Closed`.
+    pub fn close(&self) {
+        drop(self.writer.lock().expect("writer lock").take());
+        if let Some(thread) = self.writer_thread.lock().expect("thread lock").take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Runs `job` on the writer thread inside the next group commit and waits for the commit.
+    async fn write<T, F>(&self, job: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: WriteJob = Box::new(move |conn| {
+            let result = job(conn);
+            let ok = result.is_ok();
+            let deliver: Deliver = Box::new(move |commit_error| {
+                let _ = reply.send(match commit_error {
+                    Some(err) => Err(err),
+                    None => result,
+                });
+            });
+            (ok, deliver)
+        });
+        {
+            let writer = self.writer.lock().expect("writer lock");
+            let sender = writer.as_ref().ok_or(StoreError::Closed)?;
+            sender.send(job).map_err(|_| StoreError::Closed)?;
+        }
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `job` with a read connection on the blocking pool.
+    async fn read<T, F>(&self, job: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = readers.lock().expect("reader pool lock").pop();
+            let conn = match pooled {
+                Some(conn) => conn,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .map_err(db_err)?;
+                    conn.busy_timeout(std::time::Duration::from_secs(5))
+                        .map_err(db_err)?;
+                    conn
+                }
+            };
+            let result = job(&conn);
+            let mut pool = readers.lock().expect("reader pool lock");
+            if pool.len() < READ_POOL_SIZE {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|err| StoreError::Database(format!("reader task failed: {err}")))?
+    }
+}
+
+impl Drop for SqliteStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .map_err(db_err)?;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+        tracing::info!(migration = index + 1, "applied SQLite migration");
+    }
+    Ok(())
+}
+
+/// The writer thread: group commit until every sender is gone.
+fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
+    let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
+    let mut deliveries: Vec<Deliver> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
+    while let Ok(first) = jobs.recv() {
+        batch.push(first);
+        while batch.len() < MAX_JOBS_PER_COMMIT {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let begin = conn.execute_batch("BEGIN IMMEDIATE");
+        if let Err(err) = begin {
+            let err = db_err(err);
+            for job in batch.drain(..) {
+                // The job never ran; answer with the error without touching the database.
+                fail_unrun(job, &conn, err.clone());
+            }
+            continue;
+        }
+        for job in batch.drain(..) {
+            let _ = conn.execute_batch("SAVEPOINT job");
+            let (ok, deliver) = job(&conn);
+            if ok {
+                let _ = conn.execute_batch("RELEASE job");
+            } else {
+                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            }
+            deliveries.push(deliver);
+        }
+        let commit_error = conn.execute_batch("COMMIT").err().map(db_err);
+        if commit_error.is_some() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for deliver in deliveries.drain(..) {
+            deliver(commit_error.clone());
+        }
+    }
+    // Keep the WAL small for the next start.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+/// Answers a job that could not run because its transaction failed to start. The job must still
+/// be consumed to reach its reply channel, so it runs inside a savepoint that is rolled back.
+fn fail_unrun(job: WriteJob, conn: &Connection, err: StoreError) {
+    let _ = conn.execute_batch("SAVEPOINT unrun");
+    let (_, deliver) = job(conn);
+    let _ = conn.execute_batch("ROLLBACK TO unrun; RELEASE unrun");
+    deliver(Some(err));
+}
+
+fn room_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRecord> {
+    Ok(RoomRecord {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        private: row.get(2)?,
+        owner: row.get(3)?,
+        dm: row.get(4)?,
+        last_seq: row.get(5)?,
+    })
+}
+
+const ROOM_COLUMNS: &str = "id, name, private, owner, dm, last_seq";
+
+fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
+    Ok(ChatMessage {
+        room: row.get(0)?,
+        seq: row.get(1)?,
+        id: row.get(2)?,
+        user: UserRef {
+            id: row.get(3)?,
+            name: row.get(4)?,
+        },
+        content: row.get(5)?,
+        client_id: row.get(6)?,
+        timestamp: format_timestamp(row.get(7)?),
+    })
+}
+
+const MESSAGE_COLUMNS: &str =
+    "room_id, seq, id, user_id, user_name, content, client_id, created_at";
+
+fn insert_room(
+    conn: &Connection,
+    room: &RoomRecord,
+    members: &[String],
+) -> Result<bool, StoreError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO rooms (id, name, private, owner, dm, last_seq, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (id) DO NOTHING",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                room.id,
+                room.name,
+                room.private,
+                room.owner,
+                room.dm,
+                now_ms()
+            ])
+        })
+        .map_err(db_err)?;
+    for member in members {
+        add_member_row(conn, &room.id, member)?;
+    }
+    Ok(inserted == 1)
+}
+
+fn add_member_row(conn: &Connection, room: &str, user_id: &str) -> Result<bool, StoreError> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO members (room_id, user_id, read_seq, joined_at) VALUES (?1, ?2, 0, ?3)
+             ON CONFLICT (room_id, user_id) DO NOTHING",
+        )
+        .and_then(|mut stmt| stmt.execute(params![room, user_id, now_ms()]))
+        .map_err(db_err)?;
+    Ok(inserted == 1)
+}
+
+fn select_room(conn: &Connection, id: &str) -> Result<Option<RoomRecord>, StoreError> {
+    conn.prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = ?1"))
+        .and_then(|mut stmt| stmt.query_row([id], room_from_row).optional())
+        .map_err(db_err)
+}
+
+/// Appends one message inside the writer's transaction.
+fn append_one(conn: &Connection, msg: NewMessage) -> Result<Appended, StoreError> {
+    if let Some(client_id) = &msg.client_id {
+        let existing = conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = ?1 AND client_id = ?2"
+            ))
+            .and_then(|mut stmt| {
+                stmt.query_row(params![msg.user.id, client_id], message_from_row)
+                    .optional()
+            })
+            .map_err(db_err)?;
+        if let Some(message) = existing {
+            return Ok(Appended {
+                message,
+                duplicate: true,
+            });
+        }
+    }
+    let seq: Option<u64> = conn
+        .prepare_cached("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq")
+        .and_then(|mut stmt| stmt.query_row([&msg.room], |row| row.get(0)).optional())
+        .map_err(db_err)?;
+    let Some(seq) = seq else {
+        return Err(StoreError::NotFound(format!(
+            "room {:?} does not exist",
+            msg.room
+        )));
+    };
+    conn.prepare_cached(
+        "INSERT INTO messages (room_id, seq, id, user_id, user_name, content, client_id, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )
+    .and_then(|mut stmt| {
+        stmt.execute(params![
+            msg.room,
+            seq,
+            msg.id,
+            msg.user.id,
+            msg.user.name,
+            msg.content,
+            msg.client_id,
+            msg.timestamp_ms
+        ])
+    })
+    .map_err(db_err)?;
+    Ok(Appended {
+        message: ChatMessage {
+            id: msg.id,
+            seq,
+            room: msg.room,
+            user: msg.user,
+            content: msg.content,
+            client_id: msg.client_id,
+            timestamp: format_timestamp(msg.timestamp_ms),
+        },
+        duplicate: false,
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_account(&self, user: &UserRef, password_hash: &str) -> Result<(), StoreError> {
+        let user = user.clone();
+        let hash = password_hash.to_string();
+        self.write(move |conn| {
+            let taken: bool = conn
+                .query_row(
+                    "SELECT EXISTS (SELECT 1 FROM users WHERE name = ?1 AND password_hash IS NOT NULL)",
+                    [&user.name],
+                    |row| row.get(0),
+                )
+                .map_err(db_err)?;
+            if taken {
+                return Err(StoreError::Conflict(format!(
+                    "username {:?} is taken",
+                    user.name
+                )));
+            }
+            conn.execute(
+                "INSERT INTO users (id, name, password_hash, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![user.id, user.name, hash, now_ms()],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn ensure_user(&self, user: &UserRef) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO users (id, name, password_hash, created_at) VALUES (?1, ?2, NULL, ?3)
+                 ON CONFLICT (id) DO UPDATE SET name = excluded.name
+                 WHERE users.password_hash IS NULL AND users.name <> excluded.name",
+            )
+            .and_then(|mut stmt| stmt.execute(params![user.id, user.name, now_ms()]))
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn account(&self, name: &str) -> Result<Option<(UserRef, String)>, StoreError> {
+        let name = name.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id, name, password_hash FROM users WHERE name = ?1 AND password_hash IS NOT NULL",
+                [&name],
+                |row| Ok((UserRef { id: row.get(0)?, name: row.get(1)? }, row.get(2)?)),
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn user_by_name(&self, name: &str) -> Result<Option<UserRef>, StoreError> {
+        let name = name.to_string();
+        self.read(move |conn| {
+            conn.query_row(
+                "SELECT id, name FROM users WHERE name = ?1
+                 ORDER BY password_hash IS NULL, created_at LIMIT 1",
+                [&name],
+                |row| {
+                    Ok(UserRef {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn create_room(&self, room: &RoomRecord, members: &[String]) -> Result<(), StoreError> {
+        let room = room.clone();
+        let members = members.to_vec();
+        self.write(move |conn| {
+            if insert_room(conn, &room, &members)? {
+                Ok(())
+            } else {
+                Err(StoreError::Conflict(format!(
+                    "room {:?} already exists",
+                    room.id
+                )))
+            }
+        })
+        .await
+    }
+
+    async fn ensure_room(
+        &self,
+        room: &RoomRecord,
+        members: &[String],
+    ) -> Result<RoomRecord, StoreError> {
+        let room = room.clone();
+        let members = members.to_vec();
+        self.write(move |conn| {
+            insert_room(conn, &room, &members)?;
+            select_room(conn, &room.id)?
+                .ok_or_else(|| StoreError::NotFound(format!("room {:?} does not exist", room.id)))
+        })
+        .await
+    }
+
+    async fn room(&self, id: &str) -> Result<Option<RoomRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |conn| select_room(conn, &id)).await
+    }
+
+    async fn rooms_for(&self, user_id: &str) -> Result<Vec<RoomListing>, StoreError> {
+        let user_id = user_id.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT r.id, r.name, r.private, r.owner, r.dm, r.last_seq, m.read_seq
+                     FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_id = ?1
+                     WHERE r.private = 0 OR m.user_id IS NOT NULL
+                     ORDER BY r.dm, r.id",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([&user_id], |row| {
+                    Ok(RoomListing {
+                        room: room_from_row(row)?,
+                        read_seq: row.get(6)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn delete_room(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.write(move |conn| {
+            conn.execute("DELETE FROM messages WHERE room_id = ?1", [&id])
+                .map_err(db_err)?;
+            let deleted = conn
+                .execute("DELETE FROM rooms WHERE id = ?1", [&id])
+                .map_err(db_err)?;
+            if deleted == 0 {
+                return Err(StoreError::NotFound(format!("room {id:?} does not exist")));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn add_member(&self, room: &str, user_id: &str) -> Result<bool, StoreError> {
+        let room = room.to_string();
+        let user_id = user_id.to_string();
+        self.write(move |conn| add_member_row(conn, &room, &user_id))
+            .await
+    }
+
+    async fn membership(&self, room: &str, user_id: &str) -> Result<Option<u64>, StoreError> {
+        let room = room.to_string();
+        let user_id = user_id.to_string();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT read_seq FROM members WHERE room_id = ?1 AND user_id = ?2")
+                .and_then(|mut stmt| {
+                    stmt.query_row([&room, &user_id], |row| row.get(0))
+                        .optional()
+                })
+                .map_err(db_err)
+        })
+        .await
+    }
+
+    async fn members(&self, room: &str) -> Result<Vec<UserRef>, StoreError> {
+        let room = room.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached(
+                    "SELECT u.id, u.name FROM members m JOIN users u ON u.id = m.user_id
+                     WHERE m.room_id = ?1 ORDER BY u.name, u.id",
+                )
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([&room], |row| {
+                    Ok(UserRef {
+                        id: row.get(0)?,
+                        name: row.get(1)?,
+                    })
+                })
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn rooms_of_user(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
+        let user_id = user_id.to_string();
+        self.read(move |conn| {
+            let mut stmt = conn
+                .prepare_cached("SELECT room_id FROM members WHERE user_id = ?1")
+                .map_err(db_err)?;
+            let rows = stmt
+                .query_map([&user_id], |row| row.get(0))
+                .map_err(db_err)?;
+            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+        })
+        .await
+    }
+
+    async fn set_read(&self, room: &str, user_id: &str, seq: u64) -> Result<u64, StoreError> {
+        let room = room.to_string();
+        let user_id = user_id.to_string();
+        self.write(move |conn| {
+            conn.prepare_cached(
+                "UPDATE members SET read_seq = max(read_seq, ?3) WHERE room_id = ?1 AND user_id = ?2
+                 RETURNING read_seq",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row(params![room, user_id, seq], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(db_err)?
+            .ok_or_else(|| StoreError::NotFound(format!("not a member of room {room:?}")))
+        })
+        .await
+    }
+
+    async fn remove_member(&self, room: &str, user_id: &str) -> Result<bool, StoreError> {
+        let room = room.to_string();
+        let user_id = user_id.to_string();
+        self.write(move |conn| {
+            let deleted = conn
+                .execute(
+                    "DELETE FROM members WHERE room_id = ?1 AND user_id = ?2",
+                    [&room, &user_id],
+                )
+                .map_err(db_err)?;
+            Ok(deleted == 1)
+        })
+        .await
+    }
+
+    async fn append(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+        self.write(move |conn| {
+            let mut results = Vec::with_capacity(batch.len());
+            for msg in batch {
+                // One savepoint per message so a failed one leaves the others in the commit.
+                conn.execute_batch("SAVEPOINT msg").map_err(db_err)?;
+                let result = append_one(conn, msg);
+                let end = if result.is_ok() {
+                    "RELEASE msg"
+                } else {
+                    "ROLLBACK TO msg; RELEASE msg"
+                };
+                conn.execute_batch(end).map_err(db_err)?;
+                results.push(result);
+            }
+            Ok(results)
+        })
+        .await
+    }
+
+    async fn history(&self, room: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
+        let room = room.to_string();
+        self.read(move |conn| {
+            // One read transaction so the page and `last_seq` are consistent.
+            conn.execute_batch("BEGIN").map_err(db_err)?;
+            let result = read_history(conn, &room, query);
+            let _ = conn.execute_batch("COMMIT");
+            result
+        })
+        .await
+    }
+}
+
+fn read_history(
+    conn: &Connection,
+    room: &str,
+    query: HistoryQuery,
+) -> Result<HistoryPage, StoreError> {
+    let last_seq: u64 = conn
+        .prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
+        .map_err(db_err)?
+        .ok_or_else(|| StoreError::NotFound(format!("room {room:?} does not exist")))?;
+    let (sql, lower, upper, limit, newest_first) = match query {
+        HistoryQuery::Latest { limit } => ("DESC", 0, u64::MAX, limit, true),
+        HistoryQuery::Before { before, limit } => ("DESC", 0, before, limit, true),
+        HistoryQuery::After {
+            after,
+            before,
+            limit,
+        } => ("ASC", after, before.unwrap_or(u64::MAX), limit, false),
+    };
+    let upper = i64::try_from(upper).unwrap_or(i64::MAX);
+    let lower = i64::try_from(lower).unwrap_or(i64::MAX);
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE room_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq {sql} LIMIT ?4"
+        ))
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(
+            params![room, lower, upper, i64::from(limit) + 1],
+            message_from_row,
+        )
+        .map_err(db_err)?;
+    let mut messages = rows.collect::<Result<Vec<_>, _>>().map_err(db_err)?;
+    let has_more = messages.len() > limit as usize;
+    messages.truncate(limit as usize);
+    if newest_first {
+        messages.reverse();
+    }
+    Ok(HistoryPage {
+        messages,
+        has_more,
+        last_seq,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(id: &str) -> UserRef {
+        UserRef {
+            id: id.into(),
+            name: format!("name-{id}"),
+        }
+    }
+
+    fn room(id: &str) -> RoomRecord {
+        RoomRecord {
+            id: id.into(),
+            name: id.into(),
+            private: false,
+            owner: None,
+            dm: false,
+            last_seq: 0,
+        }
+    }
+
+    fn message(room: &str, user_id: &str, content: &str, client_id: Option<&str>) -> NewMessage {
+        NewMessage {
+            id: uuid::Uuid::now_v7().to_string(),
+            room: room.into(),
+            user: user(user_id),
+            content: content.into(),
+            client_id: client_id.map(String::from),
+            timestamp_ms: now_ms(),
+        }
+    }
+
+    #[tokio::test]
+    async fn seqs_are_gap_free_and_client_ids_dedupe() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store.ensure_user(&user("a")).await.unwrap();
+        store.ensure_room(&room("r"), &["a".into()]).await.unwrap();
+        let results = store
+            .append(vec![
+                message("r", "a", "one", Some("c1")),
+                message("r", "a", "two", None),
+                message("missing", "a", "x", None),
+                message("r", "a", "one again", Some("c1")),
+                message("r", "a", "three", Some("c3")),
+            ])
+            .await
+            .unwrap();
+        let seqs: Vec<_> = results
+            .iter()
+            .map(|r| r.as_ref().map(|a| (a.message.seq, a.duplicate)).ok())
+            .collect();
+        assert_eq!(
+            seqs,
+            vec![
+                Some((1, false)),
+                Some((2, false)),
+                None,
+                Some((1, true)),
+                Some((3, false))
+            ]
+        );
+        let page = store
+            .history("r", HistoryQuery::Latest { limit: 2 })
+            .await
+            .unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert!(page.has_more);
+        assert_eq!(page.last_seq, 3);
+        let page = store
+            .history(
+                "r",
+                HistoryQuery::After {
+                    after: 1,
+                    before: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert!(!page.has_more);
+        let page = store
+            .history(
+                "r",
+                HistoryQuery::Before {
+                    before: 3,
+                    limit: 1,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.messages[0].seq, 2);
+        assert!(page.has_more);
+    }
+
+    #[tokio::test]
+    async fn data_survives_reopen_and_read_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+            store.ensure_user(&user("a")).await.unwrap();
+            store.ensure_room(&room("r"), &["a".into()]).await.unwrap();
+            store
+                .append(vec![message("r", "a", "x", None)])
+                .await
+                .unwrap();
+            assert_eq!(store.set_read("r", "a", 5).await.unwrap(), 5);
+            assert_eq!(store.set_read("r", "a", 2).await.unwrap(), 5);
+            store.close();
+            assert!(matches!(
+                store.add_member("r", "b").await,
+                Err(StoreError::Closed)
+            ));
+        }
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        assert_eq!(store.membership("r", "a").await.unwrap(), Some(5));
+        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1);
+        let listing = store.rooms_for("a").await.unwrap();
+        let ids: Vec<_> = listing.iter().map(|l| l.room.id.as_str()).collect();
+        assert_eq!(ids, vec!["general", "r"], "the built-in room and ours");
+        assert_eq!(listing[1].read_seq, Some(5));
+        assert_eq!(listing[0].read_seq, None);
+    }
+
+    #[tokio::test]
+    async fn accounts_are_unique_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store.create_account(&user("a"), "hash").await.unwrap();
+        let mut clash = user("b");
+        clash.name = "name-a".into();
+        assert!(matches!(
+            store.create_account(&clash, "hash").await,
+            Err(StoreError::Conflict(_))
+        ));
+        let (found, hash) = store.account("name-a").await.unwrap().unwrap();
+        assert_eq!((found.id.as_str(), hash.as_str()), ("a", "hash"));
+        assert_eq!(store.user_by_name("name-a").await.unwrap().unwrap().id, "a");
+    }
+}
