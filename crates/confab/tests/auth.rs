@@ -1,0 +1,202 @@
+//! Accounts, tokens and the WebSocket handshake checks.
+
+mod common;
+
+use common::*;
+use confab_client::Connection;
+use confab_proto::ErrorCode;
+
+#[tokio::test]
+async fn register_login_and_conflicts() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    assert!(client.healthy().await);
+
+    let registered = client.register("ann", "correct horse").await.unwrap();
+    assert_eq!(registered.user.name, "ann");
+    assert!(!registered.user.id.is_empty());
+    assert!(!registered.token.is_empty());
+
+    let taken = client.register("ann", "other pass").await.unwrap_err();
+    assert_eq!(
+        (taken.status(), taken.code()),
+        (Some(409), Some(ErrorCode::Conflict))
+    );
+
+    let logged_in = client.login("ann", "correct horse").await.unwrap();
+    assert_eq!(logged_in.user, registered.user);
+    let wrong = client.login("ann", "wrong horse").await.unwrap_err();
+    assert_eq!(
+        (wrong.status(), wrong.code()),
+        (Some(401), Some(ErrorCode::Unauthorized))
+    );
+    let nobody = client.login("nobody", "whatever").await.unwrap_err();
+    assert_eq!(nobody.status(), Some(401));
+
+    // The token from login works for REST and for the WebSocket.
+    let ann = client.with_token(logged_in.token);
+    assert!(ann.rooms().await.is_ok());
+    let conn = ann.connect().await.unwrap();
+    assert_eq!(conn.user, registered.user);
+    assert!(!conn.session.is_empty());
+    assert_eq!(conn.heartbeat_ms, 25_000);
+}
+
+#[tokio::test]
+async fn bad_registrations_are_rejected() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    for (name, password) in [("", "secret1"), ("has space", "secret1"), ("ok", "short")] {
+        let err = client.register(name, password).await.unwrap_err();
+        assert_eq!(err.status(), Some(400), "{name:?}/{password:?}");
+        assert_eq!(err.code(), Some(ErrorCode::BadRequest));
+    }
+    let err = reqwest::Client::new()
+        .post(format!("{}/api/register", server.base))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(err.status(), 400);
+    let body: serde_json::Value = err.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "bad_request");
+}
+
+#[tokio::test]
+async fn rest_needs_a_valid_token() {
+    let server = TestServer::start().await;
+    let anonymous = server.client().rooms().await.unwrap_err();
+    assert_eq!(
+        (anonymous.status(), anonymous.code()),
+        (Some(401), Some(ErrorCode::Unauthorized))
+    );
+    let forged = server
+        .client()
+        .with_token(token_with("id-x", "x", "wrong-secret", 3600))
+        .rooms()
+        .await
+        .unwrap_err();
+    assert_eq!(forged.status(), Some(401));
+    let expired = server
+        .client()
+        .with_token(token_with("id-x", "x", SECRET, -3600))
+        .rooms()
+        .await
+        .unwrap_err();
+    assert_eq!(expired.status(), Some(401));
+    let garbage = server
+        .client()
+        .with_token("garbage")
+        .rooms()
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.status(), Some(401));
+}
+
+#[tokio::test]
+async fn websocket_rejects_missing_forged_and_expired_tokens_before_upgrading() {
+    let server = TestServer::start().await;
+    let url = server.ws_url();
+    let missing = Connection::connect(&url, &[]).await.unwrap_err();
+    assert_eq!(missing.status(), Some(401));
+    let forged = token_with("id-x", "x", "wrong-secret", 3600);
+    let err = Connection::connect(&format!("{url}?token={forged}"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    let expired = token_with("id-x", "x", SECRET, -3600);
+    let err = Connection::connect(&format!("{url}?token={expired}"), &[])
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401));
+    // The server is still fine.
+    assert!(server.client().healthy().await);
+}
+
+#[tokio::test]
+async fn websocket_token_from_header_or_cookie() {
+    let server = TestServer::start().await;
+    let url = server.ws_url();
+    let token = token_for("id-hdr", "hdr");
+    let bearer = format!("Bearer {token}");
+    let conn = Connection::connect(&url, &[("authorization", &bearer)])
+        .await
+        .unwrap();
+    assert_eq!(conn.user.id, "id-hdr");
+    let cookie = format!("theme=dark; confab_token={token}");
+    let conn = Connection::connect(&url, &[("cookie", &cookie)])
+        .await
+        .unwrap();
+    assert_eq!(conn.user.name, "hdr");
+}
+
+#[tokio::test]
+async fn origin_allow_list() {
+    let server = TestServer::start().await;
+    let url = format!("{}?token={}", server.ws_url(), token_for("id-o", "o"));
+    let host = server.base.trim_start_matches("http://").to_string();
+    // Same origin is allowed by default; a foreign one is refused with 403.
+    let same = format!("http://{host}");
+    assert!(
+        Connection::connect(&url, &[("origin", &same)])
+            .await
+            .is_ok()
+    );
+    let err = Connection::connect(&url, &[("origin", "http://evil.example")])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(403), Some(ErrorCode::Forbidden))
+    );
+
+    let open = TestServer::start_with(|c| c.allowed_origins = vec!["*".into()]).await;
+    let url = format!("{}?token={}", open.ws_url(), token_for("id-o", "o"));
+    assert!(
+        Connection::connect(&url, &[("origin", "http://evil.example")])
+            .await
+            .is_ok()
+    );
+
+    let listed =
+        TestServer::start_with(|c| c.allowed_origins = vec!["https://app.example".into()]).await;
+    let url = format!("{}?token={}", listed.ws_url(), token_for("id-o", "o"));
+    assert!(
+        Connection::connect(&url, &[("origin", "https://app.example")])
+            .await
+            .is_ok()
+    );
+    let err = Connection::connect(&url, &[("origin", "https://other.example")])
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(403));
+}
+
+#[tokio::test]
+async fn token_users_are_created_on_first_use() {
+    let server = TestServer::start().await;
+    let mut conn = server.connect("external").await;
+    conn.join("general", None).await.unwrap();
+    let members = server.user("other").members("general").await.unwrap();
+    assert!(
+        members
+            .iter()
+            .any(|m| m.id == "id-external" && m.name == "external")
+    );
+    // And they can be found by name for a DM.
+    let dm = server.user("other").open_dm("external").await.unwrap();
+    assert!(dm.dm);
+}
+
+#[tokio::test]
+async fn identity_fields_sent_by_clients_are_ignored() {
+    let server = TestServer::start().await;
+    let mut ann = server.connect("ann").await;
+    ann.join("general", None).await.unwrap();
+    ann.send_text(r#"{"type":"message","room":"general","content":"hi","ref":1,"user":{"id":"id-bob","name":"bob"},"user_id":"id-bob"}"#)
+        .await
+        .unwrap();
+    let message = ann.next_message().await.unwrap();
+    assert_eq!(message.user, user_ref("ann"));
+}
