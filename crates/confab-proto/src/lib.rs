@@ -37,7 +37,8 @@ pub struct RoomInfo {
     pub name: String,
     /// Private rooms can only be joined by their members.
     pub private: bool,
-    /// The creator's user id; `null` for rooms the server created itself.
+    /// The creator's user id (for a room created by joining it, the first joiner); `null` for
+    /// `general` and direct-message rooms.
     pub owner: Option<String>,
     /// True for direct-message rooms.
     #[serde(default)]
@@ -59,7 +60,7 @@ pub struct ChatMessage {
     pub content: String,
     /// The sender's idempotency key, if it gave one.
     pub client_id: Option<String>,
-    /// When the server stored it (RFC 3339, UTC, milliseconds).
+    /// When the server accepted it (RFC 3339, UTC, milliseconds).
     pub timestamp: String,
 }
 
@@ -228,7 +229,8 @@ pub enum ServerEvent {
         members: Vec<Member>,
         /// Recent history, or everything after `since`, oldest first.
         messages: Vec<ChatMessage>,
-        /// More messages exist after the last one here (page on with `history` `after`).
+        /// With `since`: more missed messages exist after the last one here (page on with
+        /// `history` `after`). Without: older messages exist (page back with `before`).
         has_more: bool,
         /// The user's stored read position in this room (0 if never read).
         read_seq: u64,

@@ -34,7 +34,8 @@ pub enum AuthError {
 pub struct Claims {
     /// User id.
     pub sub: String,
-    /// Display name.
+    /// Display name (optional: the user id stands in for it).
+    #[serde(default)]
     pub name: String,
     /// Expiry, seconds since the epoch.
     pub exp: u64,
@@ -114,6 +115,8 @@ impl TokenKeys {
         let mut validation = Validation::new(header.alg);
         validation.leeway = 5;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // Identity providers put their own audience in tokens; confab does not check it.
+        validation.validate_aud = false;
         let data = jsonwebtoken::decode::<Claims>(token, key, &validation)
             .map_err(|err| AuthError::Invalid(err.to_string()))?;
         let claims = data.claims;

@@ -27,8 +27,10 @@ use crate::config::Config;
 use crate::error::ChatError;
 use crate::hub::{Departure, Hub};
 use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, encode};
-use crate::presence::{Presence, TooManyConnections};
-use crate::store::{Appended, HistoryPage, HistoryQuery, NewMessage, RoomRecord, Store, now_ms};
+use crate::presence::{AfterDisconnect, Presence, TooManyConnections};
+use crate::store::{
+    Appended, HistoryPage, HistoryQuery, NewMessage, RoomRecord, Store, StoreError, now_ms,
+};
 use crate::typing::Typing;
 
 /// How often expired typing indicators are swept.
@@ -229,7 +231,7 @@ impl Node {
                 None => Err(ChatError::room_not_found(room_id)),
                 Some(room) if room.private => Err(forbidden_room(room_id)),
                 Some(_) => Err(ChatError::Forbidden(format!(
-                    "join room {room_id:?} before posting to it"
+                    "not a member of room {room_id:?}: join it first"
                 ))),
             },
         }
@@ -568,8 +570,15 @@ impl Node {
             self.hub
                 .unsubscribe(room, handle.id, &user.id, Departure::Disconnect(departure));
         }
-        let offline_pending = self.presence.disconnect(handle.id, &user.id, departure);
-        if rooms.is_empty() && offline_pending.is_none() {
+        let offline_pending = match self.presence.disconnect(handle.id, &user.id, departure) {
+            AfterDisconnect::GracePeriod => true,
+            AfterDisconnect::Changed(status) => {
+                self.announce_presence(user.clone(), status);
+                false
+            }
+            AfterDisconnect::Unchanged => false,
+        };
+        if rooms.is_empty() && !offline_pending {
             return;
         }
         let node = Arc::clone(self);
@@ -585,7 +594,7 @@ impl Node {
                     node.announce_user_left(&room, &user);
                 }
             }
-            if offline_pending.is_some() {
+            if offline_pending {
                 if let Some(user) = node.presence.grace_expired(&user.id, departure) {
                     node.announce_presence(user, PresenceStatus::Offline);
                 }

@@ -23,6 +23,17 @@ struct UserState {
     departing: Option<u64>,
 }
 
+/// What a session's disconnect means for its user's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterDisconnect {
+    /// Other sessions remain and the aggregate did not change.
+    Unchanged,
+    /// Other sessions remain and the aggregate changed (the last `online` one left).
+    Changed(PresenceStatus),
+    /// It was the last session: call [`Presence::grace_expired`] after the grace period.
+    GracePeriod,
+}
+
 /// Too many concurrent connections for one user.
 #[derive(Debug, thiserror::Error)]
 #[error("user already has {0} connections")]
@@ -70,19 +81,22 @@ impl Presence {
         Ok(Self::update(state))
     }
 
-    /// Removes a session. If it was the user's last, returns the id of the departure to pass to
-    /// [`Presence::grace_expired`] once the grace period is over.
-    pub fn disconnect(&self, session: SessionId, user_id: &str, departure: u64) -> Option<u64> {
+    /// Removes a session and says what follows for the user's status.
+    pub fn disconnect(&self, session: SessionId, user_id: &str, departure: u64) -> AfterDisconnect {
         let mut users = self.users.lock().expect("presence lock");
-        let state = users.get_mut(user_id)?;
+        let Some(state) = users.get_mut(user_id) else {
+            return AfterDisconnect::Unchanged;
+        };
         state.sessions.remove(&session);
         if state.sessions.is_empty() {
             state.departing = Some(departure);
-            Some(departure)
+            AfterDisconnect::GracePeriod
         } else {
-            // The others may all be away now.
-            let _ = Self::update(state);
-            None
+            // The sessions left may all be away.
+            match Self::update(state) {
+                Some(status) => AfterDisconnect::Changed(status),
+                None => AfterDisconnect::Unchanged,
+            }
         }
     }
 
@@ -162,8 +176,8 @@ mod tests {
             Some(PresenceStatus::Away)
         );
         assert_eq!(presence.status("ann"), PresenceStatus::Away);
-        assert_eq!(presence.disconnect(1, "ann", 10), None);
-        assert_eq!(presence.disconnect(2, "ann", 11), Some(11));
+        assert_eq!(presence.disconnect(1, "ann", 10), AfterDisconnect::Unchanged);
+        assert_eq!(presence.disconnect(2, "ann", 11), AfterDisconnect::GracePeriod);
         // Still away (not offline) during the grace period.
         assert_eq!(presence.status("ann"), PresenceStatus::Away);
         assert_eq!(
@@ -177,10 +191,22 @@ mod tests {
     fn reconnect_within_grace_is_silent() {
         let presence = Presence::default();
         presence.connect(1, &ann(), 5).unwrap();
-        assert_eq!(presence.disconnect(1, "ann", 7), Some(7));
+        assert_eq!(presence.disconnect(1, "ann", 7), AfterDisconnect::GracePeriod);
         assert_eq!(presence.connect(2, &ann(), 5).unwrap(), None);
         assert!(presence.grace_expired("ann", 7).is_none());
         assert_eq!(presence.status("ann"), PresenceStatus::Online);
+    }
+
+    #[test]
+    fn last_online_device_leaving_makes_the_user_away() {
+        let presence = Presence::default();
+        presence.connect(1, &ann(), 5).unwrap();
+        presence.connect(2, &ann(), 5).unwrap();
+        presence.set_status(2, "ann", SettableStatus::Away);
+        assert_eq!(
+            presence.disconnect(1, "ann", 3),
+            AfterDisconnect::Changed(PresenceStatus::Away)
+        );
     }
 
     #[test]

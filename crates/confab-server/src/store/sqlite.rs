@@ -592,7 +592,9 @@ impl Store for SqliteStore {
         let user_id = user_id.to_string();
         self.write(move |conn| {
             conn.prepare_cached(
-                "UPDATE members SET read_seq = max(read_seq, ?3) WHERE room_id = ?1 AND user_id = ?2
+                "UPDATE members
+                 SET read_seq = max(read_seq, min(?3, (SELECT last_seq FROM rooms WHERE id = ?1)))
+                 WHERE room_id = ?1 AND user_id = ?2
                  RETURNING read_seq",
             )
             .and_then(|mut stmt| {
@@ -816,8 +818,11 @@ mod tests {
                 .append(vec![message("r", "a", "x", None)])
                 .await
                 .unwrap();
-            assert_eq!(store.set_read("r", "a", 5).await.unwrap(), 5);
-            assert_eq!(store.set_read("r", "a", 2).await.unwrap(), 5);
+            // Clamped to the newest message, and never moved back.
+            assert_eq!(store.set_read("r", "a", 5).await.unwrap(), 1);
+            store.append(vec![message("r", "a", "y", None), message("r", "a", "z", None)]).await.unwrap();
+            assert_eq!(store.set_read("r", "a", 5).await.unwrap(), 3);
+            assert_eq!(store.set_read("r", "a", 2).await.unwrap(), 3);
             store.close();
             assert!(matches!(
                 store.add_member("r", "b").await,
@@ -825,12 +830,12 @@ mod tests {
             ));
         }
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
-        assert_eq!(store.membership("r", "a").await.unwrap(), Some(5));
-        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1);
+        assert_eq!(store.membership("r", "a").await.unwrap(), Some(3));
+        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 3);
         let listing = store.rooms_for("a").await.unwrap();
         let ids: Vec<_> = listing.iter().map(|l| l.room.id.as_str()).collect();
         assert_eq!(ids, vec!["general", "r"], "the built-in room and ours");
-        assert_eq!(listing[1].read_seq, Some(5));
+        assert_eq!(listing[1].read_seq, Some(3));
         assert_eq!(listing[0].read_seq, None);
     }
 
