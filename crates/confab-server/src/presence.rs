@@ -176,8 +176,14 @@ mod tests {
             Some(PresenceStatus::Away)
         );
         assert_eq!(presence.status("ann"), PresenceStatus::Away);
-        assert_eq!(presence.disconnect(1, "ann", 10), AfterDisconnect::Unchanged);
-        assert_eq!(presence.disconnect(2, "ann", 11), AfterDisconnect::GracePeriod);
+        assert_eq!(
+            presence.disconnect(1, "ann", 10),
+            AfterDisconnect::Unchanged
+        );
+        assert_eq!(
+            presence.disconnect(2, "ann", 11),
+            AfterDisconnect::GracePeriod
+        );
         // Still away (not offline) during the grace period.
         assert_eq!(presence.status("ann"), PresenceStatus::Away);
         assert_eq!(
@@ -191,7 +197,10 @@ mod tests {
     fn reconnect_within_grace_is_silent() {
         let presence = Presence::default();
         presence.connect(1, &ann(), 5).unwrap();
-        assert_eq!(presence.disconnect(1, "ann", 7), AfterDisconnect::GracePeriod);
+        assert_eq!(
+            presence.disconnect(1, "ann", 7),
+            AfterDisconnect::GracePeriod
+        );
         assert_eq!(presence.connect(2, &ann(), 5).unwrap(), None);
         assert!(presence.grace_expired("ann", 7).is_none());
         assert_eq!(presence.status("ann"), PresenceStatus::Online);

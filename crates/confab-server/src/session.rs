@@ -30,6 +30,9 @@ use crate::store::HistoryQuery;
 /// Frames taken from the queue per flush.
 const WRITE_BATCH: usize = 128;
 
+/// How long to wait for the peer to answer our close frame.
+const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Consecutive rate-limited commands after which the connection is closed as a flood.
 const FLOOD_LIMIT: u32 = 100;
 
@@ -150,8 +153,25 @@ impl Session {
             }
         };
         if let Ending::Close(code, reason) = ending {
-            let _ = self.write(close_message(code, reason)).await;
+            self.close(code, reason).await;
         }
+    }
+
+    /// Sends a close frame and waits briefly for the peer's reply before the socket is dropped.
+    /// Dropping at once could reset the connection and destroy the close frame (and any data
+    /// before it) in the peer's receive buffer, so the client would never learn the code.
+    async fn close(&mut self, code: u16, reason: &str) {
+        if self.write(close_message(code, reason)).await.is_err() {
+            return;
+        }
+        let drain = async {
+            while let Some(Ok(message)) = self.socket.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, drain).await;
     }
 
     /// Writes everything taken from the queue with one flush.

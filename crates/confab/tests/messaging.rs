@@ -22,9 +22,11 @@ async fn two_users_chat_and_an_outsider_sees_nothing() {
     }
 
     // Ack carries ref, id, seq and client_id.
-    ann.send_text(r#"{"type":"message","room":"lobby","content":"hello bob","client_id":"c-1","ref":"x1"}"#)
-        .await
-        .unwrap();
+    ann.send_text(
+        r#"{"type":"message","room":"lobby","content":"hello bob","client_id":"c-1","ref":"x1"}"#,
+    )
+    .await
+    .unwrap();
     let ack = next_of_type(&mut ann, "ack").await;
     let ack = serde_json::to_value(&ack).unwrap();
     assert_eq!(ack["ref"], "x1");
@@ -123,11 +125,18 @@ async fn retried_client_ids_are_stored_once() {
         .post_message("r", "only once", Some("retry-1"))
         .await
         .unwrap();
-    assert_eq!((status, message.id, message.seq), (200, first.0.clone(), first.1));
+    assert_eq!(
+        (status, message.id, message.seq),
+        (200, first.0.clone(), first.1)
+    );
     // Another user may use the same key: keys are per user.
     let (_, seq) = bob.say("r", "mine", Some("retry-1")).await.unwrap();
     assert_eq!(seq, 2);
-    let history = server.user("ann").messages("r", None, None, None).await.unwrap();
+    let history = server
+        .user("ann")
+        .messages("r", None, None, None)
+        .await
+        .unwrap();
     assert_eq!(history.messages.len(), 2);
 }
 
@@ -137,10 +146,16 @@ async fn rest_posts_reach_websocket_subscribers() {
     let mut bob = server.connect("bob").await;
     bob.join("r", None).await.unwrap();
     let ann = server.user("ann");
-    let err = ann.post_message("r", "not a member yet", None).await.unwrap_err();
+    let err = ann
+        .post_message("r", "not a member yet", None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Forbidden));
     ann.join_room("r").await.unwrap();
-    let (status, stored) = ann.post_message("r", "via REST", Some("rest-1")).await.unwrap();
+    let (status, stored) = ann
+        .post_message("r", "via REST", Some("rest-1"))
+        .await
+        .unwrap();
     assert_eq!(status, 201);
     assert_eq!(stored.seq, 1);
     let pushed = bob.next_message().await.unwrap();
@@ -163,25 +178,51 @@ async fn history_pages_over_websocket_and_rest() {
     assert!(joined.has_more);
 
     let page = conn
-        .request(ClientCommand::History { reference: None, room: "h".into(), before: Some(11), after: None, limit: Some(5) })
+        .request(ClientCommand::History {
+            reference: None,
+            room: "h".into(),
+            before: Some(11),
+            after: None,
+            limit: Some(5),
+        })
         .await
         .unwrap();
     match page {
-        ServerEvent::History { room, messages, has_more, .. } => {
+        ServerEvent::History {
+            room,
+            messages,
+            has_more,
+            ..
+        } => {
             assert_eq!(room, "h");
-            assert_eq!(messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+            assert_eq!(
+                messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+                vec![6, 7, 8, 9, 10]
+            );
             assert!(has_more);
         }
         other => panic!("{other:?}"),
     }
     let rest = ann.messages("h", None, Some(55), None).await.unwrap();
-    assert_eq!(rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![56, 57, 58, 59, 60]);
+    assert_eq!(
+        rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![56, 57, 58, 59, 60]
+    );
     assert!(!rest.has_more);
     let rest = ann.messages("h", Some(3), None, None).await.unwrap();
-    assert_eq!(rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     assert!(!rest.has_more);
-    let rest = ann.messages("h", Some(30), Some(20), Some(3)).await.unwrap();
-    assert_eq!(rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![21, 22, 23]);
+    let rest = ann
+        .messages("h", Some(30), Some(20), Some(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![21, 22, 23]
+    );
     assert!(rest.has_more);
     let bad = reqwest::Client::new()
         .get(format!("{}/api/rooms/h/messages?limit=abc", server.base))
@@ -209,7 +250,10 @@ async fn resume_with_since_gets_exactly_the_missed_messages() {
     let mut bob = server.connect("bob").await;
     let joined = bob.join("r", Some(last_seen)).await.unwrap();
     let contents: Vec<_> = joined.messages.iter().map(|m| m.content.as_str()).collect();
-    assert_eq!(contents, vec!["missed 0", "missed 1", "missed 2", "missed 3", "missed 4"]);
+    assert_eq!(
+        contents,
+        vec!["missed 0", "missed 1", "missed 2", "missed 3", "missed 4"]
+    );
     assert!(!joined.has_more);
     // Live messages continue right after, with nothing repeated.
     ann.say("r", "live", None).await.unwrap();
@@ -239,11 +283,19 @@ async fn large_catch_up_is_paged() {
     while more {
         let after = *seen.last().unwrap();
         match bob
-            .request(ClientCommand::History { reference: None, room: "r".into(), before: None, after: Some(after), limit: None })
+            .request(ClientCommand::History {
+                reference: None,
+                room: "r".into(),
+                before: None,
+                after: Some(after),
+                limit: None,
+            })
             .await
             .unwrap()
         {
-            ServerEvent::History { messages, has_more, .. } => {
+            ServerEvent::History {
+                messages, has_more, ..
+            } => {
                 seen.extend(messages.iter().map(|m| m.seq));
                 more = has_more;
             }
@@ -263,7 +315,13 @@ async fn read_positions_are_broadcast_and_survive_a_restart() {
     for n in 0..3 {
         ann.say("r", &format!("{n}"), None).await.unwrap();
     }
-    bob.send(&ClientCommand::Read { reference: None, room: "r".into(), seq: 2 }).await.unwrap();
+    bob.send(&ClientCommand::Read {
+        reference: None,
+        room: "r".into(),
+        seq: 2,
+    })
+    .await
+    .unwrap();
     for conn in [&mut ann, &mut bob] {
         match next_of_type(conn, "read").await {
             ServerEvent::Read { room, user, seq } => {
@@ -280,7 +338,13 @@ async fn read_positions_are_broadcast_and_survive_a_restart() {
     let r = listed.iter().find(|r| r.room.id == "r").unwrap();
     assert_eq!((r.read_seq, r.last_seq, r.member), (2, 3, true));
     // Reading "backwards" never lowers the stored position.
-    bob.send(&ClientCommand::Read { reference: None, room: "r".into(), seq: 1 }).await.unwrap();
+    bob.send(&ClientCommand::Read {
+        reference: None,
+        room: "r".into(),
+        seq: 1,
+    })
+    .await
+    .unwrap();
     match next_of_type(&mut bob, "read").await {
         ServerEvent::Read { seq, .. } => assert_eq!(seq, 2),
         other => panic!("{other:?}"),

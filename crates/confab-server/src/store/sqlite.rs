@@ -820,7 +820,13 @@ mod tests {
                 .unwrap();
             // Clamped to the newest message, and never moved back.
             assert_eq!(store.set_read("r", "a", 5).await.unwrap(), 1);
-            store.append(vec![message("r", "a", "y", None), message("r", "a", "z", None)]).await.unwrap();
+            store
+                .append(vec![
+                    message("r", "a", "y", None),
+                    message("r", "a", "z", None),
+                ])
+                .await
+                .unwrap();
             assert_eq!(store.set_read("r", "a", 5).await.unwrap(), 3);
             assert_eq!(store.set_read("r", "a", 2).await.unwrap(), 3);
             store.close();

@@ -1,0 +1,284 @@
+//! Presence across devices, join/leave notices with a grace period, and typing indicators.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use confab_proto::{ClientCommand, PresenceStatus, ServerEvent, SettableStatus};
+
+fn presence_of(event: &ServerEvent) -> Option<(String, PresenceStatus)> {
+    match event {
+        ServerEvent::Presence { user, status } => Some((user.id.clone(), *status)),
+        _ => None,
+    }
+}
+
+async fn next_presence(conn: &mut confab_client::Connection) -> (String, PresenceStatus) {
+    within(5, conn.wait_for(presence_of)).await.unwrap()
+}
+
+#[tokio::test]
+async fn presence_follows_the_user_not_the_device() {
+    let server = TestServer::start().await;
+    let mut watcher = server.connect("watcher").await;
+    watcher.join("r", None).await.unwrap();
+    server.user("ann").join_room("r").await.unwrap();
+    let rest = server.user("watcher");
+
+    let mut phone = server.connect("ann").await;
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        ("id-ann".into(), PresenceStatus::Online)
+    );
+    let mut laptop = server.connect("ann").await;
+    let statuses = rest.presence(&["id-ann", "id-nobody"]).await.unwrap();
+    assert_eq!(statuses[0].status, PresenceStatus::Online);
+    assert_eq!(statuses[1].status, PresenceStatus::Offline);
+
+    // Away only when every device is away.
+    phone
+        .send(&ClientCommand::Status {
+            reference: None,
+            status: SettableStatus::Away,
+        })
+        .await
+        .unwrap();
+    laptop
+        .send(&ClientCommand::Status {
+            reference: None,
+            status: SettableStatus::Away,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        ("id-ann".into(), PresenceStatus::Away)
+    );
+    laptop
+        .send(&ClientCommand::Status {
+            reference: None,
+            status: SettableStatus::Online,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        ("id-ann".into(), PresenceStatus::Online)
+    );
+
+    // One device leaving changes nothing; the last one leaving means offline after the grace.
+    phone.close().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        rest.presence(&["id-ann"]).await.unwrap()[0].status,
+        PresenceStatus::Online
+    );
+    laptop.close().await;
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        ("id-ann".into(), PresenceStatus::Offline)
+    );
+    assert_eq!(
+        rest.presence(&["id-ann"]).await.unwrap()[0].status,
+        PresenceStatus::Offline
+    );
+    let err = rest.presence(&[]).await.unwrap_err();
+    assert_eq!(err.status(), Some(400));
+}
+
+#[tokio::test]
+async fn a_quick_reconnect_does_not_flicker() {
+    let server = TestServer::start_with(|c| c.presence_grace_ms = 1_000).await;
+    let mut watcher = server.connect("watcher").await;
+    watcher.join("r", None).await.unwrap();
+    let mut ann = server.connect("ann").await;
+    ann.join("r", None).await.unwrap();
+    assert!(matches!(
+        next_of_type(&mut watcher, "user_joined").await,
+        ServerEvent::UserJoined { .. }
+    ));
+    // (the Online presence event for ann may or may not precede her join; drain it)
+    let _ = watcher.next_event_within(Duration::from_millis(200)).await;
+
+    ann.abort();
+    let mut ann = server.connect("ann").await;
+    ann.join("r", None).await.unwrap();
+    // No user_left, no user_joined, no offline/online pair within and after the grace period.
+    assert_silent(&mut watcher, 1_500).await;
+
+    // A real departure is announced once the grace period has passed.
+    ann.abort();
+    let left = within(
+        5,
+        watcher.wait_for(|e| match e {
+            ServerEvent::UserLeft { room, user } => Some((room.clone(), user.id.clone())),
+            _ => None,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(left, ("r".to_string(), "id-ann".to_string()));
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        ("id-ann".into(), PresenceStatus::Offline)
+    );
+}
+
+#[tokio::test]
+async fn join_and_leave_notices_count_sessions_not_devices() {
+    let server = TestServer::start().await;
+    let mut watcher = server.connect("watcher").await;
+    watcher.join("r", None).await.unwrap();
+    let mut phone = server.connect("ann").await;
+    let mut laptop = server.connect("ann").await;
+    phone.join("r", None).await.unwrap();
+    laptop.join("r", None).await.unwrap();
+    let joined = within(
+        5,
+        watcher.wait_for(|e| match e {
+            ServerEvent::UserJoined { user, .. } => Some(user.id.clone()),
+            _ => None,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(joined, "id-ann");
+    phone
+        .request(ClientCommand::Leave {
+            reference: None,
+            room: "r".into(),
+        })
+        .await
+        .unwrap();
+    let quiet = watcher
+        .next_event_within(Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(
+        !matches!(
+            quiet,
+            Some(ServerEvent::UserLeft { .. }) | Some(ServerEvent::UserJoined { .. })
+        ),
+        "{quiet:?}"
+    );
+    let reply = laptop
+        .request(ClientCommand::Leave {
+            reference: None,
+            room: "r".into(),
+        })
+        .await
+        .unwrap();
+    assert!(matches!(reply, ServerEvent::Left { ref room, .. } if room == "r"));
+    let left = within(
+        5,
+        watcher.wait_for(|e| match e {
+            ServerEvent::UserLeft { user, .. } => Some(user.id.clone()),
+            _ => None,
+        }),
+    )
+    .await
+    .unwrap();
+    assert_eq!(left, "id-ann");
+    // After leaving, the session no longer receives the room's messages.
+    watcher.say("r", "anyone?", None).await.unwrap();
+    assert_silent(&mut laptop, 300).await;
+}
+
+fn typing_of(event: &ServerEvent) -> Option<(String, bool)> {
+    match event {
+        ServerEvent::Typing {
+            user, is_typing, ..
+        } => Some((user.id.clone(), *is_typing)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn typing_is_relayed_refreshed_and_expires() {
+    let server = TestServer::start_with(|c| c.typing_timeout_ms = 800).await;
+    let mut ann = server.connect("ann").await;
+    let mut bob = server.connect("bob").await;
+    ann.join("r", None).await.unwrap();
+    bob.join("r", None).await.unwrap();
+    let typing = |on| ClientCommand::Typing {
+        reference: None,
+        room: "r".into(),
+        is_typing: on,
+    };
+
+    ann.send(&typing(true)).await.unwrap();
+    assert_eq!(
+        within(5, bob.wait_for(typing_of)).await.unwrap(),
+        ("id-ann".into(), true)
+    );
+    // Refreshes keep it on without new broadcasts.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        ann.send(&typing(true)).await.unwrap();
+    }
+    assert!(
+        bob.next_event_within(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Silence: the server switches it off by itself.
+    let started = std::time::Instant::now();
+    assert_eq!(
+        within(5, bob.wait_for(typing_of)).await.unwrap(),
+        ("id-ann".into(), false)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(500));
+    // The typist's own session never hears its own indicator.
+    assert!(
+        ann.next_event_within(Duration::from_millis(100))
+            .await
+            .unwrap()
+            .map(|e| typing_of(&e))
+            .flatten()
+            .is_none()
+    );
+
+    // Explicit stop, and stop on disconnect.
+    ann.send(&typing(true)).await.unwrap();
+    assert_eq!(
+        within(5, bob.wait_for(typing_of)).await.unwrap(),
+        ("id-ann".into(), true)
+    );
+    ann.send(&typing(false)).await.unwrap();
+    assert_eq!(
+        within(5, bob.wait_for(typing_of)).await.unwrap(),
+        ("id-ann".into(), false)
+    );
+    ann.send(&typing(true)).await.unwrap();
+    assert_eq!(
+        within(5, bob.wait_for(typing_of)).await.unwrap(),
+        ("id-ann".into(), true)
+    );
+    ann.abort();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        within(5, bob.wait_for(typing_of)).await.unwrap(),
+        ("id-ann".into(), false)
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(700),
+        "cleared on disconnect, not by expiry"
+    );
+}
+
+#[tokio::test]
+async fn typing_needs_a_joined_room() {
+    let server = TestServer::start().await;
+    let mut ann = server.connect("ann").await;
+    let err = ann
+        .request(ClientCommand::Typing {
+            reference: None,
+            room: "general".into(),
+            is_typing: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(confab_proto::ErrorCode::BadRequest));
+}
