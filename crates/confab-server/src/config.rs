@@ -236,6 +236,8 @@ fn string_or_list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
 }
 
 #[cfg(test)]
+// figment's Jail API returns its own large error type; nothing to gain from boxing it in tests.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 

@@ -45,10 +45,13 @@ struct Room {
     users: HashMap<String, UserInRoom>,
 }
 
+/// One shard of rooms, keyed by the interned room name.
+type RoomMap = HashMap<Arc<str>, Room>;
+
 /// Rooms and their local subscribers.
 #[derive(Debug)]
 pub struct Hub {
-    shards: Box<[Mutex<HashMap<Arc<str>, Room>>]>,
+    shards: Box<[Mutex<RoomMap>]>,
     hasher: RandomState,
     next_departure: AtomicU64,
 }
@@ -70,7 +73,7 @@ impl Hub {
     }
 
     // A std mutex: every critical section below is a few map operations and never awaits.
-    fn shard(&self, room: &str) -> MutexGuard<'_, HashMap<Arc<str>, Room>> {
+    fn shard(&self, room: &str) -> MutexGuard<'_, RoomMap> {
         let index = (self.hasher.hash_one(room) as usize) % SHARDS;
         self.shards[index].lock().expect("hub shard lock poisoned")
     }
@@ -167,7 +170,7 @@ impl Hub {
         expired
     }
 
-    fn drop_if_empty(shard: &mut HashMap<Arc<str>, Room>, room: &str) {
+    fn drop_if_empty(shard: &mut RoomMap, room: &str) {
         if shard
             .get(room)
             .is_some_and(|r| r.subscribers.is_empty() && r.users.is_empty())

@@ -185,11 +185,20 @@ impl Node {
                     dm: false,
                     last_seq: 0,
                 };
-                let room = self
+                match self
                     .store
-                    .ensure_room(&room, std::slice::from_ref(&user.id))
-                    .await?;
-                return Ok(JoinedRoom { room, read_seq: 0 });
+                    .create_room(&room, std::slice::from_ref(&user.id))
+                    .await
+                {
+                    Ok(()) => return Ok(JoinedRoom { room, read_seq: 0 }),
+                    // Someone created it meanwhile (perhaps as private): apply the usual rules.
+                    Err(StoreError::Conflict(_)) => self
+                        .store
+                        .room(room_id)
+                        .await?
+                        .ok_or_else(|| ChatError::room_not_found(room_id))?,
+                    Err(err) => return Err(err.into()),
+                }
             }
             None if !is_valid_room_name(room_id) && !room_id.starts_with("dm:") => {
                 return Err(invalid_room_name(room_id));
@@ -522,7 +531,7 @@ impl Node {
                 self.announce_typing(&expired.room, &expired.user, expired.session, false);
             }
             ticks += 1;
-            if ticks % 240 == 0 {
+            if ticks.is_multiple_of(240) {
                 self.rest_messages.retain_recent();
             }
         }
@@ -594,10 +603,9 @@ impl Node {
                     node.announce_user_left(&room, &user);
                 }
             }
-            if offline_pending {
-                if let Some(user) = node.presence.grace_expired(&user.id, departure) {
-                    node.announce_presence(user, PresenceStatus::Offline);
-                }
+            if offline_pending && let Some(user) = node.presence.grace_expired(&user.id, departure)
+            {
+                node.announce_presence(user, PresenceStatus::Offline);
             }
         });
     }

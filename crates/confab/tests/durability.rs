@@ -44,7 +44,11 @@ async fn sigkill_while_sending_loses_no_acknowledged_message() {
                 n += 1;
                 loop {
                     match conn
-                        .next_event_within(Duration::from_millis(if n % 8 == 0 { 50 } else { 0 }))
+                        .next_event_within(Duration::from_millis(if n.is_multiple_of(8) {
+                            50
+                        } else {
+                            0
+                        }))
                         .await
                     {
                         Ok(Some(ServerEvent::Ack { client_id, seq, .. })) => {

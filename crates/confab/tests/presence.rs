@@ -235,8 +235,7 @@ async fn typing_is_relayed_refreshed_and_expires() {
         ann.next_event_within(Duration::from_millis(100))
             .await
             .unwrap()
-            .map(|e| typing_of(&e))
-            .flatten()
+            .and_then(|e| typing_of(&e))
             .is_none()
     );
 
