@@ -200,3 +200,43 @@ async fn identity_fields_sent_by_clients_are_ignored() {
     let message = ann.next_message().await.unwrap();
     assert_eq!(message.user, user_ref("ann"));
 }
+
+#[tokio::test]
+async fn rs256_tokens_from_an_identity_provider() {
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../confab-server/tests/fixtures"
+    );
+    let public = std::path::PathBuf::from(format!("{fixtures}/rs256-test-public.pem"));
+    let private = std::fs::read(format!("{fixtures}/rs256-test-private.pem")).unwrap();
+    let server = TestServer::start_with(|c| c.jwt_public_key = Some(public)).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // A typical provider token: an audience and issuer confab does not check, no name claim.
+    let claims = serde_json::json!({ "sub": "idp-7", "exp": now + 600, "aud": "my-app", "iss": "https://idp.example" });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&private).unwrap(),
+    )
+    .unwrap();
+    let conn = server.client().with_token(&token).connect().await.unwrap();
+    assert_eq!(
+        (conn.user.id.as_str(), conn.user.name.as_str()),
+        ("idp-7", "idp-7")
+    );
+    // HS256 tokens keep working next to RS256 ones.
+    server.connect("ann").await;
+
+    // Without a configured key, RS256 is refused.
+    let plain = TestServer::start().await;
+    let err = plain
+        .client()
+        .with_token(&token)
+        .connect()
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(401));
+}
