@@ -8,13 +8,14 @@
 
 use std::sync::Arc;
 
+use axum::extract::ws::Utf8Bytes;
 use confab_proto::{Ref, ServerEvent};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::error::ChatError;
-use crate::outbound::{ChatFrame, Outbound, Priority, SessionHandle, encode};
+use crate::outbound::{ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, encode};
 use crate::store::{Appended, NewMessage, Store};
 
 /// Largest number of messages stored in one commit.
@@ -101,44 +102,76 @@ async fn run(
 async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker) {
     let (messages, replies): (Vec<_>, Vec<_>) =
         batch.drain(..).map(|p| (p.message, p.reply)).unzip();
-    match store.append(messages).await {
-        Ok(results) => {
-            for (result, reply) in results.into_iter().zip(replies) {
-                match result {
-                    Ok(appended) => deliver(appended, reply, broker),
-                    Err(err) => fail(reply, ChatError::from(err)),
-                }
-            }
-        }
+    let results = match store.append(messages).await {
+        Ok(results) => results,
         Err(err) => {
             tracing::error!(error = %err, "storing a batch of messages failed");
             for reply in replies {
                 fail(reply, ChatError::Store(err.clone()));
             }
+            return;
+        }
+    };
+    // Acks grouped per sending session and new messages grouped per room, both in seq order,
+    // so each session and each subscriber gets one queue entry for the whole commit.
+    let mut acks: Vec<(Arc<SessionHandle>, Vec<Utf8Bytes>)> = Vec::new();
+    let mut rooms: Vec<ChatBatch> = Vec::new();
+    for (result, reply) in results.into_iter().zip(replies) {
+        let appended = match result {
+            Ok(appended) => appended,
+            Err(err) => {
+                fail(reply, ChatError::from(err));
+                continue;
+            }
+        };
+        match reply {
+            Reply::Session { handle, reference } => {
+                let ack = encode(&ServerEvent::Ack {
+                    reference,
+                    id: appended.message.id.clone(),
+                    seq: appended.message.seq,
+                    client_id: appended.message.client_id.clone(),
+                });
+                match acks.iter_mut().find(|(h, _)| h.id == handle.id) {
+                    Some((_, frames)) => frames.push(ack),
+                    None => acks.push((handle, vec![ack])),
+                }
+            }
+            Reply::Request(sender) => {
+                let _ = sender.send(Ok(appended.clone()));
+            }
+        }
+        if appended.duplicate {
+            continue;
+        }
+        let message = appended.message;
+        let frame = ChatFrame {
+            seq: message.seq,
+            frame: encode(&ServerEvent::Message(message.clone())),
+        };
+        match rooms.iter_mut().find(|b| *b.room == *message.room) {
+            Some(room) => room.frames.push(frame),
+            None => rooms.push(ChatBatch {
+                room: Arc::from(message.room.as_str()),
+                frames: vec![frame],
+            }),
         }
     }
-}
-
-fn deliver(appended: Appended, reply: Reply, broker: &dyn Broker) {
-    let duplicate = appended.duplicate;
-    let frame = (!duplicate).then(|| encode_chat(&appended));
-    match reply {
-        Reply::Session { handle, reference } => {
-            let ack = ServerEvent::Ack {
-                reference,
-                id: appended.message.id.clone(),
-                seq: appended.message.seq,
-                client_id: appended.message.client_id.clone(),
-            };
-            handle.push(Outbound::Event(encode(&ack)), Priority::Reliable);
-        }
-        Reply::Request(sender) => {
-            let _ = sender.send(Ok(appended.clone()));
-        }
+    for (handle, frames) in acks {
+        let item = match <[Utf8Bytes; 1]>::try_from(frames) {
+            Ok([one]) => Outbound::Event(one),
+            Err(many) => Outbound::Events(many.into()),
+        };
+        handle.push(item, Priority::Reliable);
     }
-    if let Some(frame) = frame {
-        let room = Arc::clone(&frame.room);
-        broker.publish(&room, Outbound::Chat(frame), Priority::Reliable, None);
+    for room in rooms {
+        let name = Arc::clone(&room.room);
+        broker.publish(
+            &name,
+            Outbound::Chat(Arc::new(room)),
+            Priority::Reliable,
+            None,
+        );
     }
 }
 
@@ -156,14 +189,4 @@ fn fail(reply: Reply, err: ChatError) {
             let _ = sender.send(Err(err));
         }
     }
-}
-
-/// Encodes a stored message once for all of its subscribers.
-fn encode_chat(appended: &Appended) -> Arc<ChatFrame> {
-    let message = &appended.message;
-    Arc::new(ChatFrame {
-        room: Arc::from(message.room.as_str()),
-        seq: message.seq,
-        frame: encode(&ServerEvent::Message(message.clone())),
-    })
 }

@@ -19,11 +19,9 @@ use tokio_util::sync::CancellationToken;
 /// Process-unique id of one WebSocket connection.
 pub type SessionId = u64;
 
-/// A chat message encoded once and shared by every subscriber.
+/// One stored chat message, encoded once.
 #[derive(Debug)]
 pub struct ChatFrame {
-    /// Room the message belongs to (the session filters by it).
-    pub room: Arc<str>,
     /// The message's seq: sessions skip anything at or below what they already delivered, which
     /// is what makes a join's history and the live stream meet without gaps or duplicates.
     pub seq: u64,
@@ -31,13 +29,28 @@ pub struct ChatFrame {
     pub frame: Utf8Bytes,
 }
 
+/// The messages one commit stored for one room, in seq order, shared by every subscriber.
+///
+/// A burst (hundreds of messages committed together) takes one queue slot per subscriber, not
+/// hundreds, so a healthy reader is never mistaken for a slow one, and fan-out costs one queue
+/// operation per subscriber per commit instead of per message.
+#[derive(Debug)]
+pub struct ChatBatch {
+    /// Room the messages belong to (the session filters by it).
+    pub room: Arc<str>,
+    /// The messages, ascending seq.
+    pub frames: Vec<ChatFrame>,
+}
+
 /// One item in a session's queue.
 #[derive(Debug, Clone)]
 pub enum Outbound {
-    /// A chat message (never dropped).
-    Chat(Arc<ChatFrame>),
+    /// Chat messages (never dropped).
+    Chat(Arc<ChatBatch>),
     /// Any other encoded event.
     Event(Utf8Bytes),
+    /// Several events for this session alone (e.g. the acks of one commit), in order.
+    Events(Arc<[Utf8Bytes]>),
     /// The session lost its subscription to a room (membership ended or room deleted): it
     /// forgets the room and tells its client with a `left` event.
     Left(Arc<str>),

@@ -178,28 +178,39 @@ impl Session {
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), ()> {
         let write = async {
             for item in batch.drain(..) {
-                let frame = match item {
-                    Outbound::Chat(chat) => match self.rooms.get_mut(&*chat.room) {
-                        Some(delivered) if chat.seq > *delivered => {
-                            *delivered = chat.seq;
-                            chat.frame.clone()
+                match item {
+                    Outbound::Chat(chat) => {
+                        // Skip what the join's history already delivered, and rooms left since.
+                        let Some(delivered) = self.rooms.get_mut(&*chat.room) else {
+                            continue;
+                        };
+                        for message in &chat.frames {
+                            if message.seq > *delivered {
+                                *delivered = message.seq;
+                                self.socket
+                                    .feed(Message::Text(message.frame.clone()))
+                                    .await?;
+                            }
                         }
-                        // Already delivered with the join's history, or no longer subscribed.
-                        _ => continue,
-                    },
-                    Outbound::Event(frame) => frame,
+                    }
+                    Outbound::Event(frame) => self.socket.feed(Message::Text(frame)).await?,
+                    Outbound::Events(frames) => {
+                        for frame in frames.iter() {
+                            self.socket.feed(Message::Text(frame.clone())).await?;
+                        }
+                    }
                     Outbound::Left(room) => {
                         if self.rooms.remove(&room).is_none() {
                             continue;
                         }
                         self.node.set_typing(&room, &self.handle, false);
-                        encode(&ServerEvent::Left {
+                        let left = encode(&ServerEvent::Left {
                             reference: None,
                             room: room.to_string(),
-                        })
+                        });
+                        self.socket.feed(Message::Text(left)).await?;
                     }
-                };
-                self.socket.feed(Message::Text(frame)).await?;
+                }
             }
             self.socket.flush().await
         };

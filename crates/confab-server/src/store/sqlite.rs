@@ -81,6 +81,7 @@ impl SqliteStore {
              PRAGMA synchronous = {synchronous};
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
+             PRAGMA temp_store = MEMORY;
              PRAGMA wal_autocheckpoint = 4000;"
         ))
         .map_err(db_err)?;
@@ -211,13 +212,13 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
             continue;
         }
         for job in batch.drain(..) {
-            let _ = conn.execute_batch("SAVEPOINT job");
+            // Each job in its own savepoint, so a failing one leaves the others in the commit.
+            let _ = run_cached(&conn, "SAVEPOINT job");
             let (ok, deliver) = job(&conn);
-            if ok {
-                let _ = conn.execute_batch("RELEASE job");
-            } else {
-                let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            if !ok {
+                let _ = run_cached(&conn, "ROLLBACK TO job");
             }
+            let _ = run_cached(&conn, "RELEASE job");
             deliveries.push(deliver);
         }
         let commit_error = conn.execute_batch("COMMIT").err().map(db_err);
@@ -230,6 +231,11 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
     }
     // Keep the WAL small for the next start.
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+}
+
+/// Runs a parameterless statement through the statement cache (no re-parsing per call).
+fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute([])
 }
 
 /// Answers a job that could not run because its transaction failed to start. The job must still
@@ -629,16 +635,15 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let mut results = Vec::with_capacity(batch.len());
             for msg in batch {
-                // One savepoint per message so a failed one leaves the others in the commit.
-                conn.execute_batch("SAVEPOINT msg").map_err(db_err)?;
-                let result = append_one(conn, msg);
-                let end = if result.is_ok() {
-                    "RELEASE msg"
-                } else {
-                    "ROLLBACK TO msg; RELEASE msg"
-                };
-                conn.execute_batch(end).map_err(db_err)?;
-                results.push(result);
+                // A missing room fails only its own message (nothing was written for it); any
+                // other error fails the whole batch, which the job's savepoint rolls back.
+                match append_one(conn, msg) {
+                    Err(StoreError::NotFound(what)) => {
+                        results.push(Err(StoreError::NotFound(what)))
+                    }
+                    Err(err) => return Err(err),
+                    Ok(appended) => results.push(Ok(appended)),
+                }
             }
             Ok(results)
         })
