@@ -48,7 +48,8 @@ pub struct Config {
     pub command_rate: u32,
     /// Burst of other commands.
     pub command_burst: u32,
-    /// Frames queued for one session before it counts as too slow and is closed with 1013.
+    /// Entries queued for one session before it counts as too slow and is closed with 1013
+    /// (an entry is one event, or one commit's messages for a room).
     pub outbound_queue: usize,
     /// Concurrent WebSocket connections one user may hold.
     pub max_connections_per_user: usize,
