@@ -540,10 +540,10 @@ impl Connection {
     pub async fn request(&mut self, mut command: ClientCommand) -> Result<ServerEvent> {
         let reference = Ref::from(format!("r{}", self.next_ref));
         self.next_ref += 1;
-        set_reference(&mut command, reference.clone());
+        command.set_reference(reference.clone());
         self.send(&command).await?;
         let reply = self
-            .wait_for(|event| (reply_reference(event) == Some(&reference)).then(|| event.clone()))
+            .wait_for(|event| (event.reply_reference() == Some(&reference)).then(|| event.clone()))
             .await?;
         match reply {
             ServerEvent::Error { code, message, .. } => Err(ClientError::Command { code, message }),
@@ -604,6 +604,50 @@ impl Connection {
         }
     }
 
+    /// `history`: one page, oldest first, and whether more exist in that direction.
+    pub async fn history(
+        &mut self,
+        room: &str,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: Option<u32>,
+    ) -> Result<(Vec<ChatMessage>, bool)> {
+        let reply = self
+            .request(ClientCommand::History {
+                reference: None,
+                room: room.into(),
+                before,
+                after,
+                limit,
+            })
+            .await?;
+        match reply {
+            ServerEvent::History {
+                messages, has_more, ..
+            } => Ok((messages, has_more)),
+            other => Err(ClientError::Protocol(format!(
+                "expected history, got {other:?}"
+            ))),
+        }
+    }
+
+    /// Resumes a room after a disconnect: joins with `since` and pages on until every message
+    /// after `since` has been fetched. Returns them in seq order. Live messages that arrive
+    /// meanwhile stay buffered for [`Connection::next_event`]; skip those with a seq already
+    /// returned here.
+    pub async fn catch_up(&mut self, room: &str, since: u64) -> Result<Vec<ChatMessage>> {
+        let joined = self.join(room, Some(since)).await?;
+        let mut messages = joined.messages;
+        let mut more = joined.has_more;
+        while more {
+            let after = messages.last().map_or(since, |m| m.seq);
+            let (page, has_more) = self.history(room, None, Some(after), None).await?;
+            messages.extend(page);
+            more = has_more;
+        }
+        Ok(messages)
+    }
+
     /// Waits for the next chat message broadcast (buffering other events).
     pub async fn next_message(&mut self) -> Result<ChatMessage> {
         self.wait_for(|event| match event {
@@ -639,31 +683,5 @@ fn close_parts(frame: Option<CloseFrame>) -> (u16, String) {
     match frame {
         Some(frame) => (frame.code.into(), frame.reason.as_str().to_string()),
         None => (1005, String::new()),
-    }
-}
-
-fn set_reference(command: &mut ClientCommand, value: Ref) {
-    match command {
-        ClientCommand::Join { reference, .. }
-        | ClientCommand::Leave { reference, .. }
-        | ClientCommand::Message { reference, .. }
-        | ClientCommand::Typing { reference, .. }
-        | ClientCommand::Read { reference, .. }
-        | ClientCommand::History { reference, .. }
-        | ClientCommand::Status { reference, .. }
-        | ClientCommand::Ping { reference } => *reference = Some(value),
-    }
-}
-
-/// The `ref` of a direct reply (broadcasts have none).
-pub fn reply_reference(event: &ServerEvent) -> Option<&Ref> {
-    match event {
-        ServerEvent::Joined { reference, .. }
-        | ServerEvent::Left { reference, .. }
-        | ServerEvent::Ack { reference, .. }
-        | ServerEvent::History { reference, .. }
-        | ServerEvent::Pong { reference }
-        | ServerEvent::Error { reference, .. } => reference.as_ref(),
-        _ => None,
     }
 }

@@ -192,6 +192,15 @@ pub enum ClientCommand {
 impl ClientCommand {
     /// The command's correlation id, if it carried one.
     pub fn reference(&self) -> Option<&Ref> {
+        self.reference_slot_ref().as_ref()
+    }
+
+    /// Sets the correlation id (clients number their requests with it).
+    pub fn set_reference(&mut self, value: Ref) {
+        *self.reference_slot() = Some(value);
+    }
+
+    fn reference_slot(&mut self) -> &mut Option<Ref> {
         match self {
             ClientCommand::Join { reference, .. }
             | ClientCommand::Leave { reference, .. }
@@ -200,7 +209,20 @@ impl ClientCommand {
             | ClientCommand::Read { reference, .. }
             | ClientCommand::History { reference, .. }
             | ClientCommand::Status { reference, .. }
-            | ClientCommand::Ping { reference } => reference.as_ref(),
+            | ClientCommand::Ping { reference } => reference,
+        }
+    }
+
+    fn reference_slot_ref(&self) -> &Option<Ref> {
+        match self {
+            ClientCommand::Join { reference, .. }
+            | ClientCommand::Leave { reference, .. }
+            | ClientCommand::Message { reference, .. }
+            | ClientCommand::Typing { reference, .. }
+            | ClientCommand::Read { reference, .. }
+            | ClientCommand::History { reference, .. }
+            | ClientCommand::Status { reference, .. }
+            | ClientCommand::Ping { reference } => reference,
         }
     }
 }
@@ -324,6 +346,21 @@ pub enum ServerEvent {
         /// The new status.
         status: PresenceStatus,
     },
+}
+
+impl ServerEvent {
+    /// The `ref` of a direct reply (`None` for broadcasts and replies without one).
+    pub fn reply_reference(&self) -> Option<&Ref> {
+        match self {
+            ServerEvent::Joined { reference, .. }
+            | ServerEvent::Left { reference, .. }
+            | ServerEvent::Ack { reference, .. }
+            | ServerEvent::History { reference, .. }
+            | ServerEvent::Pong { reference }
+            | ServerEvent::Error { reference, .. } => reference.as_ref(),
+            _ => None,
+        }
+    }
 }
 
 /// The stable error vocabulary of the protocol (WebSocket `error.code` and REST `error.code`).

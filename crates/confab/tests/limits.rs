@@ -293,30 +293,12 @@ async fn slow_consumers_are_closed_with_1013_and_resume_without_gaps() {
 
     // Resume: everything after `last`, nothing twice.
     let mut slow = server.connect("slow").await;
-    let mut seqs: Vec<u64> = Vec::new();
-    let joined = slow.join("firehose", Some(last)).await.unwrap();
-    seqs.extend(joined.messages.iter().map(|m| m.seq));
-    let mut more = joined.has_more;
-    while more {
-        match slow
-            .request(ClientCommand::History {
-                reference: None,
-                room: "firehose".into(),
-                before: None,
-                after: seqs.last().copied(),
-                limit: None,
-            })
-            .await
-            .unwrap()
-        {
-            ServerEvent::History {
-                messages, has_more, ..
-            } => {
-                seqs.extend(messages.iter().map(|m| m.seq));
-                more = has_more;
-            }
-            other => panic!("{other:?}"),
-        }
-    }
+    let seqs: Vec<u64> = slow
+        .catch_up("firehose", last)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
     assert_eq!(seqs, (last + 1..=total).collect::<Vec<_>>());
 }
