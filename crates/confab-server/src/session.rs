@@ -152,8 +152,12 @@ impl Session {
                 }
             }
         };
-        if let Ending::Close(code, reason) = ending {
-            self.close(code, reason).await;
+        match ending {
+            Ending::Close(code, reason) => self.close(code, reason).await,
+            // If the peer started the close, tungstenite has queued our reply: send it.
+            Ending::Gone => {
+                let _ = tokio::time::timeout(CLOSE_HANDSHAKE, self.socket.close()).await;
+            }
         }
     }
 
