@@ -155,6 +155,31 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     }
 }
 
+/// At most one Argon2 computation per core at a time: each takes tens of milliseconds and
+/// ~19 MiB, and a flood of logins must not take every core and blocking thread from chat.
+static HASHING: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    tokio::sync::Semaphore::new(cores)
+});
+
+/// [`hash_password`] off the async threads, within the process-wide hashing limit.
+pub async fn hash_password_limited(password: String) -> Option<String> {
+    let _permit = HASHING.acquire().await.ok()?;
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .ok()
+}
+
+/// [`verify_password`] off the async threads, within the process-wide hashing limit.
+pub async fn verify_password_limited(hash: String, password: String) -> bool {
+    let Ok(_permit) = HASHING.acquire().await else {
+        return false;
+    };
+    tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+        .await
+        .unwrap_or(false)
+}
+
 /// Decides whether a browser `Origin` may open a WebSocket.
 ///
 /// `allowed` empty means "same origin only": the origin's host must equal the request's `Host`.

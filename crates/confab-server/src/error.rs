@@ -54,6 +54,7 @@ impl ChatError {
             ChatError::RateLimited(_) => ErrorCode::RateLimited,
             ChatError::Store(StoreError::Conflict(_)) => ErrorCode::Conflict,
             ChatError::Store(StoreError::NotFound(_)) => ErrorCode::NotFound,
+            ChatError::Store(StoreError::NotMember(_)) => ErrorCode::Forbidden,
             ChatError::Store(_) | ChatError::ShuttingDown => ErrorCode::Internal,
         }
     }
@@ -61,9 +62,11 @@ impl ChatError {
     /// The text sent to the client: internal details stay in the log.
     pub fn public_message(&self) -> String {
         match self {
-            ChatError::Store(StoreError::Conflict(what) | StoreError::NotFound(what)) => {
-                what.clone()
-            }
+            ChatError::Store(
+                StoreError::Conflict(what)
+                | StoreError::NotFound(what)
+                | StoreError::NotMember(what),
+            ) => what.clone(),
             ChatError::Store(err) => {
                 tracing::error!(error = %err, "store failure");
                 "internal error, please retry".to_string()

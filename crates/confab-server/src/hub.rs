@@ -27,6 +27,22 @@ pub enum Departure {
     /// Its connection dropped: if it was the user's last session, `user_left` only if no session
     /// of theirs re-joins within the grace period. The value identifies this departure.
     Disconnect(u64),
+    /// Its join failed after subscribing: put things back as [`Subscribed`] found them, with
+    /// no notice either way.
+    Undo(Option<u64>),
+}
+
+/// What [`Hub::subscribe`] did.
+#[derive(Debug, Clone)]
+pub struct Subscribed {
+    /// The interned room name.
+    pub room: Arc<str>,
+    /// Others should be told `user_joined` (the user's first session, not a quick return).
+    pub announce: bool,
+    /// False if the session was already subscribed (nothing changed).
+    pub fresh: bool,
+    /// The pending disconnect this subscribe cancelled, for [`Departure::Undo`].
+    pub cancelled_departure: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -83,10 +99,8 @@ impl Hub {
         self.next_departure.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Adds a session to a room. Returns the interned room name and whether others should be
-    /// told `user_joined` (true only for the user's first session, and not for a user coming
-    /// back within the grace period).
-    pub fn subscribe(&self, room: &str, handle: &Arc<SessionHandle>) -> (Arc<str>, bool) {
+    /// Adds a session to a room.
+    pub fn subscribe(&self, room: &str, handle: &Arc<SessionHandle>) -> Subscribed {
         let mut shard = self.shard(room);
         let key = match shard.get_key_value(room) {
             Some((key, _)) => Arc::clone(key),
@@ -94,7 +108,12 @@ impl Hub {
         };
         let entry = shard.entry(Arc::clone(&key)).or_default();
         if entry.subscribers.iter().any(|s| s.id == handle.id) {
-            return (key, false);
+            return Subscribed {
+                room: key,
+                announce: false,
+                fresh: false,
+                cancelled_departure: None,
+            };
         }
         let mut subscribers = entry.subscribers.to_vec();
         subscribers.push(Arc::clone(handle));
@@ -108,8 +127,12 @@ impl Hub {
             });
         let announce = user.sessions == 0 && user.departing.is_none();
         user.sessions += 1;
-        user.departing = None;
-        (key, announce)
+        Subscribed {
+            room: key,
+            announce,
+            fresh: true,
+            cancelled_departure: user.departing.take(),
+        }
     }
 
     /// Removes a session from a room. Returns true if others should be told `user_left` now.
@@ -145,6 +168,10 @@ impl Hub {
                         announce = true;
                     }
                     Departure::Disconnect(id) => user.departing = Some(id),
+                    Departure::Undo(Some(id)) => user.departing = Some(id),
+                    Departure::Undo(None) => {
+                        entry.users.remove(user_id);
+                    }
                 }
             }
         }
@@ -242,9 +269,12 @@ mod tests {
     fn first_session_in_and_last_out_are_announced_once() {
         let hub = Hub::new();
         let (phone, laptop) = (session(1, "ann"), session(2, "ann"));
-        assert!(hub.subscribe("r", &phone).1);
-        assert!(!hub.subscribe("r", &laptop).1);
-        assert!(!hub.subscribe("r", &laptop).1, "re-subscribing is a no-op");
+        assert!(hub.subscribe("r", &phone).announce);
+        assert!(!hub.subscribe("r", &laptop).announce);
+        assert!(
+            !hub.subscribe("r", &laptop).fresh,
+            "re-subscribing is a no-op"
+        );
         assert_eq!(hub.subscribers("r").len(), 2);
         assert!(!hub.unsubscribe("r", 1, "ann", Departure::Leave));
         assert!(hub.unsubscribe("r", 2, "ann", Departure::Leave));
@@ -260,13 +290,33 @@ mod tests {
         let departure = hub.next_departure_id();
         assert!(!hub.unsubscribe("r", 1, "ann", Departure::Disconnect(departure)));
         // Back within the grace period: no user_joined, and the old departure is void.
-        assert!(!hub.subscribe("r", &session(2, "ann")).1);
+        let back = hub.subscribe("r", &session(2, "ann"));
+        assert!(!back.announce);
+        assert_eq!(back.cancelled_departure, Some(departure));
         assert!(!hub.departure_expired("r", "ann", departure));
         // Gone for good this time.
         let departure = hub.next_departure_id();
         hub.unsubscribe("r", 2, "ann", Departure::Disconnect(departure));
         assert!(hub.departure_expired("r", "ann", departure));
-        assert!(hub.subscribe("r", &session(3, "ann")).1);
+        assert!(hub.subscribe("r", &session(3, "ann")).announce);
+    }
+
+    #[test]
+    fn a_failed_join_restores_the_pending_departure() {
+        let hub = Hub::new();
+        hub.subscribe("r", &session(1, "ann"));
+        let departure = hub.next_departure_id();
+        hub.unsubscribe("r", 1, "ann", Departure::Disconnect(departure));
+        let attempt = hub.subscribe("r", &session(2, "ann"));
+        hub.unsubscribe("r", 2, "ann", Departure::Undo(attempt.cancelled_departure));
+        assert!(
+            hub.departure_expired("r", "ann", departure),
+            "user_left still due"
+        );
+        // Undoing a first join leaves no trace.
+        let first = hub.subscribe("q", &session(3, "bob"));
+        assert!(!hub.unsubscribe("q", 3, "bob", Departure::Undo(first.cancelled_departure)));
+        assert!(hub.subscribe("q", &session(4, "bob")).announce);
     }
 
     #[test]

@@ -120,15 +120,14 @@ impl Server {
         let (committer, committer_run) =
             Committer::start(store.clone(), broker.clone(), committer_stop.clone());
         let committer_task = tokio::spawn(committer_run);
-        let node = Arc::new(Node::new(
+        let node = Node::start(
             Arc::clone(&config),
             store.clone(),
             tokens,
             hub,
             broker,
             committer,
-        ));
-        node.tasks.spawn(Arc::clone(&node).run_housekeeping());
+        );
         let listener = TcpListener::bind(config.addr)
             .await
             .map_err(|source| StartError::Io {
@@ -153,7 +152,7 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then shuts down in order: stop accepting and close
     /// every socket with 1001, wait for sessions, store every accepted message, close the
-    /// store. The whole drain is bounded by `shutdown_timeout_ms`.
+    /// store. The whole drain shares one deadline, `shutdown_timeout_ms`.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -167,36 +166,55 @@ impl Server {
         } = self;
         let app = http::router(Arc::clone(&node));
         let stop = node.shutdown.clone();
-        let signal = tokio::spawn({
-            let stop = stop.clone();
-            async move {
-                tokio::select! {
-                    () = shutdown => stop.cancel(),
-                    () = stop.cancelled() => {}
-                }
-            }
-        });
-        let served = axum::serve(listener, app)
+        let mut serve = tokio::spawn(
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
             .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .await;
-        // Whether the listener failed or shutdown was asked for, drain the same way.
+            .into_future(),
+        );
+        let mut served = None;
+        tokio::select! {
+            () = shutdown => {}
+            () = stop.cancelled() => {}
+            result = &mut serve => served = Some(result),
+        }
+        // Whether asked to stop or the listener failed, drain the same way, against one
+        // deadline. Sessions first (they flush what is queued and close with 1001), then the
+        // committer stores everything accepted, whatever happened to the sessions.
         stop.cancel();
-        let _ = signal.await;
-        let drain = async {
-            node.tasks.close();
-            node.tasks.wait().await;
-            committer_stop.cancel();
-            let _ = committer_task.await;
-        };
-        if tokio::time::timeout(node.config.shutdown_timeout(), drain)
+        let deadline = tokio::time::Instant::now() + node.config.shutdown_timeout();
+        // Keep a share of the budget for storing messages and closing the store.
+        let sessions_deadline = deadline - node.config.shutdown_timeout() / 4;
+        node.tasks.close();
+        if tokio::time::timeout_at(sessions_deadline, node.tasks.wait())
             .await
             .is_err()
         {
-            tracing::warn!("shutdown timed out; closing the store with what has been accepted");
+            tracing::warn!("some sessions did not finish closing in time");
         }
+        committer_stop.cancel();
+        if tokio::time::timeout_at(deadline, committer_task)
+            .await
+            .is_err()
+        {
+            tracing::error!("the committer did not finish storing accepted messages in time");
+        }
+        let served = match served {
+            Some(result) => result,
+            None => match tokio::time::timeout_at(deadline, &mut serve).await {
+                Ok(result) => result,
+                Err(_) => {
+                    // HTTP requests still in flight (slow uploads) do not hold up the exit.
+                    serve.abort();
+                    Ok(Ok(()))
+                }
+            },
+        };
         tokio::task::spawn_blocking(move || store.close())
             .await
             .map_err(std::io::Error::other)?;
-        served
+        served.map_err(std::io::Error::other)?
     }
 }

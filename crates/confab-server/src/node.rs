@@ -5,7 +5,7 @@
 //! broker). The node owns the shared parts (store, hub, broker, presence, typing, committer) and
 //! the shutdown token and task tracker every background task is registered with.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,7 +16,7 @@ use confab_proto::{
     is_valid_room_name,
 };
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,6 +32,13 @@ use crate::store::{
     Appended, HistoryPage, HistoryQuery, NewMessage, RoomRecord, Store, StoreError, now_ms,
 };
 use crate::typing::Typing;
+
+/// Register/login attempts per second per client address, and the burst allowed.
+const AUTH_RATE: u32 = 2;
+const AUTH_BURST: u32 = 20;
+
+/// Entries in the known-users cache before it starts over.
+const KNOWN_USERS_CAP: usize = 100_000;
 
 /// How often expired typing indicators are swept.
 const TYPING_SWEEP: Duration = Duration::from_millis(250);
@@ -60,10 +67,15 @@ pub struct Node {
     /// Every session and timer task, so shutdown can wait for all of them.
     pub tasks: TaskTracker,
     next_session: AtomicU64,
-    /// Token users already written to the store (id and name), so a reconnect costs no write.
-    known_users: Mutex<HashSet<(String, String)>>,
+    /// Token users already written to the store (id to the name written), so a reconnect
+    /// costs no write. Bounded: cleared when it reaches [`KNOWN_USERS_CAP`].
+    known_users: Mutex<HashMap<String, String>>,
+    /// Presence changes waiting for the announcer task.
+    presence_changes: mpsc::UnboundedSender<(UserRef, PresenceStatus)>,
     /// REST message sends, per user.
     rest_messages: DefaultKeyedRateLimiter<String>,
+    /// Register and login attempts, per client address (password guessing, hashing floods).
+    auth_attempts: DefaultKeyedRateLimiter<std::net::IpAddr>,
 }
 
 /// What a session needs to answer `join`.
@@ -76,17 +88,19 @@ pub struct JoinedRoom {
 }
 
 impl Node {
-    /// Assembles a node. The committer's task is started by the caller (see `Server`).
-    pub fn new(
+    /// Assembles a node and starts its background tasks (typing expiry, presence announcer)
+    /// on its task tracker. The committer's task is started by the caller (see `Server`).
+    pub fn start(
         config: Arc<Config>,
         store: Arc<dyn Store>,
         tokens: TokenKeys,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
         committer: Committer,
-    ) -> Node {
+    ) -> Arc<Node> {
         let rest_quota = quota(config.message_rate, config.message_burst);
-        Node {
+        let (presence_changes, presence_queue) = mpsc::unbounded_channel();
+        let node = Arc::new(Node {
             typing: Typing::new(config.typing_timeout()),
             config,
             store,
@@ -98,9 +112,15 @@ impl Node {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             next_session: AtomicU64::new(1),
-            known_users: Mutex::new(HashSet::new()),
+            known_users: Mutex::new(HashMap::new()),
+            presence_changes,
             rest_messages: RateLimiter::keyed(rest_quota),
-        }
+            auth_attempts: RateLimiter::keyed(quota(AUTH_RATE, AUTH_BURST)),
+        });
+        node.tasks.spawn(Arc::clone(&node).run_housekeeping());
+        node.tasks
+            .spawn(Arc::clone(&node).run_presence_announcer(presence_queue));
+        node
     }
 
     // ---- identity -------------------------------------------------------------------------
@@ -108,11 +128,19 @@ impl Node {
     /// Verifies a token and makes sure its user exists in the store.
     pub async fn authenticate(&self, token: &str) -> Result<UserRef, ChatError> {
         let user = self.tokens.verify(token)?;
-        let key = (user.id.clone(), user.name.clone());
-        let known = self.known_users.lock().expect("known users").contains(&key);
+        let known = self
+            .known_users
+            .lock()
+            .expect("known users")
+            .get(&user.id)
+            .is_some_and(|name| *name == user.name);
         if !known {
             self.store.ensure_user(&user).await?;
-            self.known_users.lock().expect("known users").insert(key);
+            let mut known_users = self.known_users.lock().expect("known users");
+            if known_users.len() >= KNOWN_USERS_CAP {
+                known_users.clear();
+            }
+            known_users.insert(user.id.clone(), user.name.clone());
         }
         Ok(user)
     }
@@ -128,6 +156,13 @@ impl Node {
         Ok((user, token))
     }
 
+    /// Counts a register or login attempt from `peer`; refuses past the per-address limit.
+    pub fn check_auth_attempt(&self, peer: std::net::IpAddr) -> Result<(), ChatError> {
+        self.auth_attempts.check_key(&peer).map_err(|_| {
+            ChatError::RateLimited("too many login or register attempts; wait a little".into())
+        })
+    }
+
     /// Checks a username and password and returns the account with a fresh token.
     pub async fn login(&self, name: &str, password: &str) -> Result<(UserRef, String), ChatError> {
         let bad = || ChatError::Unauthorized("invalid username or password".into());
@@ -135,9 +170,7 @@ impl Node {
             return Err(bad());
         };
         let password = password.to_string();
-        let ok = tokio::task::spawn_blocking(move || auth::verify_password(&hash, &password))
-            .await
-            .map_err(|_| ChatError::ShuttingDown)?;
+        let ok = auth::verify_password_limited(hash, password).await;
         if !ok {
             return Err(bad());
         }
@@ -349,10 +382,7 @@ impl Node {
             dm: true,
             last_seq: 0,
         };
-        Ok(self
-            .store
-            .ensure_room(&room, &[user.id.clone(), other.id.clone()])
-            .await?)
+        Ok(self.store.open_dm_room(&room, &user.id, &other.id).await?)
     }
 
     // ---- messages -------------------------------------------------------------------------
@@ -533,6 +563,7 @@ impl Node {
             ticks += 1;
             if ticks.is_multiple_of(240) {
                 self.rest_messages.retain_recent();
+                self.auth_attempts.retain_recent();
             }
         }
     }
@@ -561,7 +592,7 @@ impl Node {
     }
 
     /// Sets a session's own status.
-    pub fn set_status(self: &Arc<Self>, handle: &SessionHandle, status: SettableStatus) {
+    pub fn set_status(&self, handle: &SessionHandle, status: SettableStatus) {
         if let Some(status) = self.presence.set_status(handle.id, &handle.user.id, status) {
             self.announce_presence(handle.user.clone(), status);
         }
@@ -629,26 +660,44 @@ impl Node {
 
     /// Sends a user's new status to every session subscribed to a room the user belongs to
     /// (once per session, however many rooms they share).
-    fn announce_presence(self: &Arc<Self>, user: UserRef, status: PresenceStatus) {
-        let node = Arc::clone(self);
-        self.tasks.spawn(async move {
-            let rooms = match node.store.rooms_of_user(&user.id).await {
+    fn announce_presence(&self, user: UserRef, status: PresenceStatus) {
+        // One announcer task, fed in order: two changes in quick succession (online, then
+        // away) can never reach observers in the opposite order.
+        let _ = self.presence_changes.send((user, status));
+    }
+
+    /// Runs until shutdown, announcing presence changes one after another: each goes to every
+    /// session subscribed to a room the user belongs to (once per session, however many rooms
+    /// they share).
+    pub async fn run_presence_announcer(
+        self: Arc<Self>,
+        mut changes: mpsc::UnboundedReceiver<(UserRef, PresenceStatus)>,
+    ) {
+        loop {
+            let (user, status) = tokio::select! {
+                change = changes.recv() => match change {
+                    Some(change) => change,
+                    None => return,
+                },
+                () = self.shutdown.cancelled() => return,
+            };
+            let rooms = match self.store.rooms_of_user(&user.id).await {
                 Ok(rooms) => rooms,
                 Err(err) => {
                     tracing::warn!(error = %err, user = %user.id, "cannot announce presence");
-                    return;
+                    continue;
                 }
             };
             let frame = encode(&ServerEvent::Presence { user, status });
             let mut told = HashSet::new();
             for room in rooms {
-                for session in node.hub.subscribers(&room).iter() {
+                for session in self.hub.subscribers(&room).iter() {
                     if told.insert(session.id) {
                         session.push(Outbound::Event(frame.clone()), Priority::Droppable);
                     }
                 }
             }
-        });
+        }
     }
 
     /// Statuses for a list of user ids, in the order asked.
@@ -676,9 +725,9 @@ pub async fn create_account(
         ));
     }
     let password = password.to_string();
-    let hash = tokio::task::spawn_blocking(move || auth::hash_password(&password))
+    let hash = auth::hash_password_limited(password)
         .await
-        .map_err(|_| ChatError::ShuttingDown)?;
+        .ok_or(ChatError::ShuttingDown)?;
     let user = UserRef {
         id: uuid::Uuid::now_v7().to_string(),
         name: name.to_string(),

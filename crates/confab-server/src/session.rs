@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
@@ -31,7 +31,11 @@ use crate::store::HistoryQuery;
 const WRITE_BATCH: usize = 128;
 
 /// How long to wait for the peer to answer our close frame.
-const CLOSE_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(2);
+const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
+
+/// Write limit once shutdown has begun: healthy clients get their last frames, stuck ones do
+/// not hold the process up.
+const SHUTDOWN_WRITE_LIMIT: Duration = Duration::from_secs(1);
 
 /// Consecutive rate-limited commands after which the connection is closed as a flood.
 const FLOOD_LIMIT: u32 = 100;
@@ -56,6 +60,7 @@ pub async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
         rooms: HashMap::new(),
         last_heard: Instant::now(),
         refused_in_a_row: 0,
+        write_limit: node.config.write_timeout(),
     };
     session.run().await;
     let rooms = session.rooms.into_keys().collect();
@@ -85,6 +90,8 @@ struct Session {
     last_heard: Instant,
     /// Rate-limited commands since the last accepted one.
     refused_in_a_row: u32,
+    /// How long one write may take: `write_timeout_ms`, shortened during shutdown.
+    write_limit: Duration,
 }
 
 impl Session {
@@ -102,10 +109,14 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         let mut batch = Vec::with_capacity(WRITE_BATCH);
         let ending = loop {
+            // Unbiased on purpose: a busy queue must not starve reading (and pongs), nor a busy
+            // reader starve the queue.
             tokio::select! {
-                biased;
                 () = self.node.shutdown.cancelled() => {
-                    // Hand over what is already queued (acks, messages), then say goodbye.
+                    // Hand over what is already queued (acks, messages), then say goodbye; a
+                    // client that does not read gets only a short grace, so shutdown stays
+                    // bounded.
+                    self.write_limit = SHUTDOWN_WRITE_LIMIT;
                     while let Ok(item) = self.queue.try_recv() {
                         batch.push(item);
                     }
@@ -156,7 +167,8 @@ impl Session {
             Ending::Close(code, reason) => self.close(code, reason).await,
             // If the peer started the close, tungstenite has queued our reply: send it.
             Ending::Gone => {
-                let _ = tokio::time::timeout(CLOSE_HANDSHAKE, self.socket.close()).await;
+                let limit = CLOSE_HANDSHAKE.min(self.write_limit);
+                let _ = tokio::time::timeout(limit, self.socket.close()).await;
             }
         }
     }
@@ -175,7 +187,7 @@ impl Session {
                 }
             }
         };
-        let _ = tokio::time::timeout(CLOSE_HANDSHAKE, drain).await;
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE.min(self.write_limit), drain).await;
     }
 
     /// Writes everything taken from the queue with one flush.
@@ -207,6 +219,12 @@ impl Session {
                         if self.rooms.remove(&room).is_none() {
                             continue;
                         }
+                        // A join racing the leave may have subscribed us again: undo that too,
+                        // so the hub and this session agree.
+                        let user = &self.handle.user.id;
+                        self.node
+                            .hub
+                            .unsubscribe(&room, self.handle.id, user, Departure::Leave);
                         self.node.set_typing(&room, &self.handle, false);
                         let left = encode(&ServerEvent::Left {
                             reference: None,
@@ -218,7 +236,7 @@ impl Session {
             }
             self.socket.flush().await
         };
-        match tokio::time::timeout(self.node.config.write_timeout(), write).await {
+        match tokio::time::timeout(self.write_limit, write).await {
             Ok(Ok(())) => Ok(()),
             _ => {
                 batch.clear();
@@ -229,9 +247,7 @@ impl Session {
 
     /// Writes one frame now, bounded by the write timeout.
     async fn write(&mut self, message: Message) -> Result<(), ()> {
-        match tokio::time::timeout(self.node.config.write_timeout(), self.socket.send(message))
-            .await
-        {
+        match tokio::time::timeout(self.write_limit, self.socket.send(message)).await {
             Ok(Ok(())) => Ok(()),
             _ => Err(()),
         }
@@ -401,7 +417,7 @@ impl Session {
             )));
         }
         let joined = node.enter_room(&user, room_id).await?;
-        let (key, announce) = node.hub.subscribe(room_id, &self.handle);
+        let subscribed = node.hub.subscribe(room_id, &self.handle);
         let query = match since {
             Some(since) => HistoryQuery::After {
                 after: since,
@@ -411,6 +427,13 @@ impl Session {
             None => node.history_query(None, None, None)?,
         };
         let loaded = async {
+            // Membership may have ended (REST leave, room deleted) between the check above and
+            // the subscription: look again now that live messages are flowing to us.
+            if node.store.membership(room_id, &user.id).await?.is_none() {
+                return Err(ChatError::Forbidden(format!(
+                    "not a member of room {room_id:?}"
+                )));
+            }
             let page = node.store.history(room_id, query).await?;
             let members = node.member_list(room_id).await?;
             Ok::<_, ChatError>((page, members))
@@ -419,9 +442,10 @@ impl Session {
         let (page, members) = match loaded {
             Ok(loaded) => loaded,
             Err(err) => {
-                if !already {
+                if subscribed.fresh {
+                    let undo = Departure::Undo(subscribed.cancelled_departure);
                     node.hub
-                        .unsubscribe(room_id, self.handle.id, &user.id, Departure::Leave);
+                        .unsubscribe(room_id, self.handle.id, &user.id, undo);
                 }
                 return Err(err);
             }
@@ -432,9 +456,9 @@ impl Session {
         } else {
             page.last_seq.max(newest_sent)
         };
-        let delivered = self.rooms.entry(key).or_insert(0);
+        let delivered = self.rooms.entry(subscribed.room).or_insert(0);
         *delivered = (*delivered).max(watermark);
-        if announce {
+        if subscribed.announce {
             node.announce_user_joined(room_id, &user, self.handle.id);
         }
         Ok(ServerEvent::Joined {

@@ -240,3 +240,67 @@ async fn rs256_tokens_from_an_identity_provider() {
         .unwrap_err();
     assert_eq!(err.status(), Some(401));
 }
+
+#[tokio::test]
+async fn cookie_authenticated_writes_need_an_allowed_origin() {
+    let server = TestServer::start().await;
+    let token = token_for("id-ann", "ann");
+    let http = reqwest::Client::new();
+    let host = server.base.trim_start_matches("http://").to_string();
+    let post = |origin: &str| {
+        http.post(format!("{}/api/rooms/general/join", server.base))
+            .header("cookie", format!("confab_token={token}"))
+            .header("origin", origin.to_string())
+    };
+    assert_eq!(
+        post("http://evil.example").send().await.unwrap().status(),
+        403
+    );
+    assert_eq!(
+        post(&format!("http://{host}"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Reads with the cookie, and bearer-authenticated writes, are not affected.
+    let read = http
+        .get(format!("{}/api/rooms", server.base))
+        .header("cookie", format!("confab_token={token}"))
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+    let bearer = http
+        .post(format!("{}/api/rooms/general/join", server.base))
+        .bearer_auth(&token)
+        .header("origin", "http://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 200);
+}
+
+#[tokio::test]
+async fn password_guessing_is_rate_limited_per_address() {
+    let server = TestServer::start().await;
+    let client = server.client();
+    client.register("target", "the-real-one").await.unwrap();
+    let mut statuses = Vec::new();
+    for n in 0..30 {
+        let status = match client.login("target", &format!("guess-{n}")).await {
+            Ok(_) => 200,
+            Err(err) => err.status().unwrap(),
+        };
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&401), "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
+    let err = client.login("target", "the-real-one").await.unwrap_err();
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(429), Some(ErrorCode::RateLimited))
+    );
+}

@@ -113,6 +113,8 @@ async fn sigterm_closes_sockets_with_1001_and_exits_zero() {
         conn.join("general", None).await.unwrap();
         conns.push(conn);
     }
+    // A client that stops reading must not hold the shutdown up.
+    let stuck = process.user("stuck").connect().await.unwrap();
     // A message in flight right before the signal is stored.
     let (_, last_seq) = conns[0]
         .say("general", "last words", Some("last"))
@@ -134,6 +136,7 @@ async fn sigterm_closes_sockets_with_1001_and_exits_zero() {
     })
     .await;
     assert!(status.success(), "exit status {status:?}");
+    drop(stuck);
     assert!(started.elapsed() < Duration::from_secs(10));
 
     let process = spawn_binary(dir.path(), &[]);

@@ -221,3 +221,43 @@ async fn session_room_cap() {
     let err = ann.join("a3", None).await.unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::Forbidden));
 }
+
+#[tokio::test]
+async fn dm_ids_of_users_with_colons_cannot_collide() {
+    let server = TestServer::start().await;
+    // Identity providers often use ids such as "github:42"; "a" + "b:c" and "a:b" + "c" both
+    // spell dm:a:b:c.
+    let user = |id: &str| {
+        server
+            .client()
+            .with_token(token_for(id, &id.replace(':', "_")))
+    };
+    let (a, bc, ab, c) = (user("a"), user("b:c"), user("a:b"), user("c"));
+    for client in [&a, &bc, &ab, &c] {
+        client.rooms().await.unwrap();
+    }
+    let first = a.open_dm("b_c").await.unwrap();
+    assert_eq!(first.id, "dm:a:b:c");
+    a.post_message(&first.id, "private to a and b:c", None)
+        .await
+        .unwrap();
+    let err = ab.open_dm("c").await.unwrap_err();
+    assert_eq!(
+        (err.status(), err.code()),
+        (Some(409), Some(ErrorCode::Conflict))
+    );
+    assert_eq!(
+        ab.messages(&first.id, None, None, None)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(403)
+    );
+    assert_eq!(
+        c.messages(&first.id, None, None, None)
+            .await
+            .unwrap_err()
+            .status(),
+        Some(403)
+    );
+}

@@ -17,6 +17,9 @@ CREATE TABLE rooms (
     private    INTEGER NOT NULL DEFAULT 0,
     owner      TEXT,
     dm         INTEGER NOT NULL DEFAULT 0,
+    -- For DM rooms, the two user ids as a JSON array: ids may contain ':', so the room id
+    -- alone does not say whose conversation it is.
+    dm_users   TEXT,
     last_seq   INTEGER NOT NULL DEFAULT 0,
     created_at INTEGER NOT NULL
 );

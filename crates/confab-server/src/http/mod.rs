@@ -110,13 +110,29 @@ impl FromRequestParts<Arc<Node>> for AuthUser {
     ) -> Result<Self, Self::Rejection> {
         let token = token_from_headers(&parts.headers)
             .ok_or_else(|| ChatError::Unauthorized("missing bearer token".into()))?;
+        // A cookie rides along with cross-site requests too: for anything that changes state,
+        // a cookie-authenticated request must come from an allowed origin (CSRF).
+        let by_cookie = bearer_token(&parts.headers).is_none();
+        if by_cookie && !parts.method.is_safe() {
+            let origin = parts
+                .headers
+                .get(header::ORIGIN)
+                .and_then(|v| v.to_str().ok());
+            let host = parts
+                .headers
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok());
+            if !crate::auth::origin_allowed(origin, host, &node.config.allowed_origins) {
+                return Err(ChatError::Forbidden("origin not allowed".into()));
+            }
+        }
         Ok(AuthUser(node.authenticate(&token).await?))
     }
 }
 
-/// The token from an `Authorization: Bearer` header or a `confab_token` cookie.
-fn token_from_headers(headers: &HeaderMap) -> Option<String> {
-    let bearer = headers
+/// The token from an `Authorization: Bearer` header.
+fn bearer_token(headers: &HeaderMap) -> Option<String> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
@@ -124,8 +140,12 @@ fn token_from_headers(headers: &HeaderMap) -> Option<String> {
                 .or_else(|| v.strip_prefix("bearer "))
         })
         .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty());
-    bearer.or_else(|| {
+        .filter(|t| !t.is_empty())
+}
+
+/// The token from an `Authorization: Bearer` header or a `confab_token` cookie.
+fn token_from_headers(headers: &HeaderMap) -> Option<String> {
+    bearer_token(headers).or_else(|| {
         headers
             .get_all(header::COOKIE)
             .iter()

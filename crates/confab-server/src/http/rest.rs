@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use confab_proto::{
     AuthRequest, AuthResponse, CreateRoomRequest, MembersResponse, MessageResponse,
@@ -28,16 +30,20 @@ pub(crate) async fn health(State(node): State<Arc<Node>>) -> ApiResult<&'static 
 
 pub(crate) async fn register(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(body): ApiJson<AuthRequest>,
 ) -> ApiResult<(StatusCode, Json<AuthResponse>)> {
+    node.check_auth_attempt(peer.ip())?;
     let (user, token) = node.register(&body.username, &body.password).await?;
     Ok((StatusCode::CREATED, Json(AuthResponse { user, token })))
 }
 
 pub(crate) async fn login(
     State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     ApiJson(body): ApiJson<AuthRequest>,
 ) -> ApiResult<Json<AuthResponse>> {
+    node.check_auth_attempt(peer.ip())?;
     let (user, token) = node.login(&body.username, &body.password).await?;
     Ok(Json(AuthResponse { user, token }))
 }

@@ -31,6 +31,9 @@ pub enum StoreError {
     /// The database reported an error.
     #[error("database error: {0}")]
     Database(String),
+    /// The user is not a member of the room.
+    #[error("{0}")]
+    NotMember(String),
     /// The store has been shut down.
     #[error("store is closed")]
     Closed,
@@ -153,11 +156,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Creates a room and makes `members` its members; `Conflict` if the id exists.
     async fn create_room(&self, room: &RoomRecord, members: &[String]) -> Result<(), StoreError>;
-    /// Creates the room unless it exists, adds `members` either way, and returns the stored room.
-    async fn ensure_room(
+    /// Gets or creates the direct-message room `room` of users `a` and `b` and makes both of
+    /// them members. `Conflict` if a room with that id exists but belongs to other users.
+    async fn open_dm_room(
         &self,
         room: &RoomRecord,
-        members: &[String],
+        a: &str,
+        b: &str,
     ) -> Result<RoomRecord, StoreError>;
     /// A room by id.
     async fn room(&self, id: &str) -> Result<Option<RoomRecord>, StoreError>;
@@ -180,7 +185,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn remove_member(&self, room: &str, user_id: &str) -> Result<bool, StoreError>;
 
     /// Stores a batch in one commit, assigning seqs in order. The outer error fails the whole
-    /// batch (nothing committed); inner errors fail single messages (e.g. room deleted).
+    /// batch (nothing committed); inner errors fail single messages: `NotFound` if the room is
+    /// gone, `NotMember` if the author is not a member (checked here, in the same transaction,
+    /// so no leave or delete can slip between the check and the insert).
     async fn append(
         &self,
         batch: Vec<NewMessage>,

@@ -207,11 +207,16 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
             let err = db_err(err);
             for job in batch.drain(..) {
                 // The job never ran; answer with the error without touching the database.
-                fail_unrun(job, &conn, err.clone());
+                fail_unrun(job, err.clone());
             }
             continue;
         }
+        let mut aborted: Option<StoreError> = None;
         for job in batch.drain(..) {
+            if let Some(err) = &aborted {
+                fail_unrun(job, err.clone());
+                continue;
+            }
             // Each job in its own savepoint, so a failing one leaves the others in the commit.
             let _ = run_cached(&conn, "SAVEPOINT job");
             let (ok, deliver) = job(&conn);
@@ -220,8 +225,18 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
             }
             let _ = run_cached(&conn, "RELEASE job");
             deliveries.push(deliver);
+            if conn.is_autocommit() {
+                // SQLite rolled the whole transaction back (disk full, I/O error): nothing of
+                // this batch is stored, and later jobs must not run outside a transaction.
+                aborted = Some(StoreError::Database(
+                    "the transaction was rolled back by SQLite".into(),
+                ));
+            }
         }
-        let commit_error = conn.execute_batch("COMMIT").err().map(db_err);
+        let commit_error = match aborted {
+            Some(err) => Some(err),
+            None => conn.execute_batch("COMMIT").err().map(db_err),
+        };
         if commit_error.is_some() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -238,12 +253,12 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute([])
 }
 
-/// Answers a job that could not run because its transaction failed to start. The job must still
-/// be consumed to reach its reply channel, so it runs inside a savepoint that is rolled back.
-fn fail_unrun(job: WriteJob, conn: &Connection, err: StoreError) {
-    let _ = conn.execute_batch("SAVEPOINT unrun");
-    let (_, deliver) = job(conn);
-    let _ = conn.execute_batch("ROLLBACK TO unrun; RELEASE unrun");
+/// Answers a job that could not run because its transaction is gone. The job is consumed only
+/// to reach its reply channel: it runs against a throwaway in-memory database, so none of its
+/// statements can touch the real one outside a transaction.
+fn fail_unrun(job: WriteJob, err: StoreError) {
+    let scratch = Connection::open_in_memory().expect("an in-memory SQLite database opens");
+    let (_, deliver) = job(&scratch);
     deliver(Some(err));
 }
 
@@ -340,6 +355,19 @@ fn append_one(conn: &Connection, msg: NewMessage) -> Result<Appended, StoreError
                 duplicate: true,
             });
         }
+    }
+    let member: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM members WHERE room_id = ?1 AND user_id = ?2)")
+        .and_then(|mut stmt| stmt.query_row([&msg.room, &msg.user.id], |row| row.get(0)))
+        .map_err(db_err)?;
+    if !member {
+        return Err(match select_room(conn, &msg.room)? {
+            None => StoreError::NotFound(format!("room {:?} does not exist", msg.room)),
+            Some(_) => StoreError::NotMember(format!(
+                "not a member of room {:?}: join it first",
+                msg.room
+            )),
+        });
     }
     let seq: Option<u64> = conn
         .prepare_cached("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq")
@@ -476,15 +504,39 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn ensure_room(
+    async fn open_dm_room(
         &self,
         room: &RoomRecord,
-        members: &[String],
+        a: &str,
+        b: &str,
     ) -> Result<RoomRecord, StoreError> {
         let room = room.clone();
-        let members = members.to_vec();
+        let mut users = [a.to_string(), b.to_string()];
+        users.sort();
+        let pair = serde_json::to_string(&users).expect("strings serialize");
         self.write(move |conn| {
-            insert_room(conn, &room, &members)?;
+            conn.prepare_cached(
+                "INSERT INTO rooms (id, name, private, owner, dm, dm_users, last_seq, created_at)
+                 VALUES (?1, ?2, 1, NULL, 1, ?3, 0, ?4) ON CONFLICT (id) DO NOTHING",
+            )
+            .and_then(|mut stmt| stmt.execute(params![room.id, room.name, pair, now_ms()]))
+            .map_err(db_err)?;
+            let stored: Option<String> = conn
+                .query_row(
+                    "SELECT dm_users FROM rooms WHERE id = ?1",
+                    [&room.id],
+                    |row| row.get(0),
+                )
+                .map_err(db_err)?;
+            if stored.as_deref() != Some(pair.as_str()) {
+                return Err(StoreError::Conflict(format!(
+                    "room {:?} belongs to other users",
+                    room.id
+                )));
+            }
+            for user in &users {
+                add_member_row(conn, &room.id, user)?;
+            }
             select_room(conn, &room.id)?
                 .ok_or_else(|| StoreError::NotFound(format!("room {:?} does not exist", room.id)))
         })
@@ -594,6 +646,8 @@ impl Store for SqliteStore {
     }
 
     async fn set_read(&self, room: &str, user_id: &str, seq: u64) -> Result<u64, StoreError> {
+        // SQLite integers are signed; anything larger is clamped to the newest seq anyway.
+        let seq = seq.min(i64::MAX as u64);
         let room = room.to_string();
         let user_id = user_id.to_string();
         self.write(move |conn| {
@@ -635,11 +689,12 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             let mut results = Vec::with_capacity(batch.len());
             for msg in batch {
-                // A missing room fails only its own message (nothing was written for it); any
+                // A missing room or membership fails only its own message (nothing was written
+                // for it); any
                 // other error fails the whole batch, which the job's savepoint rolls back.
                 match append_one(conn, msg) {
-                    Err(StoreError::NotFound(what)) => {
-                        results.push(Err(StoreError::NotFound(what)))
+                    Err(err @ (StoreError::NotFound(_) | StoreError::NotMember(_))) => {
+                        results.push(Err(err));
                     }
                     Err(err) => return Err(err),
                     Ok(appended) => results.push(Ok(appended)),
@@ -747,7 +802,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
         store.ensure_user(&user("a")).await.unwrap();
-        store.ensure_room(&room("r"), &["a".into()]).await.unwrap();
+        store.create_room(&room("r"), &["a".into()]).await.unwrap();
         let results = store
             .append(vec![
                 message("r", "a", "one", Some("c1")),
@@ -818,7 +873,7 @@ mod tests {
         {
             let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
             store.ensure_user(&user("a")).await.unwrap();
-            store.ensure_room(&room("r"), &["a".into()]).await.unwrap();
+            store.create_room(&room("r"), &["a".into()]).await.unwrap();
             store
                 .append(vec![message("r", "a", "x", None)])
                 .await
