@@ -1,11 +1,10 @@
 //! REST handlers: thin wrappers that parse the request, call the [`Node`], and shape the reply.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
-use std::net::SocketAddr;
-
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use confab_proto::{
