@@ -27,8 +27,11 @@ use crate::node::{Node, session_limiter};
 use crate::outbound::{Outbound, SessionHandle, encode};
 use crate::store::HistoryQuery;
 
-/// Frames taken from the queue per flush.
+/// Queue entries taken per flush.
 const WRITE_BATCH: usize = 128;
+
+/// Capacity the write batch keeps between bursts.
+const IDLE_BATCH_CAPACITY: usize = 4;
 
 /// How long to wait for the peer to answer our close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
@@ -107,7 +110,8 @@ impl Session {
         let interval = self.node.config.heartbeat_interval();
         let mut heartbeat =
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        let mut batch = Vec::with_capacity(WRITE_BATCH);
+        // Grows with bursts and is trimmed after them: idle sessions should cost little memory.
+        let mut batch = Vec::new();
         let ending = loop {
             // Unbiased on purpose: a busy queue must not starve reading (and pongs), nor a busy
             // reader starve the queue.
@@ -133,6 +137,7 @@ impl Session {
                     if received == 0 || self.write_batch(&mut batch).await.is_err() {
                         break Ending::Gone;
                     }
+                    batch.shrink_to(IDLE_BATCH_CAPACITY);
                 }
                 inbound = self.socket.next() => {
                     self.last_heard = Instant::now();
@@ -274,7 +279,9 @@ impl Session {
             return self.refuse(command.reference().cloned()).await;
         }
         let reference = command.reference().cloned();
-        match self.dispatch(command).await {
+        // Boxed: the command futures (join reads history and members) are much larger than an
+        // idle session, and would otherwise make every session's state that large.
+        match Box::pin(self.dispatch(command)).await {
             Ok(Some(reply)) => self.send(&reply).await.map_err(|()| Ending::Gone),
             Ok(None) => Ok(()),
             Err(err) => {

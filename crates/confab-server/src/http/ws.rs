@@ -21,8 +21,9 @@ pub(crate) struct WsParams {
     token: Option<String>,
 }
 
-/// Read buffer per connection: chat frames are small, and idle connections should cost little.
-const READ_BUFFER: usize = 4 * 1024;
+/// Read buffer per connection: chat commands are small, and idle connections should cost
+/// little (larger frames are still read, in several reads).
+const READ_BUFFER: usize = 1024;
 
 pub(crate) async fn upgrade(
     State(node): State<Arc<Node>>,
