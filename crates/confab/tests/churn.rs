@@ -71,16 +71,12 @@ async fn clients_that_drop_and_resume_miss_nothing() {
                 let until =
                     Instant::now() + Duration::from_millis(50 + (i * 37 + round * 91) % 300);
                 while Instant::now() < until {
-                    match conn
-                        .next_event_within(Duration::from_millis(20))
-                        .await
-                        .unwrap()
-                    {
-                        Some(ServerEvent::Message(m)) => view.take(m.seq),
-                        Some(_) | None => {}
+                    let event = conn.next_event_within(Duration::from_millis(20)).await;
+                    if let Some(ServerEvent::Message(m)) = event.unwrap() {
+                        view.take(m.seq);
                     }
                 }
-                if round % 3 == 0 {
+                if round.is_multiple_of(3) {
                     conn.request(ClientCommand::Leave {
                         reference: None,
                         room: "churn".into(),
