@@ -6,6 +6,7 @@
 //! new message once-encoded to the room. Because batches are processed one after another and
 //! the store assigns seqs in batch order, every room's messages are published in seq order.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
@@ -15,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::Broker;
 use crate::error::ChatError;
-use crate::outbound::{ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, encode};
+use crate::outbound::{ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode};
 use crate::store::{Appended, NewMessage, Store};
 
 /// Largest number of messages stored in one commit.
@@ -114,8 +115,11 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
     };
     // Acks grouped per sending session and new messages grouped per room, both in seq order,
     // so each session and each subscriber gets one queue entry for the whole commit.
+    // Vectors keep first-seen order; the maps only index into them.
     let mut acks: Vec<(Arc<SessionHandle>, Vec<Utf8Bytes>)> = Vec::new();
+    let mut ack_index: HashMap<SessionId, usize> = HashMap::new();
     let mut rooms: Vec<ChatBatch> = Vec::new();
+    let mut room_index: HashMap<String, usize> = HashMap::new();
     for (result, reply) in results.into_iter().zip(replies) {
         let appended = match result {
             Ok(appended) => appended,
@@ -132,9 +136,12 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
                     seq: appended.message.seq,
                     client_id: appended.message.client_id.clone(),
                 });
-                match acks.iter_mut().find(|(h, _)| h.id == handle.id) {
-                    Some((_, frames)) => frames.push(ack),
-                    None => acks.push((handle, vec![ack])),
+                match ack_index.get(&handle.id) {
+                    Some(&index) => acks[index].1.push(ack),
+                    None => {
+                        ack_index.insert(handle.id, acks.len());
+                        acks.push((handle, vec![ack]));
+                    }
                 }
             }
             Reply::Request(sender) => {
@@ -149,12 +156,15 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             seq: message.seq,
             frame: encode(&ServerEvent::Message(message.clone())),
         };
-        match rooms.iter_mut().find(|b| *b.room == *message.room) {
-            Some(room) => room.frames.push(frame),
-            None => rooms.push(ChatBatch {
-                room: Arc::from(message.room.as_str()),
-                frames: vec![frame],
-            }),
+        match room_index.get(&message.room) {
+            Some(&index) => rooms[index].frames.push(frame),
+            None => {
+                room_index.insert(message.room.clone(), rooms.len());
+                rooms.push(ChatBatch {
+                    room: Arc::from(message.room.as_str()),
+                    frames: vec![frame],
+                });
+            }
         }
     }
     for (handle, frames) in acks {
@@ -188,5 +198,100 @@ fn fail(reply: Reply, err: ChatError) {
         Reply::Request(sender) => {
             let _ = sender.send(Err(err));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::LocalBroker;
+    use crate::config::SqliteSync;
+    use crate::hub::Hub;
+    use crate::store::{RoomRecord, SqliteStore, now_ms};
+    use confab_proto::UserRef;
+
+    fn user(id: &str) -> UserRef {
+        UserRef {
+            id: id.into(),
+            name: id.into(),
+        }
+    }
+
+    fn message(room: &str, author: &str, n: u32) -> NewMessage {
+        NewMessage {
+            id: format!("{room}-{author}-{n}"),
+            room: room.into(),
+            user: user(author),
+            content: format!("{n}"),
+            client_id: None,
+            timestamp_ms: now_ms(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_commit_is_one_queue_entry_per_subscriber_and_per_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap());
+        for room in ["r1", "r2"] {
+            let record = RoomRecord {
+                id: room.into(),
+                name: room.into(),
+                private: false,
+                owner: None,
+                dm: false,
+                last_seq: 0,
+            };
+            store
+                .create_room(&record, &["ann".into(), "bob".into()])
+                .await
+                .unwrap();
+        }
+        let hub = Arc::new(Hub::new());
+        let (ann, mut ann_queue) = SessionHandle::new(1, user("ann"), 16);
+        let (watcher, mut watcher_queue) = SessionHandle::new(2, user("bob"), 16);
+        hub.subscribe("r1", &watcher);
+        hub.subscribe("r2", &watcher);
+
+        // Queue a burst before the committer starts, so it lands in one commit.
+        let stop = CancellationToken::new();
+        let (committer, run) =
+            Committer::start(store, Arc::new(LocalBroker::new(hub)), stop.clone());
+        for n in 0..20 {
+            let room = if n % 2 == 0 { "r1" } else { "r2" };
+            let reply = Reply::Session {
+                handle: Arc::clone(&ann),
+                reference: None,
+            };
+            committer
+                .submit(Pending {
+                    message: message(room, "ann", n),
+                    reply,
+                })
+                .await
+                .unwrap();
+        }
+        let task = tokio::spawn(run);
+        stop.cancel();
+        task.await.unwrap();
+
+        // The sender: one entry holding all 20 acks, in order.
+        match ann_queue.try_recv().unwrap() {
+            Outbound::Events(acks) => assert_eq!(acks.len(), 20),
+            other => panic!("{other:?}"),
+        }
+        assert!(ann_queue.try_recv().is_err());
+        // The watcher: one entry per room, each with that room's seqs 1..=10 in order.
+        for room in ["r1", "r2"] {
+            match watcher_queue.try_recv().unwrap() {
+                Outbound::Chat(batch) => {
+                    assert_eq!(&*batch.room, room);
+                    let seqs: Vec<u64> = batch.frames.iter().map(|f| f.seq).collect();
+                    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(watcher_queue.try_recv().is_err());
     }
 }
