@@ -697,4 +697,78 @@ mod tests {
         };
         assert_eq!(serde_json::to_value(&presence).unwrap()["status"], "away");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn command() -> impl Strategy<Value = ClientCommand> {
+            let reference = proptest::option::of(prop_oneof![
+                any::<i64>().prop_map(Ref::from),
+                "[a-z0-9]{0,8}".prop_map(Ref::from),
+            ]);
+            let room = "[a-z0-9][a-z0-9_-]{0,20}";
+            prop_oneof![
+                (reference.clone(), room, proptest::option::of(any::<u64>())).prop_map(
+                    |(reference, room, since)| ClientCommand::Join {
+                        reference,
+                        room,
+                        since
+                    }
+                ),
+                (
+                    reference.clone(),
+                    room,
+                    ".{0,50}",
+                    proptest::option::of("[a-z0-9-]{1,20}")
+                )
+                    .prop_map(|(reference, room, content, client_id)| {
+                        ClientCommand::Message {
+                            reference,
+                            room,
+                            content,
+                            client_id,
+                        }
+                    }),
+                (reference.clone(), room, any::<bool>()).prop_map(
+                    |(reference, room, is_typing)| {
+                        ClientCommand::Typing {
+                            reference,
+                            room,
+                            is_typing,
+                        }
+                    }
+                ),
+                (reference.clone(), room, any::<u64>()).prop_map(|(reference, room, seq)| {
+                    ClientCommand::Read {
+                        reference,
+                        room,
+                        seq,
+                    }
+                }),
+                reference.prop_map(|reference| ClientCommand::Ping { reference }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn commands_survive_a_round_trip(command in command()) {
+                let text = serde_json::to_string(&command).unwrap();
+                prop_assert_eq!(parse_command(&text).unwrap(), command);
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in ".{0,200}") {
+                let _ = parse_command(&text);
+            }
+
+            #[test]
+            fn json_objects_with_a_ref_keep_it_in_errors(kind in "[a-z]{0,10}", reference in any::<i64>()) {
+                let text = format!(r#"{{"type":"{kind}","ref":{reference},"extra":[1,{{}}]}}"#);
+                if let Err((echoed, _)) = parse_command(&text) {
+                    prop_assert_eq!(echoed, Some(Ref::from(reference)));
+                }
+            }
+        }
+    }
 }
