@@ -20,8 +20,11 @@ async fn sigkill_while_sending_loses_no_acknowledged_message() {
             ("CONFAB_MESSAGE_BURST", "100000"),
         ],
     );
+    // Kill once enough messages have been acknowledged (a count, not a duration).
+    let acks_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut senders = Vec::new();
     for i in 0..4 {
+        let acks_so_far = std::sync::Arc::clone(&acks_so_far);
         let mut conn = process.user(&format!("sender{i}")).connect().await.unwrap();
         conn.join("durable", None).await.unwrap();
         senders.push(tokio::spawn(async move {
@@ -53,6 +56,7 @@ async fn sigkill_while_sending_loses_no_acknowledged_message() {
                     {
                         Ok(Some(ServerEvent::Ack { client_id, seq, .. })) => {
                             acked.insert(client_id.unwrap(), seq);
+                            acks_so_far.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         Ok(Some(_)) => {}
                         Ok(None) => break,
@@ -63,7 +67,12 @@ async fn sigkill_while_sending_loses_no_acknowledged_message() {
             acked
         }));
     }
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    within(60, async {
+        while acks_so_far.load(std::sync::atomic::Ordering::Relaxed) < 400 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     process.signal("KILL");
     let mut acked = HashMap::new();
     for sender in senders {
@@ -71,7 +80,7 @@ async fn sigkill_while_sending_loses_no_acknowledged_message() {
     }
     drop(process);
     assert!(
-        acked.len() > 100,
+        acked.len() >= 400,
         "the test did send under load ({} acks)",
         acked.len()
     );

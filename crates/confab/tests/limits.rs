@@ -122,7 +122,8 @@ async fn oversized_frames_close_with_1009_and_others_are_unaffected() {
 
 #[tokio::test]
 async fn message_floods_are_rate_limited() {
-    let server = TestServer::start().await;
+    // A slow refill, so however long sending the burst takes, at most a few tokens come back.
+    let server = TestServer::start_with(|c| c.message_rate = 1).await;
     let mut ann = server.connect("ann").await;
     let mut bob = server.connect("bob").await;
     ann.join("general", None).await.unwrap();
@@ -149,7 +150,7 @@ async fn message_floods_are_rate_limited() {
             _ => {}
         }
     }
-    assert!((20..=25).contains(&acked), "acked {acked}");
+    assert!((20..=23).contains(&acked), "acked {acked}");
     assert_eq!(acked + limited, 40);
     // Bob got exactly the acknowledged ones, in order, and can still talk.
     let mut seqs = Vec::new();
