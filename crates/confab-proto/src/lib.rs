@@ -189,41 +189,31 @@ pub enum ClientCommand {
     },
 }
 
+/// The `reference` field of any command, by shared or mutable reference alike.
+macro_rules! reference_field {
+    ($command:expr) => {
+        match $command {
+            ClientCommand::Join { reference, .. }
+            | ClientCommand::Leave { reference, .. }
+            | ClientCommand::Message { reference, .. }
+            | ClientCommand::Typing { reference, .. }
+            | ClientCommand::Read { reference, .. }
+            | ClientCommand::History { reference, .. }
+            | ClientCommand::Status { reference, .. }
+            | ClientCommand::Ping { reference } => reference,
+        }
+    };
+}
+
 impl ClientCommand {
     /// The command's correlation id, if it carried one.
     pub fn reference(&self) -> Option<&Ref> {
-        self.reference_slot_ref().as_ref()
+        reference_field!(self).as_ref()
     }
 
     /// Sets the correlation id (clients number their requests with it).
     pub fn set_reference(&mut self, value: Ref) {
-        *self.reference_slot() = Some(value);
-    }
-
-    fn reference_slot(&mut self) -> &mut Option<Ref> {
-        match self {
-            ClientCommand::Join { reference, .. }
-            | ClientCommand::Leave { reference, .. }
-            | ClientCommand::Message { reference, .. }
-            | ClientCommand::Typing { reference, .. }
-            | ClientCommand::Read { reference, .. }
-            | ClientCommand::History { reference, .. }
-            | ClientCommand::Status { reference, .. }
-            | ClientCommand::Ping { reference } => reference,
-        }
-    }
-
-    fn reference_slot_ref(&self) -> &Option<Ref> {
-        match self {
-            ClientCommand::Join { reference, .. }
-            | ClientCommand::Leave { reference, .. }
-            | ClientCommand::Message { reference, .. }
-            | ClientCommand::Typing { reference, .. }
-            | ClientCommand::Read { reference, .. }
-            | ClientCommand::History { reference, .. }
-            | ClientCommand::Status { reference, .. }
-            | ClientCommand::Ping { reference } => reference,
-        }
+        *reference_field!(self) = Some(value);
     }
 }
 
