@@ -112,11 +112,16 @@ impl Session {
             tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         // Grows with bursts and is trimmed after them: idle sessions should cost little memory.
         let mut batch = Vec::new();
+        // Created once, not per loop turn: registering a waiter on a cancellation token takes
+        // its lock, and the shutdown token is shared by every session.
+        let shutdown = self.node.shutdown.clone().cancelled_owned();
+        let slow = self.handle.slow().clone().cancelled_owned();
+        tokio::pin!(shutdown, slow);
         let ending = loop {
             // Unbiased on purpose: a busy queue must not starve reading (and pongs), nor a busy
             // reader starve the queue.
             tokio::select! {
-                () = self.node.shutdown.cancelled() => {
+                () = &mut shutdown => {
                     // Hand over what is already queued (acks, messages), then say goodbye; a
                     // client that does not read gets only a short grace, so shutdown stays
                     // bounded.
@@ -127,7 +132,7 @@ impl Session {
                     let _ = self.write_batch(&mut batch).await;
                     break Ending::Close(close::GOING_AWAY, "server shutting down");
                 }
-                () = self.handle.slow().cancelled() => {
+                () = &mut slow => {
                     break Ending::Close(
                         close::TRY_AGAIN_LATER,
                         "too slow: outbound queue overflowed; re-join with since",
@@ -241,8 +246,8 @@ impl Session {
             }
             self.socket.flush().await
         };
-        match tokio::time::timeout(self.write_limit, write).await {
-            Ok(Ok(())) => Ok(()),
+        match within(self.write_limit, write).await {
+            Some(Ok(())) => Ok(()),
             _ => {
                 batch.clear();
                 Err(())
@@ -252,8 +257,8 @@ impl Session {
 
     /// Writes one frame now, bounded by the write timeout.
     async fn write(&mut self, message: Message) -> Result<(), ()> {
-        match tokio::time::timeout(self.write_limit, self.socket.send(message)).await {
-            Ok(Ok(())) => Ok(()),
+        match within(self.write_limit, self.socket.send(message)).await {
+            Some(Ok(())) => Ok(()),
             _ => Err(()),
         }
     }
@@ -476,6 +481,18 @@ impl Session {
             has_more: page.has_more,
             read_seq: joined.read_seq,
         })
+    }
+}
+
+/// Runs `work` with a time limit whose timer is armed only if `work` does not finish at once.
+/// Most writes go straight into the socket buffer; they should not pay for a timer each.
+async fn within<T>(limit: Duration, work: impl Future<Output = T>) -> Option<T> {
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(work, deadline);
+    tokio::select! {
+        biased;
+        done = &mut work => Some(done),
+        () = &mut deadline => None,
     }
 }
 
