@@ -650,7 +650,8 @@ impl Node {
         self.publish(room, &event, Priority::Reliable, Some(session));
     }
 
-    fn announce_user_left(&self, room: &str, user: &UserRef) {
+    /// Tells a room that a user's last session left it.
+    pub fn announce_user_left(&self, room: &str, user: &UserRef) {
         let event = ServerEvent::UserLeft {
             room: room.to_string(),
             user: user.clone(),

@@ -57,7 +57,7 @@ pub async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
         messages: session_limiter(node.config.message_rate, node.config.message_burst),
         commands: session_limiter(node.config.command_rate, node.config.command_burst),
         node: Arc::clone(&node),
-        handle: Arc::clone(&handle),
+        handle,
         queue,
         socket,
         rooms: HashMap::new(),
@@ -66,8 +66,15 @@ pub async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
         write_limit: node.config.write_timeout(),
     };
     session.run().await;
-    let rooms = session.rooms.into_keys().collect();
-    node.session_ended(&handle, rooms);
+}
+
+impl Drop for Session {
+    /// Cleans up however the session ends, even if its task panicked: leaves the hub, stops
+    /// typing, and starts the presence grace period.
+    fn drop(&mut self) {
+        let rooms = std::mem::take(&mut self.rooms).into_keys().collect();
+        self.node.session_ended(&self.handle, rooms);
+    }
 }
 
 /// Why the loop ended and what to tell the peer.
@@ -231,10 +238,11 @@ impl Session {
                         }
                         // A join racing the leave may have subscribed us again: undo that too,
                         // so the hub and this session agree.
-                        let user = &self.handle.user.id;
-                        self.node
-                            .hub
-                            .unsubscribe(&room, self.handle.id, user, Departure::Leave);
+                        let user = &self.handle.user;
+                        let hub = &self.node.hub;
+                        if hub.unsubscribe(&room, self.handle.id, &user.id, Departure::Leave) {
+                            self.node.announce_user_left(&room, user);
+                        }
                         self.node.set_typing(&room, &self.handle, false);
                         let left = encode(&ServerEvent::Left {
                             reference: None,
@@ -343,11 +351,7 @@ impl Session {
                         .hub
                         .unsubscribe(&room, self.handle.id, &user.id, Departure::Leave)
                     {
-                        let event = ServerEvent::UserLeft {
-                            room: room.clone(),
-                            user,
-                        };
-                        node.publish(&room, &event, crate::outbound::Priority::Reliable, None);
+                        node.announce_user_left(&room, &user);
                     }
                 }
                 Ok(Some(ServerEvent::Left { reference, room }))
