@@ -576,10 +576,7 @@ impl Node {
     }
 
     /// Registers a new session with presence (enforcing the per-user connection cap).
-    pub fn session_started(
-        self: &Arc<Self>,
-        handle: &SessionHandle,
-    ) -> Result<(), TooManyConnections> {
+    pub fn session_started(&self, handle: &SessionHandle) -> Result<(), TooManyConnections> {
         let change = self.presence.connect(
             handle.id,
             &handle.user,
