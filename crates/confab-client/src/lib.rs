@@ -648,6 +648,45 @@ impl Connection {
         Ok(messages)
     }
 
+    /// `leave`, waiting for the `left` reply.
+    pub async fn leave(&mut self, room: &str) -> Result<()> {
+        self.request(ClientCommand::Leave {
+            reference: None,
+            room: room.into(),
+        })
+        .await
+        .map(drop)
+    }
+
+    /// `typing` (no reply unless it fails).
+    pub async fn typing(&mut self, room: &str, is_typing: bool) -> Result<()> {
+        self.send(&ClientCommand::Typing {
+            reference: None,
+            room: room.into(),
+            is_typing,
+        })
+        .await
+    }
+
+    /// `read`: marks the room read up to `seq` (no reply unless it fails).
+    pub async fn mark_read(&mut self, room: &str, seq: u64) -> Result<()> {
+        self.send(&ClientCommand::Read {
+            reference: None,
+            room: room.into(),
+            seq,
+        })
+        .await
+    }
+
+    /// `status`: this session's own status (no reply unless it fails).
+    pub async fn set_status(&mut self, status: confab_proto::SettableStatus) -> Result<()> {
+        self.send(&ClientCommand::Status {
+            reference: None,
+            status,
+        })
+        .await
+    }
+
     /// Waits for the next chat message broadcast (buffering other events).
     pub async fn next_message(&mut self) -> Result<ChatMessage> {
         self.wait_for(|event| match event {

@@ -6,7 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use confab_proto::{ClientCommand, ServerEvent};
+use confab_proto::ServerEvent;
 
 /// Keeps a client's view of the room: the seqs it has seen, in order.
 struct View {
@@ -76,12 +76,7 @@ async fn clients_that_drop_and_resume_miss_nothing() {
                     }
                 }
                 if round.is_multiple_of(3) {
-                    conn.request(ClientCommand::Leave {
-                        reference: None,
-                        room: "churn".into(),
-                    })
-                    .await
-                    .unwrap();
+                    conn.leave("churn").await.unwrap();
                 }
                 conn.abort();
                 round += 1;

@@ -298,13 +298,7 @@ async fn read_positions_are_broadcast_and_survive_a_restart() {
     for n in 0..3 {
         ann.say("r", &format!("{n}"), None).await.unwrap();
     }
-    bob.send(&ClientCommand::Read {
-        reference: None,
-        room: "r".into(),
-        seq: 2,
-    })
-    .await
-    .unwrap();
+    bob.mark_read("r", 2).await.unwrap();
     for conn in [&mut ann, &mut bob] {
         match next_of_type(conn, "read").await {
             ServerEvent::Read { room, user, seq } => {
@@ -321,13 +315,7 @@ async fn read_positions_are_broadcast_and_survive_a_restart() {
     let r = listed.iter().find(|r| r.room.id == "r").unwrap();
     assert_eq!((r.read_seq, r.last_seq, r.member), (2, 3, true));
     // Reading "backwards" never lowers the stored position.
-    bob.send(&ClientCommand::Read {
-        reference: None,
-        room: "r".into(),
-        seq: 1,
-    })
-    .await
-    .unwrap();
+    bob.mark_read("r", 1).await.unwrap();
     match next_of_type(&mut bob, "read").await {
         ServerEvent::Read { seq, .. } => assert_eq!(seq, 2),
         other => panic!("{other:?}"),

@@ -37,31 +37,13 @@ async fn presence_follows_the_user_not_the_device() {
     assert_eq!(statuses[1].status, PresenceStatus::Offline);
 
     // Away only when every device is away.
-    phone
-        .send(&ClientCommand::Status {
-            reference: None,
-            status: SettableStatus::Away,
-        })
-        .await
-        .unwrap();
-    laptop
-        .send(&ClientCommand::Status {
-            reference: None,
-            status: SettableStatus::Away,
-        })
-        .await
-        .unwrap();
+    phone.set_status(SettableStatus::Away).await.unwrap();
+    laptop.set_status(SettableStatus::Away).await.unwrap();
     assert_eq!(
         next_presence(&mut watcher).await,
         ("id-ann".into(), PresenceStatus::Away)
     );
-    laptop
-        .send(&ClientCommand::Status {
-            reference: None,
-            status: SettableStatus::Online,
-        })
-        .await
-        .unwrap();
+    laptop.set_status(SettableStatus::Online).await.unwrap();
     assert_eq!(
         next_presence(&mut watcher).await,
         ("id-ann".into(), PresenceStatus::Online)
@@ -154,13 +136,7 @@ async fn join_and_leave_notices_count_sessions_not_devices() {
     .await
     .unwrap();
     assert_eq!(joined, "id-ann");
-    phone
-        .request(ClientCommand::Leave {
-            reference: None,
-            room: "r".into(),
-        })
-        .await
-        .unwrap();
+    phone.leave("r").await.unwrap();
     let quiet = watcher
         .next_event_within(Duration::from_millis(300))
         .await
@@ -211,13 +187,8 @@ async fn typing_is_relayed_refreshed_and_expires() {
     let mut bob = server.connect("bob").await;
     ann.join("r", None).await.unwrap();
     bob.join("r", None).await.unwrap();
-    let typing = |on| ClientCommand::Typing {
-        reference: None,
-        room: "r".into(),
-        is_typing: on,
-    };
 
-    ann.send(&typing(true)).await.unwrap();
+    ann.typing("r", true).await.unwrap();
     assert_eq!(
         within(5, bob.wait_for(typing_of)).await.unwrap(),
         ("id-ann".into(), true)
@@ -225,7 +196,7 @@ async fn typing_is_relayed_refreshed_and_expires() {
     // Refreshes keep it on without new broadcasts.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        ann.send(&typing(true)).await.unwrap();
+        ann.typing("r", true).await.unwrap();
     }
     assert!(
         bob.next_event_within(Duration::from_millis(100))
@@ -250,17 +221,17 @@ async fn typing_is_relayed_refreshed_and_expires() {
     );
 
     // Explicit stop, and stop on disconnect.
-    ann.send(&typing(true)).await.unwrap();
+    ann.typing("r", true).await.unwrap();
     assert_eq!(
         within(5, bob.wait_for(typing_of)).await.unwrap(),
         ("id-ann".into(), true)
     );
-    ann.send(&typing(false)).await.unwrap();
+    ann.typing("r", false).await.unwrap();
     assert_eq!(
         within(5, bob.wait_for(typing_of)).await.unwrap(),
         ("id-ann".into(), false)
     );
-    ann.send(&typing(true)).await.unwrap();
+    ann.typing("r", true).await.unwrap();
     assert_eq!(
         within(5, bob.wait_for(typing_of)).await.unwrap(),
         ("id-ann".into(), true)
