@@ -114,9 +114,14 @@ impl Session {
         if self.send(&connected).await.is_err() {
             return;
         }
+        // One timer for both heartbeat duties: it fires at the next ping or when the peer's
+        // silence reaches the timeout, whichever is first. Inbound frames only move
+        // `last_heard`; the timer is re-aimed when it fires, so traffic costs no timer work.
         let interval = self.node.config.heartbeat_interval();
-        let mut heartbeat =
-            tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        let timeout = self.node.config.heartbeat_timeout();
+        let mut next_ping = tokio::time::Instant::now() + interval;
+        let heartbeat = tokio::time::sleep_until(next_ping.min(self.silence_deadline(timeout)));
+        tokio::pin!(heartbeat);
         // Grows with bursts and is trimmed after them: idle sessions should cost little memory.
         let mut batch = Vec::new();
         // Created once, not per loop turn: registering a waiter on a cancellation token takes
@@ -170,13 +175,18 @@ impl Session {
                         Some(Err(err)) => break ending_for(err),
                     }
                 }
-                _ = heartbeat.tick() => {
-                    if self.last_heard.elapsed() > self.node.config.heartbeat_timeout() {
+                () = &mut heartbeat => {
+                    let now = tokio::time::Instant::now();
+                    if now >= self.silence_deadline(timeout) {
                         break Ending::Close(close::POLICY_VIOLATION, "heartbeat timeout");
                     }
-                    if self.write(Message::Ping(Default::default())).await.is_err() {
-                        break Ending::Gone;
+                    if now >= next_ping {
+                        if self.write(Message::Ping(Default::default())).await.is_err() {
+                            break Ending::Gone;
+                        }
+                        next_ping = now + interval;
                     }
+                    heartbeat.as_mut().reset(next_ping.min(self.silence_deadline(timeout)));
                 }
             }
         };
@@ -188,6 +198,11 @@ impl Session {
                 let _ = tokio::time::timeout(limit, self.socket.close()).await;
             }
         }
+    }
+
+    /// When the peer's silence will have lasted `timeout`.
+    fn silence_deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.last_heard) + timeout
     }
 
     /// Sends a close frame and waits briefly for the peer's reply before the socket is dropped.

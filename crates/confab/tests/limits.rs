@@ -214,11 +214,24 @@ async fn silent_connections_are_closed_by_the_heartbeat() {
     })
     .await;
     let mut quiet = server.connect("quiet").await;
-    // Not reading means not answering pings.
-    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let mut lively = server.connect("lively").await;
+    // Not reading means not answering pings; reading answers them (tungstenite pongs).
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1_200) {
+        let _ = lively
+            .next_event_within(Duration::from_millis(50))
+            .await
+            .unwrap();
+    }
     let (code, reason) = within(5, quiet.closed()).await;
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("heartbeat"));
+    // The responsive client was pinged several times and is still connected.
+    let pong = lively
+        .request(ClientCommand::Ping { reference: None })
+        .await
+        .unwrap();
+    assert!(matches!(pong, ServerEvent::Pong { .. }));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
