@@ -395,16 +395,12 @@ impl ErrorCode {
 pub mod close {
     /// The server is shutting down; reconnect (to this or another node) later.
     pub const GOING_AWAY: u16 = 1001;
-    /// The peer broke the WebSocket protocol (e.g. sent a binary frame).
-    pub const UNSUPPORTED_DATA: u16 = 1003;
     /// A text frame was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation: for example a heartbeat timeout.
     pub const POLICY_VIOLATION: u16 = 1008;
     /// An inbound frame exceeded the size limit.
     pub const MESSAGE_TOO_BIG: u16 = 1009;
-    /// Server error.
-    pub const INTERNAL_ERROR: u16 = 1011;
     /// The session could not keep up with its outbound traffic; re-join with `since` to resume.
     pub const TRY_AGAIN_LATER: u16 = 1013;
 }
