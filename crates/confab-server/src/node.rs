@@ -207,8 +207,8 @@ impl Node {
     /// Makes `user` a member of a room they may join, creating unknown public rooms on demand.
     /// This is the rule behind both WebSocket `join` and `POST /api/rooms/{room}/join`.
     pub async fn enter_room(&self, user: &UserRef, room_id: &str) -> Result<JoinedRoom, ChatError> {
-        let room = match self.store.room(room_id).await? {
-            Some(room) => room,
+        let (room, membership) = match self.store.room_and_membership(room_id, &user.id).await? {
+            Some(found) => found,
             None if self.config.auto_create_rooms && is_valid_room_name(room_id) => {
                 let room = RoomRecord {
                     id: room_id.to_string(),
@@ -227,7 +227,7 @@ impl Node {
                     // Someone created it meanwhile (perhaps as private): apply the usual rules.
                     Err(StoreError::Conflict(_)) => self
                         .store
-                        .room(room_id)
+                        .room_and_membership(room_id, &user.id)
                         .await?
                         .ok_or_else(|| ChatError::room_not_found(room_id))?,
                     Err(err) => return Err(err.into()),
@@ -238,7 +238,7 @@ impl Node {
             }
             None => return Err(ChatError::room_not_found(room_id)),
         };
-        match self.store.membership(room_id, &user.id).await? {
+        match membership {
             Some(read_seq) => Ok(JoinedRoom { room, read_seq }),
             None if room.private => Err(forbidden_room(room_id)),
             None => {
@@ -331,15 +331,19 @@ impl Node {
 
     /// Members of a room with their online flag (no access check).
     pub async fn member_list(&self, room_id: &str) -> Result<Vec<Member>, ChatError> {
-        let members = self.store.members(room_id).await?;
-        Ok(members
+        Ok(self.with_presence(self.store.members(room_id).await?))
+    }
+
+    /// Adds each user's online flag.
+    pub fn with_presence(&self, users: Vec<UserRef>) -> Vec<Member> {
+        users
             .into_iter()
             .map(|m| Member {
                 online: self.presence.status(&m.id) != PresenceStatus::Offline,
                 id: m.id,
                 name: m.name,
             })
-            .collect())
+            .collect()
     }
 
     /// Public rooms and the user's rooms, with unread information.

@@ -458,16 +458,15 @@ impl Session {
             None => node.history_query(None, None, None)?,
         };
         let loaded = async {
+            let snapshot = node.store.join_snapshot(room_id, &user.id, query).await?;
             // Membership may have ended (REST leave, room deleted) between the check above and
-            // the subscription: look again now that live messages are flowing to us.
-            if node.store.membership(room_id, &user.id).await?.is_none() {
+            // the subscription: it is read again, now that live messages are flowing to us.
+            if snapshot.read_seq.is_none() {
                 return Err(ChatError::Forbidden(format!(
                     "not a member of room {room_id:?}"
                 )));
             }
-            let page = node.store.history(room_id, query).await?;
-            let members = node.member_list(room_id).await?;
-            Ok::<_, ChatError>((page, members))
+            Ok::<_, ChatError>((snapshot.page, node.with_presence(snapshot.members)))
         }
         .await;
         let (page, members) = match loaded {

@@ -175,6 +175,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn add_member(&self, room: &str, user_id: &str) -> Result<bool, StoreError>;
     /// `Some(read_seq)` if the user is a member of the room.
     async fn membership(&self, room: &str, user_id: &str) -> Result<Option<u64>, StoreError>;
+    /// The room and the user's membership in it, read together (one round trip for the
+    /// common "may this user enter" question).
+    async fn room_and_membership(
+        &self,
+        room: &str,
+        user_id: &str,
+    ) -> Result<Option<(RoomRecord, Option<u64>)>, StoreError>;
     /// Every member of a room.
     async fn members(&self, room: &str) -> Result<Vec<UserRef>, StoreError>;
     /// Ids of every room the user is a member of.
@@ -194,6 +201,25 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError>;
     /// A page of a room's history.
     async fn history(&self, room: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError>;
+    /// Everything a `joined` reply needs, from one consistent snapshot: the user's membership,
+    /// a page of history and the member list.
+    async fn join_snapshot(
+        &self,
+        room: &str,
+        user_id: &str,
+        query: HistoryQuery,
+    ) -> Result<JoinSnapshot, StoreError>;
+}
+
+/// What a `join` reads in one go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinSnapshot {
+    /// `Some(read_seq)` if the user is (still) a member.
+    pub read_seq: Option<u64>,
+    /// The history page asked for.
+    pub page: HistoryPage,
+    /// Every member.
+    pub members: Vec<UserRef>,
 }
 
 /// RFC 3339 UTC with milliseconds, the protocol's timestamp format.

@@ -18,8 +18,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, HistoryPage, HistoryQuery, NewMessage, RoomListing, RoomRecord, Store, StoreError,
-    format_timestamp, now_ms,
+    Appended, HistoryPage, HistoryQuery, JoinSnapshot, NewMessage, RoomListing, RoomRecord, Store,
+    StoreError, format_timestamp, now_ms,
 };
 use crate::config::SqliteSync;
 
@@ -598,35 +598,49 @@ impl Store for SqliteStore {
     async fn membership(&self, room: &str, user_id: &str) -> Result<Option<u64>, StoreError> {
         let room = room.to_string();
         let user_id = user_id.to_string();
+        self.read(move |conn| select_membership(conn, &room, &user_id))
+            .await
+    }
+
+    async fn room_and_membership(
+        &self,
+        room: &str,
+        user_id: &str,
+    ) -> Result<Option<(RoomRecord, Option<u64>)>, StoreError> {
+        let room = room.to_string();
+        let user_id = user_id.to_string();
         self.read(move |conn| {
-            conn.prepare_cached("SELECT read_seq FROM members WHERE room_id = ?1 AND user_id = ?2")
-                .and_then(|mut stmt| {
-                    stmt.query_row([&room, &user_id], |row| row.get(0))
-                        .optional()
-                })
-                .map_err(db_err)
+            in_read_transaction(conn, |conn| {
+                let Some(record) = select_room(conn, &room)? else {
+                    return Ok(None);
+                };
+                Ok(Some((record, select_membership(conn, &room, &user_id)?)))
+            })
         })
         .await
     }
 
     async fn members(&self, room: &str) -> Result<Vec<UserRef>, StoreError> {
         let room = room.to_string();
+        self.read(move |conn| select_members(conn, &room)).await
+    }
+
+    async fn join_snapshot(
+        &self,
+        room: &str,
+        user_id: &str,
+        query: HistoryQuery,
+    ) -> Result<JoinSnapshot, StoreError> {
+        let room = room.to_string();
+        let user_id = user_id.to_string();
         self.read(move |conn| {
-            let mut stmt = conn
-                .prepare_cached(
-                    "SELECT u.id, u.name FROM members m JOIN users u ON u.id = m.user_id
-                     WHERE m.room_id = ?1 ORDER BY u.name, u.id",
-                )
-                .map_err(db_err)?;
-            let rows = stmt
-                .query_map([&room], |row| {
-                    Ok(UserRef {
-                        id: row.get(0)?,
-                        name: row.get(1)?,
-                    })
+            in_read_transaction(conn, |conn| {
+                Ok(JoinSnapshot {
+                    read_seq: select_membership(conn, &room, &user_id)?,
+                    page: read_history(conn, &room, query)?,
+                    members: select_members(conn, &room)?,
                 })
-                .map_err(db_err)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            })
         })
         .await
     }
@@ -707,15 +721,49 @@ impl Store for SqliteStore {
 
     async fn history(&self, room: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
         let room = room.to_string();
-        self.read(move |conn| {
-            // One read transaction so the page and `last_seq` are consistent.
-            conn.execute_batch("BEGIN").map_err(db_err)?;
-            let result = read_history(conn, &room, query);
-            let _ = conn.execute_batch("COMMIT");
-            result
-        })
-        .await
+        // One read transaction so the page and `last_seq` are consistent.
+        self.read(move |conn| in_read_transaction(conn, |conn| read_history(conn, &room, query)))
+            .await
     }
+}
+
+/// Runs several reads against one snapshot of the database.
+fn in_read_transaction<T>(
+    conn: &Connection,
+    reads: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    run_cached(conn, "BEGIN").map_err(db_err)?;
+    let result = reads(conn);
+    let _ = run_cached(conn, "COMMIT");
+    result
+}
+
+fn select_membership(
+    conn: &Connection,
+    room: &str,
+    user_id: &str,
+) -> Result<Option<u64>, StoreError> {
+    conn.prepare_cached("SELECT read_seq FROM members WHERE room_id = ?1 AND user_id = ?2")
+        .and_then(|mut stmt| stmt.query_row([room, user_id], |row| row.get(0)).optional())
+        .map_err(db_err)
+}
+
+fn select_members(conn: &Connection, room: &str) -> Result<Vec<UserRef>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT u.id, u.name FROM members m JOIN users u ON u.id = m.user_id
+             WHERE m.room_id = ?1 ORDER BY u.name, u.id",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map([room], |row| {
+            Ok(UserRef {
+                id: row.get(0)?,
+                name: row.get(1)?,
+            })
+        })
+        .map_err(db_err)?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
 }
 
 fn read_history(
@@ -897,6 +945,39 @@ mod tests {
         }
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
         assert_eq!(store.membership("r", "a").await.unwrap(), Some(3));
+        let (room_r, membership) = store.room_and_membership("r", "a").await.unwrap().unwrap();
+        assert_eq!((room_r.last_seq, membership), (3, Some(3)));
+        assert_eq!(
+            store
+                .room_and_membership("r", "b")
+                .await
+                .unwrap()
+                .unwrap()
+                .1,
+            None
+        );
+        assert!(
+            store
+                .room_and_membership("nope", "a")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        let snapshot = store
+            .join_snapshot("r", "a", HistoryQuery::Latest { limit: 2 })
+            .await
+            .unwrap();
+        assert_eq!(snapshot.read_seq, Some(3));
+        assert_eq!(
+            snapshot
+                .page
+                .messages
+                .iter()
+                .map(|m| m.seq)
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(snapshot.members, vec![user("a")]);
         assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 3);
         let listing = store.rooms_for("a").await.unwrap();
         let ids: Vec<_> = listing.iter().map(|l| l.room.id.as_str()).collect();
