@@ -48,6 +48,8 @@ pub struct SqliteStore {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Idle read connections.
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Bounds concurrent reads to the pool's size.
+    read_slots: tokio::sync::Semaphore,
     /// Database file, for opening more read connections.
     path: std::path::PathBuf,
 }
@@ -96,6 +98,7 @@ impl SqliteStore {
             writer: Mutex::new(Some(sender)),
             writer_thread: Mutex::new(Some(writer_thread)),
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_slots: tokio::sync::Semaphore::new(READ_POOL_SIZE),
             path,
         })
     }
@@ -140,6 +143,13 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        // At most READ_POOL_SIZE reads at once: a reconnect storm queues here instead of
+        // spawning hundreds of blocking threads that each open a fresh connection.
+        let _permit = self
+            .read_slots
+            .acquire()
+            .await
+            .map_err(|_| StoreError::Closed)?;
         let readers = Arc::clone(&self.readers);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
