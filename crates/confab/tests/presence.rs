@@ -18,6 +18,24 @@ async fn next_presence(conn: &mut confab_client::Connection) -> (String, Presenc
     within(5, conn.wait_for(presence_of)).await.unwrap()
 }
 
+/// The next `user_joined` (room, user id), skipping other events.
+async fn next_user_joined(conn: &mut confab_client::Connection) -> (String, String) {
+    let pick = |e: &ServerEvent| match e {
+        ServerEvent::UserJoined { room, user } => Some((room.clone(), user.id.clone())),
+        _ => None,
+    };
+    within(5, conn.wait_for(pick)).await.unwrap()
+}
+
+/// The next `user_left` (room, user id), skipping other events.
+async fn next_user_left(conn: &mut confab_client::Connection) -> (String, String) {
+    let pick = |e: &ServerEvent| match e {
+        ServerEvent::UserLeft { room, user } => Some((room.clone(), user.id.clone())),
+        _ => None,
+    };
+    within(5, conn.wait_for(pick)).await.unwrap()
+}
+
 #[tokio::test]
 async fn presence_follows_the_user_not_the_device() {
     let server = TestServer::start().await;
@@ -82,16 +100,10 @@ async fn a_quick_reconnect_does_not_flicker() {
         next_presence(&mut watcher).await,
         ("id-ann".into(), PresenceStatus::Online)
     );
-    let joined = within(
-        5,
-        watcher.wait_for(|e| match e {
-            ServerEvent::UserJoined { user, .. } => Some(user.id.clone()),
-            _ => None,
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(joined, "id-ann");
+    assert_eq!(
+        next_user_joined(&mut watcher).await,
+        ("r".into(), "id-ann".into())
+    );
 
     ann.abort();
     let mut ann = server.connect("ann").await;
@@ -101,16 +113,10 @@ async fn a_quick_reconnect_does_not_flicker() {
 
     // A real departure is announced once the grace period has passed.
     ann.abort();
-    let left = within(
-        5,
-        watcher.wait_for(|e| match e {
-            ServerEvent::UserLeft { room, user } => Some((room.clone(), user.id.clone())),
-            _ => None,
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(left, ("r".to_string(), "id-ann".to_string()));
+    assert_eq!(
+        next_user_left(&mut watcher).await,
+        ("r".into(), "id-ann".into())
+    );
     assert_eq!(
         next_presence(&mut watcher).await,
         ("id-ann".into(), PresenceStatus::Offline)
@@ -126,16 +132,10 @@ async fn join_and_leave_notices_count_sessions_not_devices() {
     let mut laptop = server.connect("ann").await;
     phone.join("r", None).await.unwrap();
     laptop.join("r", None).await.unwrap();
-    let joined = within(
-        5,
-        watcher.wait_for(|e| match e {
-            ServerEvent::UserJoined { user, .. } => Some(user.id.clone()),
-            _ => None,
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(joined, "id-ann");
+    assert_eq!(
+        next_user_joined(&mut watcher).await,
+        ("r".into(), "id-ann".into())
+    );
     phone.leave("r").await.unwrap();
     let quiet = watcher
         .next_event_within(Duration::from_millis(300))
@@ -156,16 +156,10 @@ async fn join_and_leave_notices_count_sessions_not_devices() {
         .await
         .unwrap();
     assert!(matches!(reply, ServerEvent::Left { ref room, .. } if room == "r"));
-    let left = within(
-        5,
-        watcher.wait_for(|e| match e {
-            ServerEvent::UserLeft { user, .. } => Some(user.id.clone()),
-            _ => None,
-        }),
-    )
-    .await
-    .unwrap();
-    assert_eq!(left, "id-ann");
+    assert_eq!(
+        next_user_left(&mut watcher).await,
+        ("r".into(), "id-ann".into())
+    );
     // After leaving, the session no longer receives the room's messages.
     watcher.say("r", "anyone?", None).await.unwrap();
     assert_silent(&mut laptop, 300).await;
