@@ -73,10 +73,18 @@ pub struct Member {
     pub name: String,
     /// True while the user has at least one connected session (or is within the grace period).
     pub online: bool,
+    /// The aggregate status behind `online`, so a member list can show "away" without a
+    /// separate presence query.
+    #[serde(default)]
+    pub status: PresenceStatus,
+    /// How far this member has read the room: what read receipts are drawn from when a
+    /// client opens a room (live changes arrive as `read` events).
+    #[serde(default)]
+    pub read_seq: u64,
 }
 
 /// A user's aggregate status across all of their devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PresenceStatus {
     /// At least one session connected and the user did not mark themselves away.
@@ -84,6 +92,7 @@ pub enum PresenceStatus {
     /// Connected, but the user's sessions all said `away`.
     Away,
     /// No session for longer than the grace period.
+    #[default]
     Offline,
 }
 

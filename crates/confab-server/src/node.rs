@@ -29,7 +29,8 @@ use crate::hub::{Departure, Hub};
 use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, encode};
 use crate::presence::{AfterDisconnect, Presence, TooManyConnections};
 use crate::store::{
-    Appended, HistoryPage, HistoryQuery, NewMessage, RoomRecord, Store, StoreError, now_ms,
+    Appended, HistoryPage, HistoryQuery, NewMessage, RoomMember, RoomRecord, Store, StoreError,
+    now_ms,
 };
 use crate::typing::Typing;
 
@@ -334,14 +335,19 @@ impl Node {
         Ok(self.with_presence(self.store.members(room_id).await?))
     }
 
-    /// Adds each user's online flag.
-    pub fn with_presence(&self, users: Vec<UserRef>) -> Vec<Member> {
-        users
+    /// Adds each member's presence.
+    pub fn with_presence(&self, members: Vec<RoomMember>) -> Vec<Member> {
+        members
             .into_iter()
-            .map(|m| Member {
-                online: self.presence.status(&m.id) != PresenceStatus::Offline,
-                id: m.id,
-                name: m.name,
+            .map(|m| {
+                let status = self.presence.status(&m.user.id);
+                Member {
+                    online: status != PresenceStatus::Offline,
+                    status,
+                    read_seq: m.read_seq,
+                    id: m.user.id,
+                    name: m.user.name,
+                }
             })
             .collect()
     }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use confab_proto::{ClientCommand, ErrorCode, ServerEvent};
+use confab_proto::{ClientCommand, ErrorCode, PresenceStatus, ServerEvent};
 
 #[tokio::test]
 async fn two_users_chat_and_an_outsider_sees_nothing() {
@@ -310,7 +310,22 @@ async fn read_positions_are_broadcast_and_survive_a_restart() {
     drop((ann, bob));
     let server = server.restart().await;
     let mut bob = server.connect("bob").await;
-    assert_eq!(bob.join("r", None).await.unwrap().read_seq, 2);
+    let joined = bob.join("r", None).await.unwrap();
+    assert_eq!(joined.read_seq, 2);
+    // Every member's position is listed too: that is what read receipts are drawn from.
+    let positions = |members: &[confab_proto::Member]| -> Vec<(String, u64, PresenceStatus)> {
+        members
+            .iter()
+            .map(|m| (m.name.clone(), m.read_seq, m.status))
+            .collect()
+    };
+    let expected = vec![
+        ("ann".to_string(), 0, PresenceStatus::Offline),
+        ("bob".to_string(), 2, PresenceStatus::Online),
+    ];
+    assert_eq!(positions(&joined.members), expected);
+    let listed = server.user("ann").members("r").await.unwrap();
+    assert_eq!(positions(&listed), expected);
     let listed = server.user("bob").rooms().await.unwrap();
     let r = listed.iter().find(|r| r.room.id == "r").unwrap();
     assert_eq!((r.read_seq, r.last_seq, r.member), (2, 3, true));

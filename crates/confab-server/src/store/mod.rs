@@ -182,8 +182,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         room: &str,
         user_id: &str,
     ) -> Result<Option<(RoomRecord, Option<u64>)>, StoreError>;
-    /// Every member of a room.
-    async fn members(&self, room: &str) -> Result<Vec<UserRef>, StoreError>;
+    /// Every member of a room with their read position, sorted by name then id.
+    async fn members(&self, room: &str) -> Result<Vec<RoomMember>, StoreError>;
     /// Ids of every room the user is a member of.
     async fn rooms_of_user(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
     /// Moves the user's read position forward (never back); returns the stored position.
@@ -219,7 +219,16 @@ pub struct JoinSnapshot {
     /// The history page asked for.
     pub page: HistoryPage,
     /// Every member.
-    pub members: Vec<UserRef>,
+    pub members: Vec<RoomMember>,
+}
+
+/// A member as stored: who, and how far they have read (for read receipts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomMember {
+    /// The member.
+    pub user: UserRef,
+    /// Their read position in the room.
+    pub read_seq: u64,
 }
 
 /// RFC 3339 UTC with milliseconds, the protocol's timestamp format.

@@ -18,8 +18,8 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::{
-    Appended, HistoryPage, HistoryQuery, JoinSnapshot, NewMessage, RoomListing, RoomRecord, Store,
-    StoreError, format_timestamp, now_ms,
+    Appended, HistoryPage, HistoryQuery, JoinSnapshot, NewMessage, RoomListing, RoomMember,
+    RoomRecord, Store, StoreError, format_timestamp, now_ms,
 };
 use crate::config::SqliteSync;
 
@@ -630,7 +630,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn members(&self, room: &str) -> Result<Vec<UserRef>, StoreError> {
+    async fn members(&self, room: &str) -> Result<Vec<RoomMember>, StoreError> {
         let room = room.to_string();
         self.read(move |conn| select_members(conn, &room)).await
     }
@@ -758,18 +758,21 @@ fn select_membership(
         .map_err(db_err)
 }
 
-fn select_members(conn: &Connection, room: &str) -> Result<Vec<UserRef>, StoreError> {
+fn select_members(conn: &Connection, room: &str) -> Result<Vec<RoomMember>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT u.id, u.name FROM members m JOIN users u ON u.id = m.user_id
+            "SELECT u.id, u.name, m.read_seq FROM members m JOIN users u ON u.id = m.user_id
              WHERE m.room_id = ?1 ORDER BY u.name, u.id",
         )
         .map_err(db_err)?;
     let rows = stmt
         .query_map([room], |row| {
-            Ok(UserRef {
-                id: row.get(0)?,
-                name: row.get(1)?,
+            Ok(RoomMember {
+                user: UserRef {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                },
+                read_seq: row.get(2)?,
             })
         })
         .map_err(db_err)?;
