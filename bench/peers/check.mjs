@@ -6,11 +6,18 @@
 // separated by '\n' (gorilla). NAME "socketio" speaks Engine.IO 4 / Socket.IO 4 over the websocket
 // transport; every other NAME uses GET /ws?room=ROOM. Finally one room-A connection is dropped
 // without a close handshake and the server must go on serving the others and accept a new one.
+//
+// With --stall, one connection then stops reading while ~12 MB is broadcast to the room, more than
+// the socket buffers hold, and must still get every message once it reads again (the server keeps
+// what a socket does not take instead of dropping it or the connection). The floor, ws and
+// Socket.IO pass this; gorilla (256-message send queue) and axum-broadcast (1024-message
+// broadcast channel) drop by design.
 import { WebSocket } from "ws";
 
-const [name, portArg] = process.argv.slice(2);
-if (!name || !portArg) {
-  console.error("usage: node check.mjs NAME PORT");
+const [name, portArg, flag] = process.argv.slice(2);
+const stall = flag === "--stall";
+if (!name || !portArg || (flag && !stall)) {
+  console.error("usage: node check.mjs NAME PORT [--stall]");
   process.exit(2);
 }
 const port = Number(portArg);
@@ -19,6 +26,7 @@ const tag = Math.random().toString(36).slice(2, 8);
 const roomA = `check-a-${tag}`;
 const roomB = `check-b-${tag}`;
 const TIMEOUT_MS = 10_000;
+const STALL_COUNT = 12_000;
 const failures = [];
 
 function url(room) {
@@ -200,14 +208,34 @@ async function main() {
   await sleep(300);
   verify(joined, expected, "after a join");
 
+  if (stall) {
+    // Phase 5: a1 stops reading while late sends STALL_COUNT messages of ~1 KiB.
+    for (const c of joined) {
+      c.got = [];
+      c.frames = 0;
+    }
+    expected.set(roomA, []);
+    a[1].ws._socket.pause();
+    for (let i = 0; i < STALL_COUNT; i++) send(late, seq++, 1000);
+    const readers = [a[2], late];
+    await Promise.all(readers.map((c) => c.until(complete(c), 3 * TIMEOUT_MS)));
+    await sleep(1000);
+    const before = a[1].got.length;
+    a[1].ws._socket.resume();
+    await a[1].until(complete(a[1]), 3 * TIMEOUT_MS);
+    await sleep(300);
+    console.log(`  (a1 had ${before} of ${STALL_COUNT} messages while it was not reading)`);
+    verify([...readers, a[1]], expected, "stalled reader");
+  }
+
   for (const c of [...survivors, late]) c.ws.close(1000);
   await sleep(100);
 }
 
 const guard = setTimeout(() => {
-  console.error(`FAIL ${name}: the check did not finish in ${(3 * TIMEOUT_MS) / 1000} s`);
+  console.error(`FAIL ${name}: the check did not finish in ${((stall ? 10 : 3) * TIMEOUT_MS) / 1000} s`);
   process.exit(1);
-}, 3 * TIMEOUT_MS);
+}, (stall ? 10 : 3) * TIMEOUT_MS);
 
 main()
   .then(() => {
