@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use confab_proto::{
-    AuthRequest, AuthResponse, ChatMessage, ClientCommand, CreateRoomRequest, ErrorBody, ErrorCode,
+    AddMemberRequest, AddMemberResponse, AuthRequest, AuthResponse, ChatMessage, ClientCommand, CreateRoomRequest, ErrorBody, ErrorCode,
     Member, MembersResponse, MessageResponse, MessagesResponse, PostMessageRequest,
     PresenceResponse, Ref, RoomInfo, RoomResponse, RoomSummary, RoomsResponse, ServerEvent,
     UserPresence, UserRef,
@@ -309,6 +309,21 @@ impl Client {
             )
             .await?;
         Ok((status, body.message))
+    }
+
+    /// `POST /api/rooms/{room}/members`: adds the user with that display name.
+    pub async fn add_member(&self, room: &str, username: &str) -> Result<UserRef> {
+        let body = AddMemberRequest {
+            username: username.into(),
+        };
+        let (_, body): (_, AddMemberResponse) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/api/rooms/{room}/members"),
+                Some(&body),
+            )
+            .await?;
+        Ok(body.user)
     }
 
     /// `POST /api/dm/{username}`.

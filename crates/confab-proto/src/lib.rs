@@ -345,6 +345,13 @@ pub enum ServerEvent {
         /// The new status.
         status: PresenceStatus,
     },
+    /// To every session of a user who became a member of a room through someone else's action
+    /// (a DM opened with them, being added to a room) or on another of their devices: without
+    /// it a client would only notice the room on its next room-list refresh.
+    RoomAdded {
+        /// The room.
+        room: RoomInfo,
+    },
 }
 
 impl ServerEvent {
@@ -440,6 +447,20 @@ pub struct CreateRoomRequest {
     /// Private rooms are joinable by members only.
     #[serde(default)]
     pub private: bool,
+}
+
+/// `POST /api/rooms/{room}/members` body: whom to add.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddMemberRequest {
+    /// The user's display name, looked up like `POST /api/dm/{username}`.
+    pub username: String,
+}
+
+/// `POST /api/rooms/{room}/members` response: who was added.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddMemberResponse {
+    /// The member.
+    pub user: UserRef,
 }
 
 /// `{"room": {...}}` responses.

@@ -36,6 +36,9 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Joining an unknown room with a valid name creates it as a public room.
     pub auto_create_rooms: bool,
+    /// Serve the built-in browser client at `/`. Off for deployments that only want the API
+    /// (their own front end elsewhere).
+    pub web_client: bool,
     /// Largest inbound WebSocket frame in bytes; larger closes the connection with 1009.
     pub max_frame_bytes: usize,
     /// Largest message content in characters; larger gets `too_large`.
@@ -98,6 +101,7 @@ impl Default for Config {
             token_ttl_secs: 7 * 24 * 3600,
             allowed_origins: Vec::new(),
             auto_create_rooms: true,
+            web_client: true,
             max_frame_bytes: 64 * 1024,
             max_content_chars: 4000,
             message_rate: 10,

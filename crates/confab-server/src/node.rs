@@ -202,7 +202,50 @@ impl Node {
         self.store
             .create_room(&room, std::slice::from_ref(&user.id))
             .await?;
+        self.notify_room_added(&user.id, &room);
         Ok(room)
+    }
+
+    /// Adds the user called `username` to a room the caller belongs to: how private rooms get
+    /// members. Anyone in the room may add (there are no roles); DM rooms keep their two users.
+    pub async fn add_member(
+        &self,
+        user: &UserRef,
+        room_id: &str,
+        username: &str,
+    ) -> Result<UserRef, ChatError> {
+        self.require_member(user, room_id).await?;
+        let room = self
+            .store
+            .room(room_id)
+            .await?
+            .ok_or_else(|| ChatError::room_not_found(room_id))?;
+        if room.dm {
+            return Err(ChatError::Forbidden(
+                "a direct-message room has exactly its two users".into(),
+            ));
+        }
+        let added = self
+            .store
+            .user_by_name(username)
+            .await?
+            .ok_or_else(|| ChatError::NotFound(format!("no user named {username:?}")))?;
+        if self.store.add_member(room_id, &added.id).await? {
+            self.notify_room_added(&added.id, &room);
+        }
+        Ok(added)
+    }
+
+    /// Tells every session of `user_id` that it now belongs to `room`.
+    fn notify_room_added(&self, user_id: &str, room: &RoomRecord) {
+        let sessions = self.presence.sessions_of(user_id);
+        if sessions.is_empty() {
+            return;
+        }
+        let frame = encode(&ServerEvent::RoomAdded { room: room.info() });
+        for session in sessions {
+            session.push(Outbound::Event(frame.clone()), Priority::Reliable);
+        }
     }
 
     /// Makes `user` a member of a room they may join, creating unknown public rooms on demand.
@@ -392,7 +435,10 @@ impl Node {
             dm: true,
             last_seq: 0,
         };
-        Ok(self.store.open_dm_room(&room, &user.id, &other.id).await?)
+        let room = self.store.open_dm_room(&room, &user.id, &other.id).await?;
+        self.notify_room_added(&user.id, &room);
+        self.notify_room_added(&other.id, &room);
+        Ok(room)
     }
 
     // ---- messages -------------------------------------------------------------------------
@@ -586,12 +632,10 @@ impl Node {
     }
 
     /// Registers a new session with presence (enforcing the per-user connection cap).
-    pub fn session_started(&self, handle: &SessionHandle) -> Result<(), TooManyConnections> {
-        let change = self.presence.connect(
-            handle.id,
-            &handle.user,
-            self.config.max_connections_per_user,
-        )?;
+    pub fn session_started(&self, handle: &Arc<SessionHandle>) -> Result<(), TooManyConnections> {
+        let change = self
+            .presence
+            .connect(handle, self.config.max_connections_per_user)?;
         if let Some(status) = change {
             self.announce_presence(handle.user.clone(), status);
         }

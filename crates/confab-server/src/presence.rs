@@ -6,17 +6,27 @@
 //! reported; the caller announces them.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 
 use confab_proto::{PresenceStatus, SettableStatus, UserRef};
 
-use crate::outbound::SessionId;
+use crate::outbound::{SessionHandle, SessionId};
+
+/// One connected session of a user.
+#[derive(Debug)]
+struct Device {
+    /// The session's own status.
+    status: SettableStatus,
+    /// How to reach it with events meant for the user rather than a room (`room_added`).
+    /// Weak: the session task owns its handle; this map must not keep it alive.
+    handle: Weak<SessionHandle>,
+}
 
 #[derive(Debug)]
 struct UserState {
     user: UserRef,
-    /// Each connected session's own status.
-    sessions: HashMap<SessionId, SettableStatus>,
+    /// Each connected session.
+    sessions: HashMap<SessionId, Device>,
     /// The status last announced to others.
     announced: PresenceStatus,
     /// Set while the user has no session but is inside the grace period.
@@ -47,10 +57,13 @@ pub struct Presence {
     users: Mutex<HashMap<String, UserState>>,
 }
 
-fn aggregate(sessions: &HashMap<SessionId, SettableStatus>) -> Option<PresenceStatus> {
+fn aggregate(sessions: &HashMap<SessionId, Device>) -> Option<PresenceStatus> {
     if sessions.is_empty() {
         None
-    } else if sessions.values().any(|s| *s == SettableStatus::Online) {
+    } else if sessions
+        .values()
+        .any(|d| d.status == SettableStatus::Online)
+    {
         Some(PresenceStatus::Online)
     } else {
         Some(PresenceStatus::Away)
@@ -61,10 +74,10 @@ impl Presence {
     /// Registers a new session. Returns the status to announce if the aggregate changed.
     pub fn connect(
         &self,
-        session: SessionId,
-        user: &UserRef,
+        session: &Arc<SessionHandle>,
         max_sessions: usize,
     ) -> Result<Option<PresenceStatus>, TooManyConnections> {
+        let user = &session.user;
         let mut users = self.users.lock().expect("presence lock");
         let state = users.entry(user.id.clone()).or_insert_with(|| UserState {
             user: user.clone(),
@@ -76,7 +89,13 @@ impl Presence {
             return Err(TooManyConnections(state.sessions.len()));
         }
         state.user = user.clone();
-        state.sessions.insert(session, SettableStatus::Online);
+        state.sessions.insert(
+            session.id,
+            Device {
+                status: SettableStatus::Online,
+                handle: Arc::downgrade(session),
+            },
+        );
         state.departing = None;
         Ok(Self::update(state))
     }
@@ -120,7 +139,7 @@ impl Presence {
     ) -> Option<PresenceStatus> {
         let mut users = self.users.lock().expect("presence lock");
         let state = users.get_mut(user_id)?;
-        *state.sessions.get_mut(&session)? = status;
+        state.sessions.get_mut(&session)?.status = status;
         Self::update(state)
     }
 
@@ -139,6 +158,21 @@ impl Presence {
             .expect("presence lock")
             .get(user_id)
             .map_or(PresenceStatus::Offline, |s| s.announced)
+    }
+
+    /// Every connected session of a user (for events addressed to the user).
+    pub fn sessions_of(&self, user_id: &str) -> Vec<Arc<SessionHandle>> {
+        self.users
+            .lock()
+            .expect("presence lock")
+            .get(user_id)
+            .map(|s| {
+                s.sessions
+                    .values()
+                    .filter_map(|d| d.handle.upgrade())
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// How many sessions a user has open.
@@ -162,14 +196,19 @@ mod tests {
         }
     }
 
+    /// A session of ann's (its queue receiver is dropped: these tests never deliver).
+    fn device(id: SessionId) -> Arc<SessionHandle> {
+        SessionHandle::new(id, ann(), 8).0
+    }
+
     #[test]
     fn devices_aggregate_into_one_status() {
         let presence = Presence::default();
         assert_eq!(
-            presence.connect(1, &ann(), 5).unwrap(),
+            presence.connect(&device(1), 5).unwrap(),
             Some(PresenceStatus::Online)
         );
-        assert_eq!(presence.connect(2, &ann(), 5).unwrap(), None);
+        assert_eq!(presence.connect(&device(2), 5).unwrap(), None);
         assert_eq!(presence.set_status(1, "ann", SettableStatus::Away), None);
         assert_eq!(
             presence.set_status(2, "ann", SettableStatus::Away),
@@ -196,12 +235,12 @@ mod tests {
     #[test]
     fn reconnect_within_grace_is_silent() {
         let presence = Presence::default();
-        presence.connect(1, &ann(), 5).unwrap();
+        presence.connect(&device(1), 5).unwrap();
         assert_eq!(
             presence.disconnect(1, "ann", 7),
             AfterDisconnect::GracePeriod
         );
-        assert_eq!(presence.connect(2, &ann(), 5).unwrap(), None);
+        assert_eq!(presence.connect(&device(2), 5).unwrap(), None);
         assert!(presence.grace_expired("ann", 7).is_none());
         assert_eq!(presence.status("ann"), PresenceStatus::Online);
     }
@@ -209,8 +248,8 @@ mod tests {
     #[test]
     fn last_online_device_leaving_makes_the_user_away() {
         let presence = Presence::default();
-        presence.connect(1, &ann(), 5).unwrap();
-        presence.connect(2, &ann(), 5).unwrap();
+        presence.connect(&device(1), 5).unwrap();
+        presence.connect(&device(2), 5).unwrap();
         presence.set_status(2, "ann", SettableStatus::Away);
         assert_eq!(
             presence.disconnect(1, "ann", 3),
@@ -221,9 +260,24 @@ mod tests {
     #[test]
     fn connection_cap() {
         let presence = Presence::default();
-        presence.connect(1, &ann(), 2).unwrap();
-        presence.connect(2, &ann(), 2).unwrap();
-        assert!(presence.connect(3, &ann(), 2).is_err());
+        presence.connect(&device(1), 2).unwrap();
+        presence.connect(&device(2), 2).unwrap();
+        assert!(presence.connect(&device(3), 2).is_err());
         assert_eq!(presence.connections("ann"), 2);
+    }
+
+    #[test]
+    fn sessions_of_reaches_every_live_device() {
+        let presence = Presence::default();
+        let (phone, laptop) = (device(1), device(2));
+        presence.connect(&phone, 5).unwrap();
+        presence.connect(&laptop, 5).unwrap();
+        let mut ids: Vec<_> = presence.sessions_of("ann").iter().map(|h| h.id).collect();
+        ids.sort();
+        assert_eq!(ids, [1, 2]);
+        presence.disconnect(1, "ann", 1);
+        drop(phone);
+        assert_eq!(presence.sessions_of("ann").len(), 1);
+        assert!(presence.sessions_of("bob").is_empty());
     }
 }

@@ -3,7 +3,7 @@
 mod common;
 
 use common::*;
-use confab_proto::ErrorCode;
+use confab_proto::{ErrorCode, ServerEvent};
 
 #[tokio::test]
 async fn general_exists_from_the_first_start() {
@@ -189,6 +189,53 @@ async fn direct_messages_are_private_to_their_two_users() {
     assert_silent(&mut eve_ws, 300).await;
     let history = bob.messages(&dm.id, None, None, None).await.unwrap();
     assert_eq!(history.messages.len(), 1);
+}
+
+/// The next `room_added` event's room id, skipping others.
+async fn next_room_added(conn: &mut confab_client::Connection) -> String {
+    let pick = |e: &ServerEvent| match e {
+        ServerEvent::RoomAdded { room } => Some(room.id.clone()),
+        _ => None,
+    };
+    within(5, conn.wait_for(pick)).await.unwrap()
+}
+
+#[tokio::test]
+async fn members_add_people_to_private_rooms_and_they_are_told() {
+    let server = TestServer::start().await;
+    let ann = server.user("ann");
+    let bob = server.user("bob");
+    let eve = server.user("eve");
+    eve.rooms().await.unwrap();
+    let mut bob_phone = server.connect("bob").await;
+    let mut bob_laptop = server.connect("bob").await;
+    ann.create_room("staff", true).await.unwrap();
+
+    // An outsider can neither read nor add; a member can add by name.
+    let err = eve.add_member("staff", "eve").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
+    assert_eq!(ann.add_member("staff", "bob").await.unwrap().id, "id-bob");
+    for conn in [&mut bob_phone, &mut bob_laptop] {
+        assert_eq!(next_room_added(conn).await, "staff");
+    }
+    // Bob is a member now: he can join, read and add someone himself.
+    let joined = bob_phone.join("staff", None).await.unwrap();
+    assert_eq!(joined.members.len(), 2);
+    bob.add_member("staff", "eve").await.unwrap();
+    assert!(eve.members("staff").await.is_ok());
+    // Adding twice is fine (and tells nobody again).
+    ann.add_member("staff", "bob").await.unwrap();
+    assert_silent(&mut bob_laptop, 300).await;
+
+    let err = ann.add_member("staff", "nobody").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    let err = ann.add_member("nowhere", "bob").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::NotFound));
+    // A DM keeps its two users.
+    let dm = ann.open_dm("bob").await.unwrap();
+    assert_eq!(next_room_added(&mut bob_laptop).await, dm.id);
+    let err = ann.add_member(&dm.id, "eve").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden));
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! [`ChatError`] to HTTP responses.
 
 mod rest;
+mod web;
 mod ws;
 
 use std::sync::Arc;
@@ -24,7 +25,8 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Builds the router for a node.
 pub(crate) fn router(node: Arc<Node>) -> Router {
-    Router::new()
+    let web_client = node.config.web_client;
+    let mut router = Router::new()
         .route("/healthz", get(rest::health))
         .route("/api/register", post(rest::register))
         .route("/api/login", post(rest::login))
@@ -35,14 +37,23 @@ pub(crate) fn router(node: Arc<Node>) -> Router {
         )
         .route("/api/rooms/{room}/join", post(rest::join_room))
         .route("/api/rooms/{room}/leave", post(rest::leave_room))
-        .route("/api/rooms/{room}/members", get(rest::members))
+        .route(
+            "/api/rooms/{room}/members",
+            get(rest::members).post(rest::add_member),
+        )
         .route(
             "/api/rooms/{room}/messages",
             get(rest::messages).post(rest::post_message),
         )
         .route("/api/dm/{username}", post(rest::open_dm))
         .route("/api/presence", get(rest::presence))
-        .route("/ws", get(ws::upgrade))
+        .route("/ws", get(ws::upgrade));
+    if web_client {
+        router = router
+            .route("/", get(web::index))
+            .route("/assets/{*path}", get(web::asset));
+    }
+    router
         .fallback(|| async { ChatError::NotFound("no such endpoint".into()) })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(node)

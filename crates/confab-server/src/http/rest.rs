@@ -8,8 +8,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::StatusCode;
 use confab_proto::{
-    AuthRequest, AuthResponse, CreateRoomRequest, MembersResponse, MessageResponse,
-    MessagesResponse, PostMessageRequest, PresenceResponse, RoomResponse, RoomsResponse,
+    AddMemberRequest, AddMemberResponse, AuthRequest, AuthResponse, CreateRoomRequest,
+    MembersResponse, MessageResponse, MessagesResponse, PostMessageRequest, PresenceResponse,
+    RoomResponse, RoomsResponse,
 };
 use serde::Deserialize;
 
@@ -104,6 +105,17 @@ pub(crate) async fn members(
 ) -> ApiResult<Json<MembersResponse>> {
     Ok(Json(MembersResponse {
         members: node.members(&user, &room).await?,
+    }))
+}
+
+pub(crate) async fn add_member(
+    State(node): State<Arc<Node>>,
+    AuthUser(user): AuthUser,
+    Path(room): Path<String>,
+    ApiJson(body): ApiJson<AddMemberRequest>,
+) -> ApiResult<Json<AddMemberResponse>> {
+    Ok(Json(AddMemberResponse {
+        user: node.add_member(&user, &room, &body.username).await?,
     }))
 }
 
