@@ -990,7 +990,13 @@ mod tests {
                 .collect::<Vec<_>>(),
             vec![2, 3]
         );
-        assert_eq!(snapshot.members, vec![user("a")]);
+        assert_eq!(
+            snapshot.members,
+            vec![RoomMember {
+                user: user("a"),
+                read_seq: snapshot.read_seq.unwrap(),
+            }]
+        );
         assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 3);
         let listing = store.rooms_for("a").await.unwrap();
         let ids: Vec<_> = listing.iter().map(|l| l.room.id.as_str()).collect();
