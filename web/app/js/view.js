@@ -128,13 +128,13 @@ export class View {
           class: unread ? "unread" : false, "data-room": room.id,
           "aria-label": unread ? `${label}, ${unread} unread` : label,
           onclick: () => this.open(room.id),
-        }, el("span", { "aria-hidden": "true", text: prefix }), el("span", { class: "label", text: label }),
+        }, el("span", { class: "prefix", "aria-hidden": "true" }, prefix), el("span", { class: "label", text: label }),
         unread ? el("span", { class: "badge", "aria-hidden": "true", text: unread > 99 ? "99+" : String(unread) }) : null));
     };
     const mine = rooms.filter((r) => r.member && !r.info.dm).sort((a, b) => a.id.localeCompare(b.id));
     const dms = rooms.filter((r) => r.member && r.info.dm).sort((a, b) => this.roomLabel(a).localeCompare(this.roomLabel(b)));
     const browse = rooms.filter((r) => !r.member && !r.info.private).sort((a, b) => a.id.localeCompare(b.id));
-    $("room-list").replaceChildren(...mine.map((r) => item(r, r.id, r.info.private ? "🔒" : "#")));
+    $("room-list").replaceChildren(...mine.map((r) => item(r, r.id, r.info.private ? lockIcon() : "#")));
     $("dm-list").replaceChildren(...(dms.length ? dms.map((r) => item(r, this.roomLabel(r), "@"))
       : [el("li", { class: "empty-note", text: "No conversations yet" })]));
     $("browse-list").replaceChildren(...browse.map((r) => item(r, r.id, "#")));
@@ -163,8 +163,9 @@ export class View {
       return;
     }
     const label = this.roomLabel(room);
-    const prefix = room.info.dm ? "@ " : room.info.private ? "🔒 " : "# ";
-    $("room-name").textContent = prefix + label;
+    if (room.info.dm) $("room-name").replaceChildren(`@ ${label}`);
+    else if (room.info.private) $("room-name").replaceChildren(lockIcon(), label);
+    else $("room-name").replaceChildren(`# ${label}`);
     input.placeholder = room.member ? `Message ${room.info.dm ? label : "#" + label}` : `Join #${label} by sending a message`;
     let sub;
     if (room.info.dm) {
@@ -173,6 +174,7 @@ export class View {
     } else {
       const online = [...room.members.keys()].filter((id) => (chat.presence.get(id) ?? "offline") !== "offline").length;
       sub = room.members.size ? `${room.members.size} members · ${online} online` : "";
+      if (room.info.private) sub = `Private room · ${sub}`;
     }
     $("room-sub").textContent = sub;
     $("toggle-members").textContent = room.members.size ? `Members (${room.members.size})` : "Members";
@@ -267,7 +269,7 @@ export class View {
 
   pendingNode(item) {
     const node = el("div", { class: item.state === "failed" ? "msg failed" : "msg pending", "data-client-id": item.clientId });
-    node.append(el("span", { class: "meta", "aria-label": item.state === "failed" ? "not sent" : "sending", text: item.state === "failed" ? "!" : "🕓" }));
+    node.append(el("span", { class: "meta", text: item.state === "failed" ? "not sent" : "sending…" }));
     appendText(node, item.content);
     if (item.state === "failed") {
       node.append(el("span", { class: "fail" }, `Not sent: ${item.error ?? "error"}`,
@@ -302,7 +304,7 @@ export class View {
     if (!room.info.dm && room.member) {
       const form = el("form", { class: "add-member" },
         el("label", { for: "add-member-input", class: "visually-hidden", text: "Add a member by username" }),
-        el("input", { id: "add-member-input", placeholder: "Add someone by username", autocomplete: "off", maxlength: "128" }),
+        el("input", { id: "add-member-input", placeholder: "Add by username", autocomplete: "off", maxlength: "128" }),
         el("p", { class: "form-error", role: "alert" }));
       form.addEventListener("submit", async (e) => {
         e.preventDefault();
@@ -474,6 +476,20 @@ export class View {
       }
     });
   }
+}
+
+/** A small padlock for private rooms (an SVG: emoji fonts are not everywhere). */
+function lockIcon() {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", "0 0 16 16");
+  svg.setAttribute("class", "lock");
+  svg.setAttribute("aria-hidden", "true");
+  const path = document.createElementNS(ns, "path");
+  path.setAttribute("d", "M4.5 7V5a3.5 3.5 0 0 1 7 0v2H13v8H3V7zm1.5 0h4V5a2 2 0 0 0-4 0z");
+  path.setAttribute("fill", "currentColor");
+  svg.append(path);
+  return svg;
 }
 
 /** Appends message text, with http(s) links as anchors that open in a new tab without giving
