@@ -11,7 +11,8 @@ let ann;
 let bob;
 
 before(async () => {
-  server = await Server.start();
+  // A small content limit, so a rejected send is easy to provoke.
+  server = await Server.start({ CONFAB_MAX_CONTENT_CHARS: "300" });
   browser = await launch();
   ann = await signUp(browser, server, "ann");
   bob = await signUp(browser, server, "bob");
@@ -60,6 +61,19 @@ test("content is text, links are safe", async () => {
   assert.equal(await link.getAttribute("href"), "https://example.com/docs?a=1");
   assert.equal(await link.getAttribute("rel"), "noopener noreferrer nofollow");
   assert.equal(await link.getAttribute("target"), "_blank");
+});
+
+test("a rejected send is shown with retry and discard", async () => {
+  const input = ann.page.getByLabel("Message", { exact: true });
+  await input.fill("x".repeat(301));
+  await input.press("Enter");
+  const failed = ann.page.locator("#messages .msg.failed");
+  await failed.locator(".fail", { hasText: "content is longer than 300 characters" }).waitFor({ timeout: WAIT });
+  await failed.getByRole("button", { name: "Retry" }).click();
+  await failed.locator(".fail").waitFor({ timeout: WAIT });
+  await failed.getByRole("button", { name: "Discard" }).click();
+  await failed.waitFor({ state: "detached", timeout: WAIT });
+  assert.equal(await bob.page.locator("#messages .msg", { hasText: "xxxxxxxx" }).count(), 0);
 });
 
 test("typing indicator shows while typing and clears on send", async () => {
@@ -147,8 +161,11 @@ test("a phone-width screen: rooms in a drawer, keyboard-usable", async () => {
   await context.close();
 });
 
-test("logging out forgets the token", async () => {
+test("logging out forgets the token; the others see the user go offline", async () => {
+  await ann.page.locator("#room-list button", { hasText: "general" }).click();
+  await ann.page.locator("#member-list li.online", { hasText: "bob" }).waitFor({ timeout: WAIT });
   await bob.page.getByRole("button", { name: "Log out" }).click();
+  await ann.page.locator("#member-list li.offline", { hasText: "bob" }).waitFor({ timeout: WAIT });
   await bob.page.getByRole("button", { name: "Sign in" }).waitFor({ timeout: WAIT });
   assert.equal(await bob.page.evaluate(() => localStorage.getItem("confab.token")), null);
   await bob.page.screenshot({ path: join(SHOTS, "sign-in.png") });

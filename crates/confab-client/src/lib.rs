@@ -8,10 +8,10 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use confab_proto::{
-    AddMemberRequest, AddMemberResponse, AuthRequest, AuthResponse, ChatMessage, ClientCommand, CreateRoomRequest, ErrorBody, ErrorCode,
-    Member, MembersResponse, MessageResponse, MessagesResponse, PostMessageRequest,
-    PresenceResponse, Ref, RoomInfo, RoomResponse, RoomSummary, RoomsResponse, ServerEvent,
-    UserPresence, UserRef,
+    AddMemberRequest, AddMemberResponse, AuthRequest, AuthResponse, ChatMessage, ClientCommand,
+    CreateRoomRequest, ErrorBody, ErrorCode, Member, MembersResponse, MessageResponse,
+    MessagesResponse, PostMessageRequest, PresenceResponse, Ref, RoomInfo, RoomResponse,
+    RoomSummary, RoomsResponse, ServerEvent, UserPresence, UserRef,
 };
 use futures_util::{SinkExt, StreamExt};
 use serde::Serialize;

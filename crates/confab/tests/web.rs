@@ -39,7 +39,11 @@ async fn the_page_and_its_assets_are_served_with_a_strict_policy() {
     let again = get(&format!("{}/assets/js/main.js", server.base), Some(&etag)).await;
     assert_eq!(again.status(), 304);
 
-    for missing in ["/assets/nope.js", "/assets/index.html", "/assets/../Cargo.toml"] {
+    for missing in [
+        "/assets/nope.js",
+        "/assets/index.html",
+        "/assets/../Cargo.toml",
+    ] {
         let response = get(&format!("{}{missing}", server.base), None).await;
         assert_eq!(response.status(), 404, "{missing}");
     }
@@ -56,7 +60,9 @@ async fn the_page_can_be_switched_off() {
         404
     );
     assert_eq!(
-        get(&format!("{}/healthz", server.base), None).await.status(),
+        get(&format!("{}/healthz", server.base), None)
+            .await
+            .status(),
         200
     );
 }

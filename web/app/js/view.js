@@ -173,7 +173,8 @@ export class View {
       sub = peer ? chat.presence.get(peer.id) ?? "offline" : "";
     } else {
       const online = [...room.members.keys()].filter((id) => (chat.presence.get(id) ?? "offline") !== "offline").length;
-      sub = room.members.size ? `${room.members.size} members · ${online} online` : "";
+      const count = room.members.size;
+      sub = count ? `${count} ${count === 1 ? "member" : "members"} · ${online} online` : "";
       if (room.info.private) sub = `Private room · ${sub}`;
     }
     $("room-sub").textContent = sub;
@@ -269,7 +270,8 @@ export class View {
 
   pendingNode(item) {
     const node = el("div", { class: item.state === "failed" ? "msg failed" : "msg pending", "data-client-id": item.clientId });
-    node.append(el("span", { class: "meta", text: item.state === "failed" ? "not sent" : "sending…" }));
+    const label = { failed: "not sent", sending: "sending…" }[item.state] ?? (this.chat.conn.online ? "sending…" : "queued");
+    node.append(el("span", { class: "meta", text: label }));
     appendText(node, item.content);
     if (item.state === "failed") {
       node.append(el("span", { class: "fail" }, `Not sent: ${item.error ?? "error"}`,
