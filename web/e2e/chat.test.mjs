@@ -130,6 +130,46 @@ test("a private room: created, a member added by name, invisible to others", asy
   await bob.page.locator("#room-list button", { hasText: "staff" }).waitFor({ timeout: WAIT });
 });
 
+test("public rooms: browse, join by opening, leave", async () => {
+  await bob.page.getByRole("button", { name: "Create a room" }).click();
+  await bob.page.getByLabel("Name", { exact: true }).fill("rust");
+  await bob.page.getByRole("button", { name: "Create", exact: true }).click();
+  await bob.page.getByRole("heading", { name: "# rust" }).waitFor({ timeout: WAIT });
+  // ann's list is re-read when her tab regains focus (and on every reconnect).
+  await ann.page.evaluate(() => window.dispatchEvent(new Event("focus")));
+  const browse = ann.page.locator("#browse-list button", { hasText: "rust" });
+  await browse.click();
+  await ann.page.getByRole("heading", { name: "# rust" }).waitFor({ timeout: WAIT });
+  await ann.page.locator("#room-list button", { hasText: "rust" }).waitFor({ timeout: WAIT });
+  await bob.page.locator("#messages .notice", { hasText: "ann joined" }).waitFor({ timeout: WAIT });
+  const input = ann.page.getByLabel("Message", { exact: true });
+  await input.fill("glad to be here");
+  await input.press("Enter");
+  await bob.page.locator("#messages .msg", { hasText: "glad to be here" }).waitFor({ timeout: WAIT });
+  await ann.page.getByRole("button", { name: "Leave" }).click();
+  await ann.page.locator("#browse-list button", { hasText: "rust" }).waitFor({ timeout: WAIT });
+  await bob.page.locator("#messages .notice", { hasText: "ann left" }).waitFor({ timeout: WAIT });
+});
+
+test("keyboard only: create a room and write in it without the mouse", async () => {
+  const page = ann.page;
+  await page.getByRole("button", { name: "Create a room" }).focus();
+  await page.keyboard.press("Enter");
+  // The dialog takes focus in its first field; Enter submits, focus moves to the composer.
+  await page.keyboard.type("keys");
+  await page.keyboard.press("Enter");
+  await page.getByRole("heading", { name: "# keys" }).waitFor({ timeout: WAIT });
+  await page.keyboard.type("typed without a mouse");
+  await page.keyboard.press("Enter");
+  await page.locator("#messages .msg[data-seq]", { hasText: "typed without a mouse" }).waitFor({ timeout: WAIT });
+  // Escape closes a dialog without doing anything.
+  await page.getByRole("button", { name: "Message a user" }).focus();
+  await page.keyboard.press("Enter");
+  await page.locator("#dm-dialog[open]").waitFor({ timeout: WAIT });
+  await page.keyboard.press("Escape");
+  await page.locator("#dm-dialog[open]").waitFor({ state: "detached", timeout: WAIT });
+});
+
 test("a reload keeps the session, the room and the history", async () => {
   await bob.page.locator("#room-list button", { hasText: "general" }).click();
   await bob.page.reload();

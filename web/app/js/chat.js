@@ -127,6 +127,9 @@ export class Chat {
     document.addEventListener("visibilitychange", this.onVisibility);
     this.onOnline = () => this.conn.reconnectNow();
     window.addEventListener("online", this.onOnline);
+    // Coming back to the tab is when a stale room list would be noticed.
+    this.onFocus = () => this.refreshRooms().catch(() => {});
+    window.addEventListener("focus", this.onFocus);
   }
 
   stop() {
@@ -136,6 +139,7 @@ export class Chat {
     clearTimeout(this.awayTimer);
     document.removeEventListener("visibilitychange", this.onVisibility);
     window.removeEventListener("online", this.onOnline);
+    window.removeEventListener("focus", this.onFocus);
   }
 
   signOut() {
