@@ -35,6 +35,8 @@ export class Room {
     this.top = 0;
     this.hasOlder = false;
     this.loadingOlder = false;
+    /** The `join` in flight, if any. */
+    this.joining = null;
     /** Joined once in this tab (we have its recent history). */
     this.loaded = false;
     /** Joined on the current connection (we receive its live events). */
@@ -213,8 +215,18 @@ export class Chat {
     }
   }
 
-  /** Subscribes the room on the current connection, resuming from what we already hold. */
-  async joinRoom(room) {
+  /** Subscribes the room on the current connection, resuming from what we already hold.
+   * Concurrent calls (a reconnect and a room-list refresh) share one `join`. */
+  joinRoom(room) {
+    if (!room.joining) {
+      room.joining = this.sendJoin(room).finally(() => {
+        room.joining = null;
+      });
+    }
+    return room.joining;
+  }
+
+  async sendJoin(room) {
     const since = room.loaded ? room.top : undefined;
     const reply = await this.conn.request({ type: "join", room: room.id, since });
     room.subscribed = true;
