@@ -1,0 +1,264 @@
+//! PNG plots with plotters' bitmap backend. Text is drawn with the DejaVu Sans font embedded in
+//! the binary (plotters' `ab_glyph` feature), so no system font library is needed.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::results::Report;
+use crate::summary::{Group, order_key};
+
+/// Result of drawing one plot.
+pub type PlotResult = Result<(), Box<dyn Error>>;
+
+const FONT: &str = "sans-serif";
+const FONT_BYTES: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
+
+/// Makes the embedded font the `sans-serif` family every plot uses. Call once before drawing.
+pub fn register_font() -> PlotResult {
+    plotters::style::register_font(FONT, FontStyle::Normal, FONT_BYTES)
+        .map_err(|_| "the embedded font does not parse")?;
+    Ok(())
+}
+
+/// A fixed colour per known target, so a target looks the same in every plot.
+fn colour(target: &str) -> RGBColor {
+    match target {
+        "confab" => RGBColor(214, 39, 40),
+        "floor" => RGBColor(0, 0, 0),
+        "floor-batched" => RGBColor(127, 127, 127),
+        "axum-broadcast" => RGBColor(31, 119, 180),
+        "axum-broadcast-tuned" => RGBColor(23, 190, 207),
+        "ws" => RGBColor(44, 160, 44),
+        "socketio" => RGBColor(148, 103, 189),
+        "gorilla" => RGBColor(255, 127, 14),
+        other => {
+            let hash = other.bytes().fold(0usize, |h, b| h * 31 + b as usize);
+            let (r, g, b) = Palette99::pick(hash).rgb();
+            RGBColor(r, g, b)
+        }
+    }
+}
+
+/// One line per target: (rate, value) points over the W1 groups, in rate order.
+fn series(
+    groups: &[&Group],
+    figure: impl Fn(&Report) -> Option<f64>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    let mut targets: Vec<&str> = groups
+        .iter()
+        .flat_map(|g| g.targets.iter().map(|t| t.target.as_str()))
+        .collect();
+    targets.sort_by_key(|t| order_key(t));
+    targets.dedup();
+    targets
+        .into_iter()
+        .map(|target| {
+            let points = groups
+                .iter()
+                .filter_map(|g| {
+                    let value = g.target(target)?.median(&figure)?;
+                    (value > 0.0 && g.rate > 0.0).then_some((g.rate, value))
+                })
+                .collect();
+            (target.to_string(), points)
+        })
+        .filter(|(_, points): &(String, Vec<_>)| !points.is_empty())
+        .collect()
+}
+
+/// Range of the points' x and y values, padded for a log axis.
+fn log_bounds(lines: &[(String, Vec<(f64, f64)>)]) -> Option<((f64, f64), (f64, f64))> {
+    let points = lines.iter().flat_map(|(_, p)| p.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in points {
+        (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
+    }
+    (x0 <= x1).then_some(((x0 / 1.3, x1 * 1.3), (y0 / 1.5, y1 * 1.5)))
+}
+
+/// Draws `lines` on `area` with a log-scale x (messages/s) and y axis.
+fn line_chart(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    title: &str,
+    y_desc: &str,
+    lines: &[(String, Vec<(f64, f64)>)],
+    log_y: bool,
+) -> PlotResult {
+    let Some(((x0, x1), (y0, y1))) = log_bounds(lines) else {
+        return Ok(());
+    };
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65);
+    let x_fmt = |v: &f64| format!("{v:.0}");
+    // The two axis kinds are different types, hence the two branches.
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc("messages/s (log)")
+                .y_desc(y_desc)
+                .x_label_formatter(&x_fmt)
+                .y_labels(12)
+                .label_style((FONT, 14))
+                .draw()?;
+            for (target, points) in lines {
+                let c = colour(target);
+                let width = if target == "confab" { 3 } else { 2 };
+                chart
+                    .draw_series(LineSeries::new(points.clone(), c.stroke_width(width)))?
+                    .label(target.as_str())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(width))
+                    });
+                chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK)
+                .label_font((FONT, 14))
+                .draw()?;
+        }};
+    }
+    if log_y {
+        draw!(builder.build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())?);
+    } else {
+        draw!(builder.build_cartesian_2d((x0..x1).log_scale(), 0.0..y1)?);
+    }
+    Ok(())
+}
+
+/// W1: p50, p99 and p99.9 end-to-end latency (ms, log scale) against the publish rate.
+pub fn latency_vs_rate(groups: &[&Group], path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, (1800, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let panels = root.split_evenly((1, 3));
+    type Pick = fn(&Report) -> f64;
+    let picks: [(&str, Pick); 3] = [
+        ("p50", |r| r.latency_us.p50),
+        ("p99", |r| r.latency_us.p99),
+        ("p99.9", |r| r.latency_us.p999),
+    ];
+    for (panel, (name, pick)) in panels.iter().zip(picks) {
+        let lines = series(groups, |r| Some(pick(r) / 1000.0));
+        let title = format!("W1 {name} end-to-end latency");
+        line_chart(panel, &title, "ms (log)", &lines, true)?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// W1: server CPU µs per delivered message against the publish rate.
+pub fn cpu_vs_rate(groups: &[&Group], path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, (1000, 650)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let lines = series(groups, |r| {
+        r.server.as_ref().and_then(|s| s.cpu_us_per_delivery)
+    });
+    line_chart(
+        &root,
+        "W1 server CPU per delivery (server on one core)",
+        "µs per delivery",
+        &lines,
+        false,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
+/// W3: server RSS per idle connection, one bar per target (KiB, log scale, value on top).
+pub fn rss_per_connection(group: &Group, path: &Path) -> PlotResult {
+    let bars: Vec<(String, f64)> = group
+        .targets
+        .iter()
+        .filter_map(|t| {
+            let v = t.median(|r| r.server.as_ref().and_then(|s| s.rss_kib_per_connection))?;
+            Some((t.target.clone(), v.max(0.01)))
+        })
+        .collect();
+    if bars.is_empty() {
+        return Ok(());
+    }
+    let root = BitMapBackend::new(path, (1000, 650)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let lo = bars.iter().map(|b| b.1).fold(f64::MAX, f64::min) / 3.0;
+    let hi = bars.iter().map(|b| b.1).fold(f64::MIN, f64::max) * 3.0;
+    let connections = group
+        .targets
+        .first()
+        .and_then(|t| t.median(|r| Some(r.connections_requested as f64)))
+        .unwrap_or(0.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("W3 server RSS per idle connection ({connections:.0} connections)"),
+            (FONT, 22),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        // An integer range is inclusive for plotters' discrete axes: 0..=len-1 is len segments.
+        .build_cartesian_2d((0..bars.len() - 1).into_segmented(), (lo..hi).log_scale())?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc("KiB per connection (log)")
+        .x_labels(bars.len())
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .label_style((FONT, 14))
+        .draw()?;
+    for (i, (target, value)) in bars.iter().enumerate() {
+        let c = colour(target);
+        let mut bar = Rectangle::new(
+            [
+                (SegmentValue::Exact(i), lo),
+                (SegmentValue::Exact(i + 1), *value),
+            ],
+            c.filled(),
+        );
+        bar.set_margin(0, 0, 15, 15);
+        chart.draw_series(std::iter::once(bar))?;
+        chart.draw_series(std::iter::once(Text::new(
+            format!("{value:.2}"),
+            (SegmentValue::CenterOf(i), value * 1.15),
+            (FONT, 16).into_font().color(&BLACK),
+        )))?;
+    }
+    root.present()?;
+    Ok(())
+}
+
+/// Draws every plot the groups allow into `dir` and returns the files written.
+pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
+    std::fs::create_dir_all(dir)?;
+    let mut written = Vec::new();
+    let w1: Vec<&Group> = groups.iter().filter(|g| g.workload == "w1").collect();
+    if !w1.is_empty() {
+        let path = dir.join("w1-latency.png");
+        latency_vs_rate(&w1, &path)?;
+        written.push(path);
+        let path = dir.join("w1-cpu-per-delivery.png");
+        cpu_vs_rate(&w1, &path)?;
+        written.push(path);
+    }
+    for group in groups.iter().filter(|g| g.workload == "w3") {
+        let path = dir.join(format!("w3-rss-per-connection-{}.png", group.params));
+        rss_per_connection(group, &path)?;
+        if path.exists() {
+            written.push(path);
+        }
+    }
+    Ok(written)
+}

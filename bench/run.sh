@@ -1,0 +1,224 @@
+#!/usr/bin/env bash
+# One benchmark run (issue 4): start the server under test pinned to core 0, run `confab bench`
+# pinned to core 1 with the workload's parameters, write its JSON report, stop the server.
+#
+# Usage: bench/run.sh WORKLOAD TARGET [options] [-- extra confab bench flags]
+#   WORKLOAD  w1 (fan-out) | w2 (many rooms) | w3 (idle) | w4 (durable, confab only)
+#             | w5 (resume storm, confab only)
+#   TARGET    confab | PEER[:VARIANT]: floor, floor:batched, axum-broadcast,
+#             axum-broadcast:tuned, ws, socketio, gorilla (see bench/peers/README.md)
+# Options:
+#   --rate R          W1: messages/s published into the room (default 100)
+#   --connections N   override the workload's connection count
+#   --rooms N         override the workload's room count
+#   --duration S      override the measured window, seconds
+#   --warmup S        override the warmup, seconds
+#   --run N           run number in the file name (default: the next free one)
+#   --out DIR         results folder (default bench/results/YYYY-MM-DD)
+#   --port P          server port (default: the first free one from 9500)
+# Environment:
+#   CONFAB_BIN        the confab binary (server and load generator); default: build
+#                     target/release/confab with `cargo build --release -p confab`
+#
+# Output: DIR/WORKLOAD-LABEL-PARAMS-runN.json (the generator's report plus a "driver" object
+# saying what ran) and the same name with .txt (generator summary, server log tail).
+# LABEL is the target with ':' turned into '-' (floor-batched); PARAMS is r<rate> for W1 and
+# n<connections> for the others, prefixed by n<connections>_ / suffixed by _k<rooms> when
+# overridden. Every run is bounded in time; the server is stopped and temp files removed on
+# any exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//' >&2; exit 2; }
+
+[ $# -ge 2 ] || usage
+WORKLOAD=$(tr '[:upper:]' '[:lower:]' <<<"$1")
+TARGET=$2
+shift 2
+RATE=100 CONNECTIONS= ROOMS= DURATION= WARMUP= RUN= OUT= PORT=
+EXTRA=()
+while [ $# -gt 0 ]; do
+    case $1 in
+        --rate) RATE=$2; shift 2 ;;
+        --connections) CONNECTIONS=$2; shift 2 ;;
+        --rooms) ROOMS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --warmup) WARMUP=$2; shift 2 ;;
+        --run) RUN=$2; shift 2 ;;
+        --out) OUT=$2; shift 2 ;;
+        --port) PORT=$2; shift 2 ;;
+        --) shift; EXTRA=("$@"); break ;;
+        -h|--help) usage ;;
+        *) echo "run.sh: unknown option $1" >&2; usage ;;
+    esac
+done
+
+PEER=${TARGET%%:*}
+VARIANT=
+[ "$PEER" = "$TARGET" ] || VARIANT=${TARGET#*:}
+LABEL=$PEER${VARIANT:+-$VARIANT}
+if [ "$PEER" != confab ] && [ ! -x "$ROOT/bench/peers/$PEER/run.sh" ]; then
+    echo "run.sh: unknown target $TARGET (confab or a peer under bench/peers/)" >&2
+    exit 2
+fi
+case $PEER in
+    confab) PROTOCOL=confab ;;
+    socketio) PROTOCOL=socketio ;;
+    *) PROTOCOL=raw ;;
+esac
+[ "$(nproc)" -ge 2 ] || { echo "run.sh: needs 2 cores (server on 0, generator on 1)" >&2; exit 2; }
+
+# ---- the workload's parameters (keep in step with bench/README.md) ----
+SECRET=bench-secret-not-for-production
+SERVER_ENV=()     # extra environment for confab serve
+WARMUP_DEFAULT=2 DURATION_DEFAULT=10
+case $WORKLOAD in
+    w1) # fan-out: 1 room, 1,000 subscribers, one publisher at RATE messages/s
+        N=${CONNECTIONS:-1000} K=${ROOMS:-1}
+        MODE_ARGS=(--publishers 1 --rate "$RATE" --max-conn-rate 0 --payload 64)
+        SERVER_ENV=(CONFAB_MESSAGE_RATE=1000000 CONFAB_MESSAGE_BURST=1000000)
+        PARAMS=r$RATE ;;
+    w2) # many rooms: 10,000 connections in 1,000 rooms of 10, each publishing 1 message/s
+        N=${CONNECTIONS:-10000} K=${ROOMS:-1000}
+        MODE_ARGS=(--publishers "$N" --rate "$N" --max-conn-rate 1 --payload 64 --source-addrs 4)
+        PARAMS=n$N ;;
+    w3) # idle capacity: 19,000 joined connections (rooms of 100) held for the window
+        N=${CONNECTIONS:-19000} K=${ROOMS:-$(( (N + 99) / 100 ))}
+        MODE_ARGS=(--idle --source-addrs 4)
+        PARAMS=n$N ;;
+    w4) # durable throughput: 100 senders, each in its own room, acked as fast as possible
+        N=${CONNECTIONS:-100} K=${ROOMS:-$N}
+        MODE_ARGS=(--durable --rate 0 --max-conn-rate 0 --pipeline 16 --payload 64)
+        SERVER_ENV=(CONFAB_MESSAGE_RATE=1000000 CONFAB_MESSAGE_BURST=1000000)
+        PARAMS=n$N ;;
+    w5) # resume storm: 10,000 clients in 100 rooms rejoin at once with since, 100 behind
+        N=${CONNECTIONS:-10000} K=${ROOMS:-100}
+        MODE_ARGS=(--resume --prefill 200 --behind 100 --source-addrs 4)
+        DURATION_DEFAULT=30
+        PARAMS=n$N ;;
+    *) echo "run.sh: unknown workload $WORKLOAD (w1..w5)" >&2; exit 2 ;;
+esac
+if [[ $WORKLOAD == w[45] && $PEER != confab ]]; then
+    echo "run.sh: $WORKLOAD is for confab only (the peers neither acknowledge nor keep history)" >&2
+    exit 2
+fi
+if [ "$WORKLOAD" = w1 ] && [ -n "$CONNECTIONS" ]; then PARAMS=n${N}_$PARAMS; fi
+if [ -n "$ROOMS" ]; then PARAMS=${PARAMS}_k$K; fi
+WARMUP=${WARMUP:-$WARMUP_DEFAULT} DURATION=${DURATION:-$DURATION_DEFAULT}
+[ "$N" -le 19500 ] || { echo "run.sh: at most 19,500 connections (open files are capped at 20,000)" >&2; exit 2; }
+
+# ---- binaries ----
+if [ -z "${CONFAB_BIN:-}" ]; then
+    (cd "$ROOT" && cargo build --quiet --release -p confab)
+    CONFAB_BIN=$ROOT/target/release/confab
+fi
+CONFAB_BIN=$(realpath "$CONFAB_BIN")
+if ! "$CONFAB_BIN" bench --help >/dev/null 2>&1; then
+    echo "run.sh: $CONFAB_BIN has no 'bench' subcommand; set CONFAB_BIN to a confab that has it" >&2
+    exit 2
+fi
+
+# ---- output ----
+DATE=$(date +%F)
+OUT=${OUT:-$ROOT/bench/results/$DATE}
+mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
+STEM=$WORKLOAD-$LABEL-$PARAMS
+if [ -z "$RUN" ]; then
+    RUN=1
+    while [ -e "$OUT/$STEM-run$RUN.json" ]; do RUN=$((RUN + 1)); done
+fi
+JSON=$OUT/$STEM-run$RUN.json
+TXT=$OUT/$STEM-run$RUN.txt
+if [ ! -e "$OUT/machine.txt" ]; then
+    {
+        echo "date: $(date -Is)"
+        echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        echo "confab: $("$CONFAB_BIN" --version 2>/dev/null || echo unknown) ($CONFAB_BIN)"
+        echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(nproc) cores"
+        echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+        echo "kernel: $(uname -sr)"
+        echo "open files: $(ulimit -Hn)"
+    } >"$OUT/machine.txt"
+fi
+
+# ---- start the server on core 0 ----
+ulimit -n "$(ulimit -Hn)"
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/confab-bench.XXXXXX")
+SERVER_PID=
+cleanup() {
+    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
+        kill -TERM "$SERVER_PID" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$SERVER_PID" 2>/dev/null || true
+        wait "$SERVER_PID" 2>/dev/null || true
+    fi
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+if [ -z "$PORT" ]; then
+    PORT=9500
+    while ss -Hltn "sport = :$PORT" | grep -q .; do PORT=$((PORT + 1)); done
+fi
+LOG=$TMP/server.log
+if [ "$PEER" = confab ]; then
+    env CONFAB_LOG=warn "${SERVER_ENV[@]}" taskset -c 0 "$CONFAB_BIN" serve \
+        --addr "127.0.0.1:$PORT" --data-dir "$TMP/data" --jwt-secret "$SECRET" >"$LOG" 2>&1 &
+    SERVER_PID=$!
+else
+    # run.sh execs the server, so $! is the server's PID; a first start builds or installs it.
+    taskset -c 0 "$ROOT/bench/peers/$PEER/run.sh" "$PORT" ${VARIANT:+"$VARIANT"} >"$LOG" 2>&1 &
+    SERVER_PID=$!
+fi
+echo "== $WORKLOAD $TARGET ($PARAMS, run $RUN): server pid $SERVER_PID on 127.0.0.1:$PORT" >&2
+up=
+for _ in $(seq 2400); do   # up to 20 minutes: a peer's first start compiles or installs it
+    if ss -Hltn "sport = :$PORT" | grep -q .; then up=1; break; fi
+    kill -0 "$SERVER_PID" 2>/dev/null || break
+    sleep 0.5
+done
+if [ -z "$up" ]; then
+    echo "run.sh: the server did not come up on port $PORT; its log:" >&2
+    tail -30 "$LOG" >&2
+    exit 1
+fi
+
+# ---- run the generator on core 1, bounded in time ----
+ARGS=(bench --addr "127.0.0.1:$PORT" --target "$PROTOCOL" --connections "$N" --rooms "$K"
+      --duration "$DURATION" --warmup "$WARMUP" --server-pid "$SERVER_PID" --json "$TMP/report.json"
+      "${MODE_ARGS[@]}")
+[ "$PROTOCOL" != confab ] || ARGS+=(--jwt-secret "$SECRET")
+[ -t 2 ] || ARGS+=(--quiet)
+ARGS+=("${EXTRA[@]}")
+# warmup + window + drain (5 s) + connecting (bounded by the connect timeout per wave) + margin
+LIMIT=$(awk -v w="$WARMUP" -v d="$DURATION" -v n="$N" 'BEGIN { printf "%d", w + d + 5 + 60 + n / 50 }')
+set +e
+timeout --kill-after=10 "$LIMIT" taskset -c 1 "$CONFAB_BIN" "${ARGS[@]}" 2>&1 | tee "$TXT"
+STATUS=${PIPESTATUS[0]}
+set -e
+{
+    echo
+    echo "# command: confab ${ARGS[*]/$SECRET/SECRET}"
+    echo "# server: $TARGET, pid $SERVER_PID, ${SERVER_ENV[*]:-default limits}; log tail:"
+    tail -20 "$LOG"
+} >>"$TXT"
+if ! kill -0 "$SERVER_PID" 2>/dev/null; then
+    echo "run.sh: the server died during the run; its log:" >&2
+    tail -30 "$LOG" >&2
+fi
+if [ ! -s "$TMP/report.json" ]; then
+    echo "run.sh: confab bench wrote no report (exit status $STATUS; $([ "$STATUS" = 124 ] && echo "killed after $LIMIT s"))" >&2
+    exit 1
+fi
+jq --arg workload "$WORKLOAD" --arg target "$LABEL" --arg peer "$PEER" --arg variant "$VARIANT" \
+    --arg params "$PARAMS" --argjson run "$RUN" --arg date "$DATE" \
+    --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
+    --arg server_env "${SERVER_ENV[*]:-}" --argjson exit_status "$STATUS" \
+    '. + {driver: {workload: $workload, target: $target, peer: $peer, variant: $variant,
+                   params: $params, run: $run, date: $date, commit: $commit,
+                   server_env: $server_env, exit_status: $exit_status}}' \
+    "$TMP/report.json" >"$JSON"
+echo "wrote $JSON" >&2
+exit "$STATUS"
