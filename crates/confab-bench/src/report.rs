@@ -197,7 +197,7 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "confab bench: {:?} {} run {}, {}/{} connections in {} rooms, {} publishers",
+            "confab bench: {} {} run {}, {}/{} connections in {} rooms, {} publishers",
             self.target,
             self.mode,
             self.run_id,
@@ -212,7 +212,7 @@ impl Report {
             "  connect      p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({:.0} handshakes/s)",
             c.p50, c.p99, c.max, self.handshakes_per_s
         );
-        if self.mode != "idle" {
+        if self.mode != "idle" && self.resume.is_none() {
             let _ = writeln!(
                 out,
                 "  window       {:.1} s: published {} ({:.0}/s), delivered {} ({:.0}/s){lower}",
@@ -332,6 +332,9 @@ mod tests {
         assert!((p.p50 - 500.0).abs() < 1.0, "{p:?}");
         assert!((p.p99 - 990.0).abs() < 2.0, "{p:?}");
         assert!((p.max - 1000.0).abs() < 1.0, "{p:?}");
-        assert_eq!(Percentiles::from_ns(&histogram(), 1e3), Percentiles::default());
+        assert_eq!(
+            Percentiles::from_ns(&histogram(), 1e3),
+            Percentiles::default()
+        );
     }
 }

@@ -22,12 +22,12 @@ use hdrhistogram::Histogram;
 use serde::Deserialize;
 use tokio::sync::{Semaphore, mpsc, watch};
 
+use crate::BenchArgs;
 use crate::payload::{self, Clock, Stamp};
 use crate::report::{Durable, Generator, Percentiles, Report, Resume, ServerFigures};
 use crate::stats::{self, Arrival, ProcSample, PublisherTally, Receipts, Recorder, Shard};
 use crate::target::{Incoming, SetupError, Target, confab_reply, next_text};
 use crate::wire::{Opcode, WireError, WsConn};
-use crate::BenchArgs;
 
 /// Error kinds kept verbatim for the summary (the rest are only counted).
 const ERROR_EXAMPLES: usize = 5;
@@ -376,7 +376,10 @@ struct Snapshot {
 fn snapshot(ctx: &Ctx) -> Snapshot {
     Snapshot {
         at: Instant::now(),
-        server: ctx.args.server_pid.and_then(|pid| stats::proc_sample(Some(pid))),
+        server: ctx
+            .args
+            .server_pid
+            .and_then(|pid| stats::proc_sample(Some(pid))),
         generator: stats::proc_sample(None),
     }
 }
@@ -416,7 +419,8 @@ async fn run_traffic(ctx: Arc<Ctx>) -> anyhow::Result<Report> {
         ctx.window_start_ns
             .store(ctx.clock.now_ns(), Ordering::Release);
         tokio::time::sleep(Duration::from_secs_f64(ctx.args.duration)).await;
-        ctx.window_end_ns.store(ctx.clock.now_ns(), Ordering::Release);
+        ctx.window_end_ns
+            .store(ctx.clock.now_ns(), Ordering::Release);
         (begin, snapshot(&ctx))
     } else {
         let start = Instant::now() + Duration::from_millis(20);
@@ -426,7 +430,8 @@ async fn run_traffic(ctx: Arc<Ctx>) -> anyhow::Result<Report> {
         ctx.window_start_ns
             .store(ctx.clock.now_ns(), Ordering::Release);
         tokio::time::sleep(Duration::from_secs_f64(ctx.args.duration)).await;
-        ctx.window_end_ns.store(ctx.clock.now_ns(), Ordering::Release);
+        ctx.window_end_ns
+            .store(ctx.clock.now_ns(), Ordering::Release);
         let end = snapshot(&ctx);
         let _ = phase_tx.send(Phase::Stop);
         drain(&ctx).await;
@@ -537,8 +542,8 @@ async fn connection_task(
         let _permit = permits.acquire().await.ok()?;
         let started = Instant::now();
         let timeout = Duration::from_secs_f64(ctx.args.connect_timeout);
-        let result = tokio::time::timeout(timeout, ctx.open(index, &user, &ctx.rooms[room], true))
-            .await;
+        let result =
+            tokio::time::timeout(timeout, ctx.open(index, &user, &ctx.rooms[room], true)).await;
         match result {
             Ok(Ok(conn)) => {
                 ctx.connect_times
@@ -598,7 +603,7 @@ async fn connection_task(
         if let (Some(p), Phase::Run { start }) = (publisher.as_mut(), current) {
             let window_open = p.in_flight(target) < ctx.args.pipeline as u64;
             match interval {
-                Some(interval) if !(ctx.plan.mode == Mode::Durable && !window_open) => {
+                Some(interval) if ctx.plan.mode != Mode::Durable || window_open => {
                     due = Some(start + offset + interval.mul_f64(sent_on_schedule as f64));
                 }
                 None if window_open => {
@@ -665,11 +670,15 @@ fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) {
     };
     p.text.clear();
     let size = ctx.args.payload;
-    ctx.args
-        .target
-        .publish_text(&mut p.text, &ctx.rooms[room], &p.client_prefix, seq, |out| {
+    ctx.args.target.publish_text(
+        &mut p.text,
+        &ctx.rooms[room],
+        &p.client_prefix,
+        seq,
+        |out| {
             payload::encode(out, stamp, size);
-        });
+        },
+    );
     conn.queue_text(&p.text);
     if ctx.args.target == Target::Confab {
         p.unacked.push_back((seq, now));
@@ -684,7 +693,8 @@ fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) {
 }
 
 fn in_window(ctx: &Ctx, ns: u64) -> bool {
-    ns >= ctx.window_start_ns.load(Ordering::Relaxed) && ns < ctx.window_end_ns.load(Ordering::Relaxed)
+    ns >= ctx.window_start_ns.load(Ordering::Relaxed)
+        && ns < ctx.window_end_ns.load(Ordering::Relaxed)
 }
 
 /// The receive hot path: every frame already buffered, under one shard lock, with one clock
@@ -806,7 +816,9 @@ fn acked(p: &mut Publisher, shard: &mut Shard, seq: u64, now: u64, (start, end):
                 shard.acked_in_window += 1;
             }
             if sent >= start && sent < end {
-                shard.ack_latency.saturating_record(now.saturating_sub(sent).max(1));
+                shard
+                    .ack_latency
+                    .saturating_record(now.saturating_sub(sent).max(1));
             }
             return;
         }
@@ -887,7 +899,10 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
         let rss_after = if ctx.plan.mode == Mode::Idle {
             end.rss_kib
         } else {
-            figures.after_connect.server.map_or(end.rss_kib, |s| s.rss_kib)
+            figures
+                .after_connect
+                .server
+                .map_or(end.rss_kib, |s| s.rss_kib)
         };
         Some(ServerFigures {
             pid,
@@ -897,9 +912,8 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
             rss_kib_before: before.rss_kib,
             rss_kib_connected: rss_after,
             rss_kib_end: end.rss_kib,
-            rss_kib_per_connection: (figures.connected > 0).then(|| {
-                (rss_after as f64 - before.rss_kib as f64) / figures.connected as f64
-            }),
+            rss_kib_per_connection: (figures.connected > 0)
+                .then(|| (rss_after as f64 - before.rss_kib as f64) / figures.connected as f64),
         })
     });
     let connect = ctx.connect_times.lock().expect("connect histogram lock");
@@ -1132,7 +1146,8 @@ async fn run_resume(ctx: Arc<Ctx>) -> anyhow::Result<Report> {
         finished += 1;
     }
     let all_caught_up = window_begin.at.elapsed();
-    ctx.window_end_ns.store(ctx.clock.now_ns(), Ordering::Release);
+    ctx.window_end_ns
+        .store(ctx.clock.now_ns(), Ordering::Release);
     let window_end = snapshot(&ctx);
     let _ = phase_tx.send(Phase::Close);
     for task in tasks {
@@ -1157,6 +1172,10 @@ async fn run_resume(ctx: Arc<Ctx>) -> anyhow::Result<Report> {
     report.delivered_per_s = check.received as f64 / all_caught_up.as_secs_f64().max(1e-9);
     report.duplicated = check.duplicates;
     report.lost = check.gaps;
+    if let Some(server) = report.server.as_mut() {
+        server.cpu_us_per_delivery =
+            (check.received > 0).then(|| server.cpu_s * 1e6 / check.received as f64);
+    }
     report.resume = Some(Resume {
         prefill,
         behind: ctx.args.behind,

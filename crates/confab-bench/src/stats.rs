@@ -256,7 +256,12 @@ impl Receipt {
 
     /// Distinct seqs received.
     pub fn distinct(&self) -> u64 {
-        self.base + self.bits.iter().map(|w| u64::from(w.count_ones())).sum::<u64>()
+        self.base
+            + self
+                .bits
+                .iter()
+                .map(|w| u64::from(w.count_ones()))
+                .sum::<u64>()
     }
 }
 

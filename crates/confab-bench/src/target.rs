@@ -99,6 +99,16 @@ const MESSAGE_PREFIX: &[u8] = br#"{"type":"message","#;
 const CONTENT_KEY: &[u8] = br#""content":""#;
 const SOCKETIO_EVENT: &[u8] = br#"42["msg",""#;
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Target::Confab => "confab",
+            Target::Raw => "raw",
+            Target::Socketio => "socketio",
+        })
+    }
+}
+
 impl Target {
     /// Path and query of the WebSocket endpoint for a connection to `room`.
     pub fn path(self, room: &str, token: Option<&str>) -> String {
@@ -197,7 +207,9 @@ impl Target {
             Target::Socketio => {
                 if let Some(rest) = text.strip_prefix(SOCKETIO_EVENT) {
                     let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
-                    each(Incoming::Payload { bytes: &rest[..end] });
+                    each(Incoming::Payload {
+                        bytes: &rest[..end],
+                    });
                 } else if text == b"2" {
                     each(Incoming::Ping);
                 } else {
@@ -217,7 +229,9 @@ fn decode_confab(text: &[u8]) -> Incoming<'_> {
         if let Some(at) = memchr::memmem::find(text, CONTENT_KEY) {
             let rest = &text[at + CONTENT_KEY.len()..];
             let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
-            return Incoming::Payload { bytes: &rest[..end] };
+            return Incoming::Payload {
+                bytes: &rest[..end],
+            };
         }
         return Incoming::Other;
     }
@@ -259,8 +273,8 @@ pub async fn confab_reply(
             return Ok(text);
         }
         if head.kind == "error" {
-            let error: ErrorReply = serde_json::from_slice(&text)
-                .map_err(|_| unexpected("an error reply", &text))?;
+            let error: ErrorReply =
+                serde_json::from_slice(&text).map_err(|_| unexpected("an error reply", &text))?;
             return Err(SetupError::Refused {
                 code: error.code,
                 message: error.message,
@@ -392,8 +406,12 @@ mod tests {
         assert_eq!(
             items,
             vec![
-                Incoming::Payload { bytes: b"b1-0-5;xx" },
-                Incoming::Payload { bytes: b"b2-0-6;yy" }
+                Incoming::Payload {
+                    bytes: b"b1-0-5;xx"
+                },
+                Incoming::Payload {
+                    bytes: b"b2-0-6;yy"
+                }
             ]
         );
     }
@@ -401,7 +419,10 @@ mod tests {
     #[test]
     fn socketio_pings_and_noise() {
         assert_eq!(decoded(Target::Socketio, b"2"), vec![Incoming::Ping]);
-        assert_eq!(decoded(Target::Socketio, b"40{\"sid\":\"x\"}"), vec![Incoming::Other]);
+        assert_eq!(
+            decoded(Target::Socketio, b"40{\"sid\":\"x\"}"),
+            vec![Incoming::Other]
+        );
     }
 
     #[test]

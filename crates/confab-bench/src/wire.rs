@@ -100,7 +100,11 @@ enum Parsed {
     /// A control frame or a non-final fragment was consumed; look again.
     Consumed,
     /// A whole unfragmented data frame at `rbuf[from..to]`.
-    Data { opcode: Opcode, from: usize, to: usize },
+    Data {
+        opcode: Opcode,
+        from: usize,
+        to: usize,
+    },
     /// A fragmented message finished; it is in `frag`.
     Assembled { opcode: Opcode },
 }
@@ -312,7 +316,9 @@ impl WsConn {
         }
         let (b0, b1) = (buf[0], buf[1]);
         if b0 & 0x70 != 0 {
-            return Err(WireError::Protocol("reserved bits set (no extension agreed)"));
+            return Err(WireError::Protocol(
+                "reserved bits set (no extension agreed)",
+            ));
         }
         if b1 & 0x80 != 0 {
             return Err(WireError::Protocol("server frames must not be masked"));
@@ -358,7 +364,9 @@ impl WsConn {
                     Opcode::Binary
                 };
                 if self.frag_opcode.is_some() {
-                    return Err(WireError::Protocol("data frame inside a fragmented message"));
+                    return Err(WireError::Protocol(
+                        "data frame inside a fragmented message",
+                    ));
                 }
                 if fin {
                     return Ok(Parsed::Data {
@@ -504,9 +512,7 @@ fn parse_status(head: &str) -> Result<u16, WireError> {
 fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.split("\r\n").skip(1).find_map(|line| {
         let (key, value) = line.split_once(':')?;
-        key.trim()
-            .eq_ignore_ascii_case(name)
-            .then(|| value.trim())
+        key.trim().eq_ignore_ascii_case(name).then(|| value.trim())
     })
 }
 
@@ -559,7 +565,7 @@ mod tests {
     fn accept_key_matches_the_rfc_example() {
         assert_eq!(
             accept_key("dGhlIHNhbXBsZSBub25jZQ=="),
-            "s3pPLMBiTxaQ9kYAzxwhZ3LKpPo="
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         );
     }
 
@@ -580,7 +586,10 @@ mod tests {
         bytes.extend(server_frame(true, OP_BINARY, b"three"));
         server.write_all(&bytes).await.unwrap();
         let got = collect(&mut conn, 3).await;
-        assert_eq!(got, vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+        assert_eq!(
+            got,
+            vec![b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
         assert!(conn.next_frame().unwrap().is_none());
     }
 
@@ -667,7 +676,10 @@ mod tests {
     #[tokio::test]
     async fn masked_server_frames_are_refused() {
         let (mut conn, mut server) = pair().await;
-        server.write_all(&[0x81, 0x81, 1, 2, 3, 4, b'x']).await.unwrap();
+        server
+            .write_all(&[0x81, 0x81, 1, 2, 3, 4, b'x'])
+            .await
+            .unwrap();
         conn.fill().await.unwrap();
         assert!(matches!(conn.next_frame(), Err(WireError::Protocol(_))));
     }
