@@ -234,6 +234,11 @@ pub enum Arrival {
 impl Receipt {
     /// Records seq `seq`.
     pub fn record(&mut self, seq: u64) -> Arrival {
+        // In-order arrival, the normal case: no bitmap at all.
+        if seq == self.base && self.bits.is_empty() {
+            self.base += 1;
+            return Arrival::New;
+        }
         if seq < self.base {
             return Arrival::Duplicate;
         }
@@ -367,7 +372,7 @@ mod tests {
             assert_eq!(receipt.record(seq), Arrival::New);
         }
         assert_eq!(receipt.distinct(), 1000);
-        assert!(receipt.bits.len() <= 1);
+        assert!(receipt.bits.is_empty());
         assert_eq!(receipt.record(999), Arrival::Duplicate);
         assert_eq!(receipt.record(3), Arrival::Duplicate);
     }

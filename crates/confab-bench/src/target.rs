@@ -226,7 +226,9 @@ fn decode_confab(text: &[u8]) -> Incoming<'_> {
     if text.starts_with(MESSAGE_PREFIX) {
         // Every string before `content` is JSON-escaped, so the first unescaped
         // `"content":"` is the key; our payloads contain no `"` or `\`.
-        if let Some(at) = memchr::memmem::find(text, CONTENT_KEY) {
+        static CONTENT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+            std::sync::LazyLock::new(|| memchr::memmem::Finder::new(CONTENT_KEY));
+        if let Some(at) = CONTENT.find(text) {
             let rest = &text[at + CONTENT_KEY.len()..];
             let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
             return Incoming::Payload {
