@@ -29,6 +29,8 @@ enum Command {
         #[command(subcommand)]
         command: UserCommand,
     },
+    /// Load generator: many connections, publishers at a rate, latency, loss and server cost.
+    Bench(Box<confab_bench::BenchArgs>),
 }
 
 #[derive(Debug, Subcommand)]
@@ -104,6 +106,14 @@ struct UserAddArgs {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The load generator sizes its own runtime (one worker per allowed CPU) and logs nothing.
+    if let Command::Bench(args) = cli.command {
+        let report = confab_bench::main(*args)?;
+        if report.connections == 0 {
+            bail!("no connection could be set up");
+        }
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CONFAB_LOG")
@@ -122,6 +132,7 @@ fn main() -> Result<()> {
             Command::User {
                 command: UserCommand::Add(args),
             } => add_user(args).await,
+            Command::Bench(_) => unreachable!("handled before the runtime starts"),
         }
     })
 }
