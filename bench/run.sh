@@ -98,6 +98,7 @@ case $WORKLOAD in
         PARAMS=n$N ;;
     *) echo "run.sh: unknown workload $WORKLOAD (w1..w5)" >&2; exit 2 ;;
 esac
+[ "$PEER" = confab ] || SERVER_ENV=()   # the limits are confab's; the peers have none
 if [[ $WORKLOAD == w[45] && $PEER != confab ]]; then
     echo "run.sh: $WORKLOAD is for confab only (the peers neither acknowledge nor keep history)" >&2
     exit 2
@@ -201,7 +202,7 @@ set -e
 {
     echo
     echo "# command: confab ${ARGS[*]/$SECRET/SECRET}"
-    echo "# server: $TARGET, pid $SERVER_PID, ${SERVER_ENV[*]:-default limits}; log tail:"
+    echo "# server: $TARGET, pid $SERVER_PID${SERVER_ENV[*]:+, ${SERVER_ENV[*]}}; log tail:"
     tail -20 "$LOG"
 } >>"$TXT"
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
