@@ -146,8 +146,12 @@ fi
 # ---- start the server on core 0 ----
 ulimit -n "$(ulimit -Hn)"
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/confab-bench.XXXXXX")
-SERVER_PID=
+SERVER_PID= GEN_PID=
 cleanup() {
+    if [ -n "$GEN_PID" ]; then
+        kill -TERM "$GEN_PID" 2>/dev/null || true   # timeout passes it on to the generator
+        wait "$GEN_PID" 2>/dev/null || true
+    fi
     if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
         kill -TERM "$SERVER_PID" 2>/dev/null || true
         for _ in $(seq 100); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
@@ -195,10 +199,17 @@ ARGS=(bench --addr "127.0.0.1:$PORT" --target "$PROTOCOL" --connections "$N" --r
 ARGS+=("${EXTRA[@]}")
 # warmup + window + drain (5 s) + connecting (bounded by the connect timeout per wave) + margin
 LIMIT=$(awk -v w="$WARMUP" -v d="$DURATION" -v n="$N" 'BEGIN { printf "%d", w + d + 5 + 60 + n / 50 }')
-set +e
-timeout --kill-after=10 "$LIMIT" taskset -c 1 "$CONFAB_BIN" "${ARGS[@]}" 2>&1 | tee "$TXT"
-STATUS=${PIPESTATUS[0]}
-set -e
+# In the background with `wait`, so that a signal to this script stops the run at once (the
+# EXIT trap stops the generator too) instead of waiting for the generator to finish.
+mkfifo "$TMP/output"
+tee "$TXT" <"$TMP/output" &
+TEE_PID=$!
+timeout --kill-after=10 "$LIMIT" taskset -c 1 "$CONFAB_BIN" "${ARGS[@]}" >"$TMP/output" 2>&1 &
+GEN_PID=$!
+STATUS=0
+wait "$GEN_PID" || STATUS=$?
+GEN_PID=
+wait "$TEE_PID" || true
 {
     echo
     echo "# command: confab ${ARGS[*]/$SECRET/SECRET}"
