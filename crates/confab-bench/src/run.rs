@@ -210,6 +210,11 @@ struct Ctx {
     connect_times: Mutex<Histogram<u64>>,
     errors: Mutex<Errors>,
     keys: Option<jsonwebtoken::EncodingKey>,
+    /// True while publishers may publish. Each publish holds the read lock from its check to
+    /// its `sent` count, so once the stopper has taken the write lock and cleared it, no
+    /// message can be counted later: the drain's expectation is final and a message sent "just
+    /// after stop" can never be mistaken for a lost one.
+    publishing: std::sync::RwLock<bool>,
 }
 
 #[derive(Debug, Default)]
@@ -338,6 +343,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         connected: AtomicU64::new(0),
         connect_times: Mutex::new(stats::histogram()),
         errors: Mutex::new(Errors::default()),
+        publishing: std::sync::RwLock::new(true),
         args,
     });
     match plan.mode {
@@ -433,6 +439,7 @@ async fn run_traffic(ctx: Arc<Ctx>) -> anyhow::Result<Report> {
         ctx.window_end_ns
             .store(ctx.clock.now_ns(), Ordering::Release);
         let end = snapshot(&ctx);
+        *ctx.publishing.write().expect("publishing lock") = false;
         let _ = phase_tx.send(Phase::Stop);
         drain(&ctx).await;
         (begin, end)
@@ -609,7 +616,10 @@ async fn connection_task(
                 None if window_open => {
                     // As fast as the window allows: fill it and flush once.
                     while p.in_flight(target) < ctx.args.pipeline as u64 {
-                        publish(&ctx, &mut conn, room, p);
+                        if !publish(&ctx, &mut conn, room, p) {
+                            current = Phase::Stop;
+                            break;
+                        }
                     }
                     continue;
                 }
@@ -636,8 +646,11 @@ async fn connection_task(
             }
             Wake::Send => {
                 if let Some(p) = publisher.as_mut() {
-                    publish(&ctx, &mut conn, room, p);
-                    sent_on_schedule += 1;
+                    if publish(&ctx, &mut conn, room, p) {
+                        sent_on_schedule += 1;
+                    } else {
+                        current = Phase::Stop;
+                    }
                 }
             }
             Wake::Phase => {
@@ -658,8 +671,12 @@ async fn sleep_until_opt(due: Option<Instant>) {
     }
 }
 
-/// Queues one stamped message (written by the next flush).
-fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) {
+/// Queues one stamped message (written by the next flush); false once publishing has stopped.
+fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) -> bool {
+    let open = ctx.publishing.read().expect("publishing lock");
+    if !*open {
+        return false;
+    }
     let seq = p.seq;
     p.seq += 1;
     let now = ctx.clock.now_ns();
@@ -690,6 +707,7 @@ fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) {
         shard.interval_published += 1;
         shard.published_in_window += u64::from(in_window);
     });
+    true
 }
 
 fn in_window(ctx: &Ctx, ns: u64) -> bool {
