@@ -12,7 +12,9 @@ let bob;
 
 before(async () => {
   // A small content limit, so a rejected send is easy to provoke.
-  server = await Server.start({ CONFAB_MAX_CONTENT_CHARS: "300" });
+  // JOIN_MEMBERS=1: every room counts as "big", so the page must fetch its members over REST
+  // (what it does for rooms with more members than `joined` lists).
+  server = await Server.start({ CONFAB_MAX_CONTENT_CHARS: "300", CONFAB_JOIN_MEMBERS: "1" });
   browser = await launch();
   ann = await signUp(browser, server, "ann");
   bob = await signUp(browser, server, "bob");

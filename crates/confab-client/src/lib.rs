@@ -384,8 +384,10 @@ pub struct Connection {
 pub struct Joined {
     /// The room.
     pub room: RoomInfo,
-    /// Members with online flags.
+    /// The first members by name, with presence (at most the server's `join_members`).
     pub members: Vec<Member>,
+    /// How many members the room has.
+    pub member_count: u64,
     /// History or catch-up, oldest first.
     pub messages: Vec<ChatMessage>,
     /// More to page with `history` `after`.
@@ -579,6 +581,7 @@ impl Connection {
             ServerEvent::Joined {
                 room,
                 members,
+                member_count,
                 messages,
                 has_more,
                 read_seq,
@@ -586,6 +589,7 @@ impl Connection {
             } => Ok(Joined {
                 room,
                 members,
+                member_count,
                 messages,
                 has_more,
                 read_seq,

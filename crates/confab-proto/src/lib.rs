@@ -246,8 +246,12 @@ pub enum ServerEvent {
         reference: Option<Ref>,
         /// The room.
         room: RoomInfo,
-        /// Every member with their online flag.
+        /// The first `join_members` (50) members by name, with presence and read position.
+        /// A join must not cost O(members): for a big room, fetch the full list over REST.
         members: Vec<Member>,
+        /// How many members the room has (more than `members` lists when it is big).
+        #[serde(default)]
+        member_count: u64,
         /// Recent history, or everything after `since`, oldest first.
         messages: Vec<ChatMessage>,
         /// With `since`: more missed messages exist after the last one here (page on with

@@ -71,6 +71,9 @@ pub struct Config {
     pub typing_timeout_ms: u64,
     /// Messages returned by `join` without `since`.
     pub join_history: u32,
+    /// Members listed in `joined` (the rest is counted): a join into a room of thousands must
+    /// cost neither a huge frame nor O(members) work per connection.
+    pub join_members: u32,
     /// Largest page of history (and of a `since` catch-up in `join`).
     pub max_history_page: u32,
     /// SQLite `synchronous` mode: `normal` survives a process crash (the default), `full` also
@@ -117,6 +120,7 @@ impl Default for Config {
             presence_grace_ms: 2_000,
             typing_timeout_ms: 5_000,
             join_history: 50,
+            join_members: 50,
             max_history_page: 500,
             sqlite_synchronous: SqliteSync::Normal,
             shutdown_timeout_ms: 10_000,

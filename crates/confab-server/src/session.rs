@@ -458,7 +458,10 @@ impl Session {
             None => node.history_query(None, None, None)?,
         };
         let loaded = async {
-            let snapshot = node.store.join_snapshot(room_id, &user.id, query).await?;
+            let snapshot = node
+                .store
+                .join_snapshot(room_id, &user.id, query, node.config.join_members)
+                .await?;
             // Membership may have ended (REST leave, room deleted) between the check above and
             // the subscription: it is read again, now that live messages are flowing to us.
             if snapshot.read_seq.is_none() {
@@ -466,10 +469,11 @@ impl Session {
                     "not a member of room {room_id:?}"
                 )));
             }
-            Ok::<_, ChatError>((snapshot.page, node.with_presence(snapshot.members)))
+            let members = node.with_presence(snapshot.members);
+            Ok::<_, ChatError>((snapshot.page, members, snapshot.member_count))
         }
         .await;
-        let (page, members) = match loaded {
+        let (page, members, member_count) = match loaded {
             Ok(loaded) => loaded,
             Err(err) => {
                 if subscribed.fresh {
@@ -495,6 +499,7 @@ impl Session {
             reference,
             room: joined.room.info(),
             members,
+            member_count,
             messages: page.messages,
             has_more: page.has_more,
             read_seq: joined.read_seq,

@@ -239,6 +239,21 @@ async fn members_add_people_to_private_rooms_and_they_are_told() {
 }
 
 #[tokio::test]
+async fn joined_lists_the_first_members_and_counts_them_all() {
+    let server = TestServer::start_with(|c| c.join_members = 3).await;
+    for name in ["eve", "dan", "cat", "bob"] {
+        server.user(name).join_room("big").await.unwrap();
+    }
+    let mut ann = server.connect("ann").await;
+    let joined = ann.join("big", None).await.unwrap();
+    let names: Vec<_> = joined.members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["ann", "bob", "cat"]);
+    assert_eq!(joined.member_count, 5);
+    // The full list is one REST call away.
+    assert_eq!(server.user("ann").members("big").await.unwrap().len(), 5);
+}
+
+#[tokio::test]
 async fn rest_leave_unsubscribes_every_session_of_the_user() {
     let server = TestServer::start().await;
     let mut phone = server.connect("ann").await;

@@ -233,8 +233,16 @@ export class Chat {
     room.member = true;
     room.info = { ...room.info, ...reply.room };
     room.readSeq = Math.max(room.readSeq, reply.read_seq);
-    room.members = new Map(reply.members.map((m) => [m.id, { id: m.id, name: m.name, readSeq: m.read_seq ?? 0 }]));
-    for (const m of reply.members) this.presence.set(m.id, m.status ?? (m.online ? "online" : "offline"));
+    this.setMembers(room, reply.members);
+    // A big room lists only its first members in `joined`; the rest come from REST.
+    if ((reply.member_count ?? 0) > reply.members.length) {
+      this.api("GET", `${roomPath(room.id)}/members`)
+        .then(({ members }) => {
+          this.setMembers(room, members);
+          this.changed("members", "header", "messages");
+        })
+        .catch(() => {});
+    }
     for (const message of reply.messages) this.receive(message, false);
     if (since === undefined) {
       const page = reply.messages;
@@ -256,6 +264,11 @@ export class Chat {
     room.loaded = true;
     this.changed("rooms", "messages", "members", "header");
     return reply;
+  }
+
+  setMembers(room, members) {
+    room.members = new Map(members.map((m) => [m.id, { id: m.id, name: m.name, readSeq: m.read_seq ?? 0 }]));
+    for (const m of members) this.presence.set(m.id, m.status ?? (m.online ? "online" : "offline"));
   }
 
   /** Opens a room from the list: joining it first if we are not a member (public rooms). */

@@ -202,12 +202,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// A page of a room's history.
     async fn history(&self, room: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError>;
     /// Everything a `joined` reply needs, from one consistent snapshot: the user's membership,
-    /// a page of history and the member list.
+    /// a page of history, the first `members_limit` members by name and the member count.
     async fn join_snapshot(
         &self,
         room: &str,
         user_id: &str,
         query: HistoryQuery,
+        members_limit: u32,
     ) -> Result<JoinSnapshot, StoreError>;
 }
 
@@ -218,8 +219,10 @@ pub struct JoinSnapshot {
     pub read_seq: Option<u64>,
     /// The history page asked for.
     pub page: HistoryPage,
-    /// Every member.
+    /// The first members by name (at most the limit asked for).
     pub members: Vec<RoomMember>,
+    /// How many members the room has.
+    pub member_count: u64,
 }
 
 /// A member as stored: who, and how far they have read (for read receipts).

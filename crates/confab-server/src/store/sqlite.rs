@@ -632,7 +632,8 @@ impl Store for SqliteStore {
 
     async fn members(&self, room: &str) -> Result<Vec<RoomMember>, StoreError> {
         let room = room.to_string();
-        self.read(move |conn| select_members(conn, &room)).await
+        self.read(move |conn| select_members(conn, &room, None))
+            .await
     }
 
     async fn join_snapshot(
@@ -640,6 +641,7 @@ impl Store for SqliteStore {
         room: &str,
         user_id: &str,
         query: HistoryQuery,
+        members_limit: u32,
     ) -> Result<JoinSnapshot, StoreError> {
         let room = room.to_string();
         let user_id = user_id.to_string();
@@ -648,7 +650,8 @@ impl Store for SqliteStore {
                 Ok(JoinSnapshot {
                     read_seq: select_membership(conn, &room, &user_id)?,
                     page: read_history(conn, &room, query)?,
-                    members: select_members(conn, &room)?,
+                    members: select_members(conn, &room, Some(members_limit))?,
+                    member_count: count_members(conn, &room)?,
                 })
             })
         })
@@ -758,15 +761,21 @@ fn select_membership(
         .map_err(db_err)
 }
 
-fn select_members(conn: &Connection, room: &str) -> Result<Vec<RoomMember>, StoreError> {
+/// Members sorted by name then id; `limit` None means all of them.
+fn select_members(
+    conn: &Connection,
+    room: &str,
+    limit: Option<u32>,
+) -> Result<Vec<RoomMember>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT u.id, u.name, m.read_seq FROM members m JOIN users u ON u.id = m.user_id
-             WHERE m.room_id = ?1 ORDER BY u.name, u.id",
+             WHERE m.room_id = ?1 ORDER BY u.name, u.id LIMIT ?2",
         )
         .map_err(db_err)?;
+    let limit = limit.map_or(-1, i64::from);
     let rows = stmt
-        .query_map([room], |row| {
+        .query_map(params![room, limit], |row| {
             Ok(RoomMember {
                 user: UserRef {
                     id: row.get(0)?,
@@ -777,6 +786,12 @@ fn select_members(conn: &Connection, room: &str) -> Result<Vec<RoomMember>, Stor
         })
         .map_err(db_err)?;
     rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+}
+
+fn count_members(conn: &Connection, room: &str) -> Result<u64, StoreError> {
+    conn.prepare_cached("SELECT COUNT(*) FROM members WHERE room_id = ?1")
+        .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)))
+        .map_err(db_err)
 }
 
 fn read_history(
@@ -977,7 +992,7 @@ mod tests {
                 .is_none()
         );
         let snapshot = store
-            .join_snapshot("r", "a", HistoryQuery::Latest { limit: 2 })
+            .join_snapshot("r", "a", HistoryQuery::Latest { limit: 2 }, 50)
             .await
             .unwrap();
         assert_eq!(snapshot.read_seq, Some(3));
@@ -997,6 +1012,7 @@ mod tests {
                 read_seq: snapshot.read_seq.unwrap(),
             }]
         );
+        assert_eq!(snapshot.member_count, 1);
         assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 3);
         let listing = store.rooms_for("a").await.unwrap();
         let ids: Vec<_> = listing.iter().map(|l| l.room.id.as_str()).collect();
