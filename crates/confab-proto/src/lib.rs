@@ -413,8 +413,12 @@ impl ErrorCode {
 
 /// WebSocket close codes the server sends.
 pub mod close {
+    /// Normal closure: the answer to a client's close frame that carried no code.
+    pub const NORMAL: u16 = 1000;
     /// The server is shutting down; reconnect (to this or another node) later.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (unmasked frame, reserved bits, bad fragments).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text frame was not valid UTF-8.
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// Policy violation: for example a heartbeat timeout.

@@ -7,6 +7,8 @@
 //! - [`config`]: every option, its default and where it can be set.
 //! - [`http`] (private): axum router, REST handlers, the `/ws` upgrade, error responses.
 //! - [`session`]: one task per WebSocket connection (reader, writer, heartbeat, close codes).
+//! - [`websocket`] (private): our own RFC 6455 framing; frames are written from shared bytes with
+//!   vectored writes, so a connection keeps no write buffer.
 //! - [`outbound`]: a session's bounded queue and its overflow policy.
 //! - [`node`]: the façade every chat operation goes through, REST and WebSocket alike.
 //! - [`committer`]: group-commit pipeline: store a batch, ack senders, publish in seq order.
@@ -29,6 +31,7 @@ pub mod presence;
 pub mod session;
 pub mod store;
 pub mod typing;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -14,11 +14,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
-use futures_util::{SinkExt, StreamExt};
 use governor::DefaultDirectRateLimiter;
 use tokio::sync::mpsc;
+use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
@@ -26,6 +25,7 @@ use crate::hub::Departure;
 use crate::node::{Node, session_limiter};
 use crate::outbound::{Outbound, SessionHandle, encode};
 use crate::store::HistoryQuery;
+use crate::websocket::{Frame, Incoming, ReadError, WebSocket};
 
 /// Queue entries taken per flush.
 const WRITE_BATCH: usize = 128;
@@ -44,13 +44,14 @@ const SHUTDOWN_WRITE_LIMIT: Duration = Duration::from_secs(1);
 const FLOOD_LIMIT: u32 = 100;
 
 /// Runs a session on an upgraded socket until either side closes it.
-pub async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
+pub(crate) async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
     let id = node.next_session_id();
     let (handle, queue) = SessionHandle::new(id, user, node.config.outbound_queue);
     if let Err(err) = node.session_started(&handle) {
-        let _ = socket
-            .send(close_message(close::POLICY_VIOLATION, &err.to_string()))
-            .await;
+        let reason = err.to_string();
+        let goodbye = [Frame::Close(close::POLICY_VIOLATION, &reason)];
+        let _ = within(node.config.write_timeout(), socket.write_frames(&goodbye)).await;
+        socket.shutdown().await;
         return;
     }
     let mut session = Session {
@@ -60,6 +61,7 @@ pub async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
         handle,
         queue,
         socket,
+        frames: Vec::new(),
         rooms: HashMap::new(),
         last_heard: Instant::now(),
         refused_in_a_row: 0,
@@ -79,8 +81,10 @@ impl Drop for Session {
 
 /// Why the loop ended and what to tell the peer.
 enum Ending {
-    /// The peer closed or the connection broke: nothing more to send.
+    /// The connection broke: nothing more can be sent.
     Gone,
+    /// The peer sent a close frame (with this code): answer it.
+    PeerClosed(Option<u16>),
     /// Close with this code and reason.
     Close(u16, &'static str),
 }
@@ -90,6 +94,8 @@ struct Session {
     handle: Arc<SessionHandle>,
     queue: mpsc::Receiver<Outbound>,
     socket: WebSocket,
+    /// Frames of the batch being written, kept between batches (small) to save allocations.
+    frames: Vec<Utf8Bytes>,
     /// Subscribed rooms with the highest seq delivered in each.
     rooms: HashMap<Arc<str>, u64>,
     /// Chat message token bucket.
@@ -156,23 +162,28 @@ impl Session {
                     }
                     batch.shrink_to(IDLE_BATCH_CAPACITY);
                 }
-                inbound = self.socket.next() => {
+                inbound = self.socket.read_message() => {
                     self.last_heard = Instant::now();
                     match inbound {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Err(ending) = self.on_text(text.as_str()).await {
+                        Ok(Incoming::Text(text)) => {
+                            if let Err(ending) = self.on_text(&text).await {
                                 break ending;
                             }
                         }
-                        Some(Ok(Message::Binary(_))) => {
+                        Ok(Incoming::Binary) => {
                             let error = error_event(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames".into());
                             if self.send(&error).await.is_err() {
                                 break Ending::Gone;
                             }
                         }
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => break Ending::Gone,
-                        Some(Err(err)) => break ending_for(err),
+                        Ok(Incoming::Ping(payload)) => {
+                            if self.write(Frame::Pong(&payload)).await.is_err() {
+                                break Ending::Gone;
+                            }
+                        }
+                        Ok(Incoming::Pong) => {}
+                        Ok(Incoming::Close(code)) => break Ending::PeerClosed(code),
+                        Err(err) => break ending_for(&err),
                     }
                 }
                 () = &mut heartbeat => {
@@ -181,7 +192,7 @@ impl Session {
                         break Ending::Close(close::POLICY_VIOLATION, "heartbeat timeout");
                     }
                     if now >= next_ping {
-                        if self.write(Message::Ping(Default::default())).await.is_err() {
+                        if self.write(Frame::Ping).await.is_err() {
                             break Ending::Gone;
                         }
                         next_ping = now + interval;
@@ -192,11 +203,20 @@ impl Session {
         };
         match ending {
             Ending::Close(code, reason) => self.close(code, reason).await,
-            // If the peer started the close, tungstenite has queued our reply: send it.
-            Ending::Gone => {
-                let limit = CLOSE_HANDSHAKE.min(self.write_limit);
-                let _ = tokio::time::timeout(limit, self.socket.close()).await;
+            // Answer the peer's close with its own code (RFC 6455 §5.5.1), then hang up.
+            Ending::PeerClosed(code) => {
+                let code = code
+                    .filter(|c| sendable_close_code(*c))
+                    .unwrap_or(close::NORMAL);
+                let reply = [Frame::Close(code, "")];
+                let _ = within(
+                    CLOSE_HANDSHAKE.min(self.write_limit),
+                    self.socket.write_frames(&reply),
+                )
+                .await;
+                self.socket.shutdown().await;
             }
+            Ending::Gone => {}
         }
     }
 
@@ -209,85 +229,83 @@ impl Session {
     /// Dropping at once could reset the connection and destroy the close frame (and any data
     /// before it) in the peer's receive buffer, so the client would never learn the code.
     async fn close(&mut self, code: u16, reason: &str) {
-        if self.write(close_message(code, reason)).await.is_err() {
+        if self.write(Frame::Close(code, reason)).await.is_err() {
             return;
         }
         let drain = async {
-            while let Some(Ok(message)) = self.socket.next().await {
-                if matches!(message, Message::Close(_)) {
+            while let Ok(message) = self.socket.read_message().await {
+                if matches!(message, Incoming::Close(_)) {
                     break;
                 }
             }
         };
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE.min(self.write_limit), drain).await;
+        self.socket.shutdown().await;
     }
 
-    /// Writes everything taken from the queue with one flush.
+    /// Writes everything taken from the queue with one vectored write: the frames are the
+    /// shared encoded bytes, not copies.
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), ()> {
-        let write = async {
-            for item in batch.drain(..) {
-                match item {
-                    Outbound::Chat(chat) => {
-                        // Skip what the join's history already delivered, and rooms left since.
-                        let Some(delivered) = self.rooms.get_mut(&*chat.room) else {
-                            continue;
-                        };
-                        for message in &chat.frames {
-                            if message.seq > *delivered {
-                                *delivered = message.seq;
-                                self.socket
-                                    .feed(Message::Text(message.frame.clone()))
-                                    .await?;
-                            }
+        let mut frames = std::mem::take(&mut self.frames);
+        for item in batch.drain(..) {
+            match item {
+                Outbound::Chat(chat) => {
+                    // Skip what the join's history already delivered, and rooms left since.
+                    let Some(delivered) = self.rooms.get_mut(&*chat.room) else {
+                        continue;
+                    };
+                    for message in &chat.frames {
+                        if message.seq > *delivered {
+                            *delivered = message.seq;
+                            frames.push(message.frame.clone());
                         }
-                    }
-                    Outbound::Event(frame) => self.socket.feed(Message::Text(frame)).await?,
-                    Outbound::Events(frames) => {
-                        for frame in frames.iter() {
-                            self.socket.feed(Message::Text(frame.clone())).await?;
-                        }
-                    }
-                    Outbound::Left(room) => {
-                        if self.rooms.remove(&room).is_none() {
-                            continue;
-                        }
-                        // A join racing the leave may have subscribed us again: undo that too,
-                        // so the hub and this session agree.
-                        let user = &self.handle.user;
-                        let hub = &self.node.hub;
-                        if hub.unsubscribe(&room, self.handle.id, &user.id, Departure::Leave) {
-                            self.node.announce_user_left(&room, user);
-                        }
-                        self.node.set_typing(&room, &self.handle, false);
-                        let left = encode(&ServerEvent::Left {
-                            reference: None,
-                            room: room.to_string(),
-                        });
-                        self.socket.feed(Message::Text(left)).await?;
                     }
                 }
+                Outbound::Event(frame) => frames.push(frame),
+                Outbound::Events(list) => frames.extend(list.iter().cloned()),
+                Outbound::Left(room) => {
+                    if self.rooms.remove(&room).is_none() {
+                        continue;
+                    }
+                    // A join racing the leave may have subscribed us again: undo that too,
+                    // so the hub and this session agree.
+                    let user = &self.handle.user;
+                    let hub = &self.node.hub;
+                    if hub.unsubscribe(&room, self.handle.id, &user.id, Departure::Leave) {
+                        self.node.announce_user_left(&room, user);
+                    }
+                    self.node.set_typing(&room, &self.handle, false);
+                    frames.push(encode(&ServerEvent::Left {
+                        reference: None,
+                        room: room.to_string(),
+                    }));
+                }
             }
-            self.socket.flush().await
-        };
-        match within(self.write_limit, write).await {
+        }
+        let texts: Vec<Frame<'_>> = frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
+        let written = within(self.write_limit, self.socket.write_frames(&texts)).await;
+        drop(texts);
+        frames.clear();
+        if frames.capacity() <= IDLE_BATCH_CAPACITY * 4 {
+            self.frames = frames;
+        }
+        match written {
             Some(Ok(())) => Ok(()),
-            _ => {
-                batch.clear();
-                Err(())
-            }
+            _ => Err(()),
         }
     }
 
     /// Writes one frame now, bounded by the write timeout.
-    async fn write(&mut self, message: Message) -> Result<(), ()> {
-        match within(self.write_limit, self.socket.send(message)).await {
+    async fn write(&mut self, frame: Frame<'_>) -> Result<(), ()> {
+        match within(self.write_limit, self.socket.write_frames(&[frame])).await {
             Some(Ok(())) => Ok(()),
             _ => Err(()),
         }
     }
 
     async fn send(&mut self, event: &ServerEvent) -> Result<(), ()> {
-        self.write(Message::Text(encode(event))).await
+        let frame = encode(event);
+        self.write(Frame::Text(frame.as_bytes())).await
     }
 
     /// Handles one text frame. `Err` ends the connection.
@@ -527,22 +545,19 @@ fn error_event(reference: Option<Ref>, code: ErrorCode, message: String) -> Serv
     }
 }
 
-fn close_message(code: u16, reason: &str) -> Message {
-    Message::Close(Some(CloseFrame {
-        code,
-        reason: Utf8Bytes::from(reason),
-    }))
+/// Codes a close frame may carry (RFC 6455 §7.4): a peer's reserved or unknown code is not
+/// echoed back.
+fn sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
 }
 
-/// Maps a read error to how the connection ends: an oversized frame gets 1009, anything else
-/// means the connection is already broken.
-fn ending_for(err: axum::Error) -> Ending {
-    let inner = err.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => {
-            Ending::Close(close::MESSAGE_TOO_BIG, "frame exceeds the size limit")
-        }
-        Some(tungstenite::Error::Utf8(_)) => Ending::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
-        _ => Ending::Gone,
+/// Maps a read error to how the connection ends: oversized frames get 1009, bad UTF-8 1007,
+/// protocol violations 1002; a broken connection gets nothing.
+fn ending_for(err: &ReadError) -> Ending {
+    match err {
+        ReadError::TooBig => Ending::Close(close::MESSAGE_TOO_BIG, "frame exceeds the size limit"),
+        ReadError::InvalidUtf8 => Ending::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+        ReadError::Protocol(why) => Ending::Close(close::PROTOCOL_ERROR, why),
+        ReadError::Closed | ReadError::Io(_) => Ending::Gone,
     }
 }

@@ -1,12 +1,12 @@
-//! `GET /ws`: authenticate, check the origin and the connection cap, then upgrade and hand the
-//! socket to a session task owned by the node's task tracker.
+//! `GET /ws`: authenticate, check the origin and the connection cap, then answer the WebSocket
+//! handshake ourselves and hand the upgraded connection to a session task owned by the node's
+//! task tracker (see [`crate::websocket`] for why the framing is our own).
 
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
-use axum::http::{HeaderMap, header};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
@@ -14,6 +14,7 @@ use crate::auth::origin_allowed;
 use crate::error::ChatError;
 use crate::node::Node;
 use crate::session;
+use crate::websocket::WebSocket;
 
 /// Query parameters of `/ws`.
 #[derive(Debug, Deserialize)]
@@ -21,15 +22,11 @@ pub(crate) struct WsParams {
     token: Option<String>,
 }
 
-/// Read buffer per connection: chat commands are small, and idle connections should cost
-/// little (larger frames are still read, in several reads).
-const READ_BUFFER: usize = 1024;
-
 pub(crate) async fn upgrade(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     params: Result<Query<WsParams>, QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Response {
     // Credentials and origin are checked before anything else, so a bad token is always a 401.
     let query_token = params
@@ -55,18 +52,66 @@ pub(crate) async fn upgrade(
         ))
         .into_response();
     }
-    let upgrade = match upgrade {
-        Ok(upgrade) => upgrade,
-        Err(rejection) => return rejection.into_response(),
+    let accept = match handshake_key(&headers) {
+        Ok(key) => tungstenite::handshake::derive_accept_key(key.as_bytes()),
+        Err(why) => return ChatError::BadRequest(why.into()).into_response(),
     };
+    if request
+        .extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_none()
+    {
+        return (
+            StatusCode::UPGRADE_REQUIRED,
+            "this connection cannot be upgraded",
+        )
+            .into_response();
+    }
+    let on_upgrade = hyper::upgrade::on(&mut request);
     let max_frame = node.config.max_frame_bytes;
     let session_node = Arc::clone(&node);
-    upgrade
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .read_buffer_size(READ_BUFFER)
-        .on_upgrade(move |socket| {
-            let tasks = session_node.tasks.clone();
-            tasks.track_future(session::serve(session_node, socket, user))
+    node.tasks.spawn(async move {
+        // The 101 response is sent when this handler returns; the upgrade completes after.
+        if let Ok(upgraded) = on_upgrade.await {
+            let socket = WebSocket::new(upgraded, max_frame);
+            session::serve(session_node, socket, user).await;
+        }
+    });
+    let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
+    let out = response.headers_mut();
+    out.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    out.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        out.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// Checks that the request asks for a WebSocket (RFC 6455 §4.2.1) and returns its key.
+fn handshake_key(headers: &HeaderMap) -> Result<&str, &'static str> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',')
+                    .any(|part| part.trim().eq_ignore_ascii_case(token))
+            })
         })
+    };
+    if !has_token(header::CONNECTION, "upgrade") {
+        return Err("not a WebSocket handshake: Connection must include \"upgrade\"");
+    }
+    if !has_token(header::UPGRADE, "websocket") {
+        return Err("not a WebSocket handshake: Upgrade must be \"websocket\"");
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v.as_bytes() != b"13")
+    {
+        return Err("unsupported WebSocket version: Sec-WebSocket-Version must be 13");
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|key| !key.is_empty())
+        .ok_or("not a WebSocket handshake: Sec-WebSocket-Key is missing")
 }

@@ -1,0 +1,476 @@
+//! The server side of the WebSocket protocol (RFC 6455), written for fan-out.
+//!
+//! A general WebSocket library copies each outgoing frame into a per-connection write buffer
+//! and keeps that buffer at the size of the largest frame it ever wrote (a `joined` with
+//! history is kilobytes): with thousands of mostly idle connections, those buffers are most of
+//! the server's memory. Here a frame's payload is the once-encoded, shared `Utf8Bytes` the hub
+//! fans out; a write gathers the few header bytes and those payloads into vectored writes
+//! (`writev`), so nothing is copied and nothing is kept between writes. The read side keeps a
+//! small buffer that grows only while a large frame arrives and is released after it.
+//!
+//! Only what a chat server needs: no extensions (no compression), no subprotocols, text and
+//! control frames out; text, binary, fragmented and control frames in, with the checks the RFC
+//! requires of a server (masked client frames, no reserved bits, short unfragmented control
+//! frames, valid UTF-8, a size limit).
+
+use std::io::{self, IoSlice};
+
+use bytes::BytesMut;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CONTINUATION: u8 = 0x0;
+const TEXT: u8 = 0x1;
+const BINARY: u8 = 0x2;
+const CLOSE: u8 = 0x8;
+const PING: u8 = 0x9;
+const PONG: u8 = 0xA;
+
+/// Free space made available for each socket read; also what an idle connection keeps.
+const READ_CHUNK: usize = 512;
+
+/// Read buffers grown past this by a large frame are released once it has been consumed.
+const KEEP_READ_CAPACITY: usize = 4 * 1024;
+
+/// Most slices one `writev` takes (Linux's `IOV_MAX`).
+const MAX_IOVECS: usize = 1024;
+
+/// A complete message (or control frame) from the client.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Incoming {
+    /// A text message, UTF-8 checked.
+    Text(String),
+    /// A binary message (the protocol has none; the session answers with an error).
+    Binary,
+    /// A ping: answer with a pong carrying the same payload.
+    Ping(Vec<u8>),
+    /// A pong (a sign of life).
+    Pong,
+    /// The client's close frame, with its status code if it gave one.
+    Close(Option<u16>),
+}
+
+/// Why no further message can be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The connection ended without a close frame.
+    #[error("connection closed")]
+    Closed,
+    /// A frame or message over the size limit (close with 1009).
+    #[error("frame exceeds the size limit")]
+    TooBig,
+    /// A text message that is not UTF-8 (close with 1007).
+    #[error("invalid UTF-8")]
+    InvalidUtf8,
+    /// A violation of RFC 6455 (close with 1002).
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// One frame to send. Payloads are borrowed: the shared encoded frames are written as they are.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Frame<'a> {
+    /// A text frame (every event the server sends).
+    Text(&'a [u8]),
+    /// A heartbeat ping.
+    Ping,
+    /// The answer to a client's ping.
+    Pong(&'a [u8]),
+    /// A close frame with a status code and a reason (at most 123 bytes).
+    Close(u16, &'a str),
+}
+
+/// An upgraded connection.
+pub(crate) struct WebSocket {
+    io: TokioIo<Upgraded>,
+    reader: Reader,
+}
+
+/// The read side's state: bytes received and not yet parsed, and a message being assembled.
+struct Reader {
+    read: BytesMut,
+    /// A fragmented message being assembled: its opcode and payload so far.
+    partial: Option<(u8, Vec<u8>)>,
+    /// Largest frame or message accepted from the client.
+    max_message: usize,
+}
+
+impl WebSocket {
+    /// Wraps a connection whose upgrade to WebSocket has been answered with 101.
+    pub(crate) fn new(upgraded: Upgraded, max_message: usize) -> WebSocket {
+        WebSocket {
+            io: TokioIo::new(upgraded),
+            reader: Reader::new(max_message),
+        }
+    }
+
+    /// The next message. Cancel-safe: bytes read stay buffered, so this can sit in a
+    /// `select!` next to the outbound queue.
+    pub(crate) async fn read_message(&mut self) -> Result<Incoming, ReadError> {
+        let reader = &mut self.reader;
+        loop {
+            if let Some(message) = reader.parse()? {
+                if reader.read.is_empty() && reader.read.capacity() > KEEP_READ_CAPACITY {
+                    reader.read = BytesMut::new();
+                }
+                return Ok(message);
+            }
+            if reader.read.capacity() - reader.read.len() < READ_CHUNK / 2 {
+                reader.read.reserve(READ_CHUNK);
+            }
+            if self.io.read_buf(&mut reader.read).await? == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+    }
+}
+
+impl Reader {
+    fn new(max_message: usize) -> Reader {
+        Reader {
+            read: BytesMut::new(),
+            partial: None,
+            max_message,
+        }
+    }
+
+    /// Takes complete frames off the read buffer until one finishes a message; `None` when more
+    /// bytes are needed.
+    fn parse(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            let Some(header) = FrameHeader::parse(&self.read)? else {
+                return Ok(None);
+            };
+            let control = header.opcode & 0x8 != 0;
+            let so_far = self.partial.as_ref().map_or(0, |(_, data)| data.len());
+            let total = if control {
+                header.len
+            } else {
+                header.len.saturating_add(so_far as u64)
+            };
+            if total > self.max_message as u64 {
+                return Err(ReadError::TooBig);
+            }
+            // Fits in memory: it is at most `max_message`.
+            let end = header.start + header.len as usize;
+            if self.read.len() < end {
+                self.read.reserve(end - self.read.len());
+                return Ok(None);
+            }
+            let frame = self.read.split_to(end);
+            let mut payload = frame[header.start..].to_vec();
+            for (i, byte) in payload.iter_mut().enumerate() {
+                *byte ^= header.mask[i & 3];
+            }
+            match header.opcode {
+                PING => return Ok(Some(Incoming::Ping(payload))),
+                PONG => return Ok(Some(Incoming::Pong)),
+                CLOSE => {
+                    return match payload.len() {
+                        0 => Ok(Some(Incoming::Close(None))),
+                        1 => Err(ReadError::Protocol("close frame with a one-byte payload")),
+                        _ => Ok(Some(Incoming::Close(Some(u16::from_be_bytes([
+                            payload[0], payload[1],
+                        ]))))),
+                    };
+                }
+                TEXT | BINARY => {
+                    if self.partial.is_some() {
+                        return Err(ReadError::Protocol("new message inside a fragmented one"));
+                    }
+                    if header.fin {
+                        return finish(header.opcode, payload).map(Some);
+                    }
+                    self.partial = Some((header.opcode, payload));
+                }
+                CONTINUATION => {
+                    let Some((opcode, mut data)) = self.partial.take() else {
+                        return Err(ReadError::Protocol("continuation without a message"));
+                    };
+                    data.extend_from_slice(&payload);
+                    if header.fin {
+                        return finish(opcode, data).map(Some);
+                    }
+                    self.partial = Some((opcode, data));
+                }
+                _ => return Err(ReadError::Protocol("unknown opcode")),
+            }
+        }
+    }
+}
+
+impl WebSocket {
+    /// Writes frames in order with as few `writev` calls as the socket allows. Not
+    /// cancel-safe (a frame may be cut): callers drop the connection if it is cancelled.
+    pub(crate) async fn write_frames(&mut self, frames: &[Frame<'_>]) -> io::Result<()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
+        // Headers (and close payloads) of every frame, one after another.
+        let mut heads = Vec::with_capacity(frames.len() * 4);
+        let mut spans = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let start = heads.len();
+            match *frame {
+                Frame::Text(payload) => push_header(&mut heads, TEXT, payload.len()),
+                Frame::Ping => push_header(&mut heads, PING, 0),
+                Frame::Pong(payload) => push_header(&mut heads, PONG, payload.len()),
+                Frame::Close(code, reason) => {
+                    let reason = truncate_utf8(reason, 123);
+                    push_header(&mut heads, CLOSE, 2 + reason.len());
+                    heads.extend_from_slice(&code.to_be_bytes());
+                    heads.extend_from_slice(reason.as_bytes());
+                }
+            }
+            spans.push(start..heads.len());
+        }
+        let mut slices = Vec::with_capacity(frames.len() * 2);
+        for (frame, span) in frames.iter().zip(spans) {
+            slices.push(IoSlice::new(&heads[span]));
+            match *frame {
+                Frame::Text(payload) | Frame::Pong(payload) if !payload.is_empty() => {
+                    slices.push(IoSlice::new(payload));
+                }
+                _ => {}
+            }
+        }
+        let mut remaining = &mut slices[..];
+        while !remaining.is_empty() {
+            let take = remaining.len().min(MAX_IOVECS);
+            let written = self.io.write_vectored(&remaining[..take]).await?;
+            if written == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            IoSlice::advance_slices(&mut remaining, written);
+        }
+        self.io.flush().await
+    }
+
+    /// Ends the TCP connection's sending side (after our close frame).
+    pub(crate) async fn shutdown(&mut self) {
+        let _ = self.io.shutdown().await;
+    }
+}
+
+/// The fixed part of a client frame.
+#[derive(Debug, PartialEq, Eq)]
+struct FrameHeader {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    /// Payload length.
+    len: u64,
+    /// Where the payload starts.
+    start: usize,
+}
+
+impl FrameHeader {
+    /// Parses a client frame's header; `None` if `buf` does not hold all of it yet.
+    fn parse(buf: &[u8]) -> Result<Option<FrameHeader>, ReadError> {
+        let [b0, b1, ..] = *buf else {
+            return Ok(None);
+        };
+        if b0 & 0x70 != 0 {
+            return Err(ReadError::Protocol("reserved bits set"));
+        }
+        if b1 & 0x80 == 0 {
+            return Err(ReadError::Protocol("client frames must be masked"));
+        }
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0F;
+        let (len, at) = match b1 & 0x7F {
+            126 => match buf.get(2..4) {
+                Some(bytes) => (u64::from(u16::from_be_bytes([bytes[0], bytes[1]])), 4),
+                None => return Ok(None),
+            },
+            127 => match buf.get(2..10) {
+                Some(bytes) => (
+                    u64::from_be_bytes(bytes.try_into().expect("eight bytes")),
+                    10,
+                ),
+                None => return Ok(None),
+            },
+            short => (u64::from(short), 2),
+        };
+        if opcode & 0x8 != 0 && (!fin || len > 125) {
+            return Err(ReadError::Protocol(
+                "control frames must be short and unfragmented",
+            ));
+        }
+        let Some(mask) = buf.get(at..at + 4) else {
+            return Ok(None);
+        };
+        Ok(Some(FrameHeader {
+            fin,
+            opcode,
+            mask: mask.try_into().expect("four bytes"),
+            len,
+            start: at + 4,
+        }))
+    }
+}
+
+fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
+    if opcode == TEXT {
+        String::from_utf8(payload)
+            .map(Incoming::Text)
+            .map_err(|_| ReadError::InvalidUtf8)
+    } else {
+        Ok(Incoming::Binary)
+    }
+}
+
+/// Appends an unmasked server frame header (FIN set).
+fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+    out.push(0x80 | opcode);
+    if len < 126 {
+        out.push(len as u8);
+    } else if let Ok(len) = u16::try_from(len) {
+        out.push(126);
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.push(127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A masked client frame.
+    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(0x80 | n as u8),
+            n if n <= 0xFFFF => {
+                out.push(0x80 | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(0x80 | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        out
+    }
+
+    /// Parses `bytes` fed in pieces of `chunk` bytes, collecting every message.
+    fn parse_all(bytes: &[u8], chunk: usize, max: usize) -> Result<Vec<Incoming>, ReadError> {
+        let mut reader = Reader::new(max);
+        let mut out = Vec::new();
+        for piece in bytes.chunks(chunk) {
+            reader.read.extend_from_slice(piece);
+            while let Some(message) = reader.parse()? {
+                out.push(message);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn frames_split_anywhere_and_several_per_read() {
+        let mut bytes = client_frame(true, TEXT, b"hello");
+        bytes.extend(client_frame(true, PING, b"p"));
+        bytes.extend(client_frame(false, TEXT, "h\u{e9}".as_bytes()));
+        bytes.extend(client_frame(true, PONG, b""));
+        bytes.extend(client_frame(true, CONTINUATION, b"llo"));
+        bytes.extend(client_frame(true, TEXT, &[b'x'; 300]));
+        bytes.extend(client_frame(true, CLOSE, &1000u16.to_be_bytes()));
+        let expected = vec![
+            Incoming::Text("hello".into()),
+            Incoming::Ping(b"p".to_vec()),
+            Incoming::Pong,
+            Incoming::Text("h\u{e9}llo".into()),
+            Incoming::Text("x".repeat(300)),
+            Incoming::Close(Some(1000)),
+        ];
+        for chunk in [1, 2, 3, 7, 64, 10_000] {
+            assert_eq!(
+                parse_all(&bytes, chunk, 1 << 16).unwrap(),
+                expected,
+                "{chunk}"
+            );
+        }
+    }
+
+    #[test]
+    fn limits_and_violations() {
+        let big = client_frame(true, TEXT, &[b'a'; 70_000]);
+        assert!(matches!(
+            parse_all(&big, 100, 65_536),
+            Err(ReadError::TooBig)
+        ));
+        // The limit counts the whole message across fragments.
+        let mut parts = client_frame(false, TEXT, &[b'a'; 40_000]);
+        parts.extend(client_frame(true, CONTINUATION, &[b'a'; 40_000]));
+        assert!(matches!(
+            parse_all(&parts, 4096, 65_536),
+            Err(ReadError::TooBig)
+        ));
+        let bad_utf8 = client_frame(true, TEXT, &[0xff, 0xfe]);
+        assert!(matches!(
+            parse_all(&bad_utf8, 10, 100),
+            Err(ReadError::InvalidUtf8)
+        ));
+        let mut unmasked = client_frame(true, TEXT, b"x");
+        unmasked[1] &= 0x7f;
+        assert!(matches!(
+            parse_all(&unmasked, 10, 100),
+            Err(ReadError::Protocol(_))
+        ));
+        let fragmented_ping = client_frame(false, PING, b"");
+        assert!(matches!(
+            parse_all(&fragmented_ping, 10, 100),
+            Err(ReadError::Protocol(_))
+        ));
+        let stray = client_frame(true, CONTINUATION, b"x");
+        assert!(matches!(
+            parse_all(&stray, 10, 100),
+            Err(ReadError::Protocol(_))
+        ));
+        let mut reserved = client_frame(true, TEXT, b"x");
+        reserved[0] |= 0x40;
+        assert!(matches!(
+            parse_all(&reserved, 10, 100),
+            Err(ReadError::Protocol(_))
+        ));
+        assert_eq!(
+            parse_all(&client_frame(true, BINARY, b"\x00"), 10, 100).unwrap(),
+            vec![Incoming::Binary]
+        );
+    }
+
+    #[test]
+    fn server_headers() {
+        let mut out = Vec::new();
+        push_header(&mut out, TEXT, 5);
+        assert_eq!(out, [0x81, 5]);
+        out.clear();
+        push_header(&mut out, TEXT, 300);
+        assert_eq!(out, [0x81, 126, 1, 44]);
+        out.clear();
+        push_header(&mut out, TEXT, 70_000);
+        assert_eq!(out, [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(truncate_utf8("h\u{e9}llo", 2), "h");
+    }
+}
