@@ -725,27 +725,33 @@ impl Node {
         self: Arc<Self>,
         mut changes: mpsc::UnboundedReceiver<(UserRef, PresenceStatus)>,
     ) {
+        let mut batch = Vec::new();
         loop {
-            let (user, status) = tokio::select! {
-                change = changes.recv() => match change {
-                    Some(change) => change,
-                    None => return,
-                },
+            let received = tokio::select! {
+                received = changes.recv_many(&mut batch, ANNOUNCE_BATCH) => received,
                 () = self.shutdown.cancelled() => return,
             };
-            let rooms = match self.store.rooms_of_user(&user.id).await {
+            if received == 0 {
+                return;
+            }
+            let ids = batch.iter().map(|(user, _)| user.id.clone()).collect();
+            let rooms = match self.store.rooms_of_users(ids).await {
                 Ok(rooms) => rooms,
                 Err(err) => {
-                    tracing::warn!(error = %err, user = %user.id, "cannot announce presence");
+                    tracing::warn!(error = %err, "cannot announce presence");
+                    batch.clear();
                     continue;
                 }
             };
-            let frame = encode(&ServerEvent::Presence { user, status });
-            let mut told = HashSet::new();
-            for room in rooms {
-                for session in self.hub.subscribers(&room).iter() {
-                    if told.insert(session.id) {
-                        session.push(Outbound::Event(frame.clone()), Priority::Droppable);
+            // In the order the changes happened.
+            for ((user, status), rooms) in batch.drain(..).zip(rooms) {
+                let frame = encode(&ServerEvent::Presence { user, status });
+                let mut told = HashSet::new();
+                for room in rooms {
+                    for session in self.hub.subscribers(&room).iter() {
+                        if told.insert(session.id) {
+                            session.push(Outbound::Event(frame.clone()), Priority::Droppable);
+                        }
                     }
                 }
             }
@@ -787,6 +793,9 @@ pub async fn create_account(
     store.create_account(&user, &hash).await?;
     Ok(user)
 }
+
+/// Presence changes the announcer handles per store round trip.
+const ANNOUNCE_BATCH: usize = 256;
 
 fn quota(per_second: u32, burst: u32) -> Quota {
     let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);

@@ -184,8 +184,10 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Option<(RoomRecord, Option<u64>)>, StoreError>;
     /// Every member of a room with their read position, sorted by name then id.
     async fn members(&self, room: &str) -> Result<Vec<RoomMember>, StoreError>;
-    /// Ids of every room the user is a member of.
-    async fn rooms_of_user(&self, user_id: &str) -> Result<Vec<String>, StoreError>;
+    /// For each user, in the order given, the ids of every room they are a member of. Batched
+    /// so that a burst of presence changes (thousands of clients connecting) costs one store
+    /// round trip, not one each.
+    async fn rooms_of_users(&self, user_ids: Vec<String>) -> Result<Vec<Vec<String>>, StoreError>;
     /// Moves the user's read position forward (never back); returns the stored position.
     async fn set_read(&self, room: &str, user_id: &str, seq: u64) -> Result<u64, StoreError>;
     /// Ends a membership; returns false if there was none.

@@ -658,16 +658,19 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn rooms_of_user(&self, user_id: &str) -> Result<Vec<String>, StoreError> {
-        let user_id = user_id.to_string();
+    async fn rooms_of_users(&self, user_ids: Vec<String>) -> Result<Vec<Vec<String>>, StoreError> {
         self.read(move |conn| {
             let mut stmt = conn
                 .prepare_cached("SELECT room_id FROM members WHERE user_id = ?1")
                 .map_err(db_err)?;
-            let rows = stmt
-                .query_map([&user_id], |row| row.get(0))
-                .map_err(db_err)?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(db_err)
+            user_ids
+                .iter()
+                .map(|user_id| {
+                    stmt.query_map([user_id], |row| row.get(0))
+                        .and_then(|rows| rows.collect::<Result<Vec<String>, _>>())
+                        .map_err(db_err)
+                })
+                .collect()
         })
         .await
     }
