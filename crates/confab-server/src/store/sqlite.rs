@@ -46,6 +46,8 @@ pub struct SqliteStore {
     writer: Mutex<Option<mpsc::Sender<WriteJob>>>,
     /// The writer thread, joined by [`SqliteStore::close`].
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Stops the checkpointer (dropping it does), and its thread.
+    checkpointer: Mutex<Option<(mpsc::Sender<()>, JoinHandle<()>)>>,
     /// Idle read connections.
     readers: Arc<Mutex<Vec<Connection>>>,
     /// Bounds concurrent reads to the pool's size.
@@ -84,10 +86,22 @@ impl SqliteStore {
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
              PRAGMA temp_store = MEMORY;
-             PRAGMA wal_autocheckpoint = 4000;"
+             PRAGMA wal_autocheckpoint = 0;"
         ))
         .map_err(db_err)?;
         migrate(&mut conn)?;
+
+        // Checkpoints run on their own thread: done by the writer (SQLite's default), each one
+        // stalled every commit behind it for the copy and its fsync.
+        let checkpoint_conn = Connection::open(&path).map_err(db_err)?;
+        checkpoint_conn
+            .execute_batch("PRAGMA busy_timeout = 5000;")
+            .map_err(db_err)?;
+        let (stop_checkpoints, stopped) = mpsc::channel::<()>();
+        let checkpoint_thread = std::thread::Builder::new()
+            .name("confab-sqlite-checkpoint".into())
+            .spawn(move || run_checkpointer(checkpoint_conn, stopped))
+            .map_err(|err| StoreError::Database(format!("cannot start checkpointer: {err}")))?;
 
         let (sender, receiver) = mpsc::channel::<WriteJob>();
         let writer_thread = std::thread::Builder::new()
@@ -97,6 +111,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writer: Mutex::new(Some(sender)),
             writer_thread: Mutex::new(Some(writer_thread)),
+            checkpointer: Mutex::new(Some((stop_checkpoints, checkpoint_thread))),
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: tokio::sync::Semaphore::new(READ_POOL_SIZE),
             path,
@@ -105,6 +120,11 @@ impl SqliteStore {
 
     /// Finishes every queued write, then stops the writer thread. Later writes fail `Closed`.
     pub fn close(&self) {
+        // The checkpointer first, so the writer's final checkpoint has the WAL to itself.
+        if let Some((stop, thread)) = self.checkpointer.lock().expect("checkpointer lock").take() {
+            drop(stop);
+            let _ = thread.join();
+        }
         drop(self.writer.lock().expect("writer lock").take());
         if let Some(thread) = self.writer_thread.lock().expect("thread lock").take() {
             let _ = thread.join();
@@ -198,6 +218,19 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         tracing::info!(migration = index + 1, "applied SQLite migration");
     }
     Ok(())
+}
+
+/// How often the checkpointer copies committed WAL frames back into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// The checkpointer thread: a PASSIVE checkpoint now and then, which never blocks the writer or
+/// readers, until the store closes.
+fn run_checkpointer(conn: Connection, stop: mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(err) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %err, "WAL checkpoint failed");
+        }
+    }
 }
 
 /// The writer thread: group commit until every sender is gone.
