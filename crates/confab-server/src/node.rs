@@ -19,6 +19,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tungstenite::Utf8Bytes;
 
 use crate::auth::{self, TokenKeys};
 use crate::broker::Broker;
@@ -743,17 +744,31 @@ impl Node {
                     continue;
                 }
             };
-            // In the order the changes happened.
+            // Each session gets the batch's changes in the order they happened, as one queue
+            // entry: a burst of connects must not fill every observer's queue with presence.
+            let mut per_session: HashMap<SessionId, (Arc<SessionHandle>, Vec<Utf8Bytes>)> =
+                HashMap::new();
             for ((user, status), rooms) in batch.drain(..).zip(rooms) {
                 let frame = encode(&ServerEvent::Presence { user, status });
                 let mut told = HashSet::new();
                 for room in rooms {
                     for session in self.hub.subscribers(&room).iter() {
                         if told.insert(session.id) {
-                            session.push(Outbound::Event(frame.clone()), Priority::Droppable);
+                            per_session
+                                .entry(session.id)
+                                .or_insert_with(|| (Arc::clone(session), Vec::new()))
+                                .1
+                                .push(frame.clone());
                         }
                     }
                 }
+            }
+            for (session, frames) in per_session.into_values() {
+                let item = match <[Utf8Bytes; 1]>::try_from(frames) {
+                    Ok([frame]) => Outbound::Event(frame),
+                    Err(frames) => Outbound::Events(frames.into()),
+                };
+                session.push(item, Priority::Droppable);
             }
         }
     }
