@@ -8,11 +8,12 @@
 //!   the socket with 1013; the client re-joins with `since` and gets everything it missed from
 //!   the store. Nothing is dropped silently and nobody else waits.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use confab_proto::UserRef;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
@@ -72,8 +73,16 @@ pub struct SessionHandle {
     pub id: SessionId,
     /// Who is connected.
     pub user: UserRef,
-    /// Sending side of the bounded queue; the session task owns the receiver.
-    queue: mpsc::Sender<Outbound>,
+    /// The bounded queue. A plain deque rather than a channel: it holds no memory while empty
+    /// and gives back what a burst made it grow, which matters with thousands of idle sessions
+    /// (a channel keeps its 32-slot blocks for good).
+    queue: Mutex<VecDeque<Outbound>>,
+    /// Wakes the session task when something was queued.
+    ready: Notify,
+    /// Set once the session task is gone: nothing more is queued.
+    closed: AtomicBool,
+    /// Most entries the queue holds.
+    capacity: usize,
     /// Free slots below which droppable frames are refused.
     droppable_floor: usize,
     /// Cancelled when a reliable frame did not fit: the session must close with 1013.
@@ -84,45 +93,52 @@ pub struct SessionHandle {
 
 impl SessionHandle {
     /// Creates the handle and the receiver its session task drains.
-    pub fn new(
-        id: SessionId,
-        user: UserRef,
-        capacity: usize,
-    ) -> (Arc<Self>, mpsc::Receiver<Outbound>) {
-        let (queue, receiver) = mpsc::channel(capacity);
-        let handle = SessionHandle {
+    pub fn new(id: SessionId, user: UserRef, capacity: usize) -> (Arc<Self>, OutboundReceiver) {
+        let handle = Arc::new(SessionHandle {
             id,
             user,
-            queue,
+            queue: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+            closed: AtomicBool::new(false),
+            capacity,
             droppable_floor: capacity / 4,
             slow: CancellationToken::new(),
             dropped: AtomicU64::new(0),
+        });
+        let receiver = OutboundReceiver {
+            handle: Arc::clone(&handle),
         };
-        (Arc::new(handle), receiver)
+        (handle, receiver)
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Outbound>> {
+        // A panic while holding this lock cannot leave the deque inconsistent.
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Queues a frame without waiting. Returns false if it was not queued (dropped, session
     /// slow or gone).
     pub fn push(&self, item: Outbound, priority: Priority) -> bool {
-        if self.slow.is_cancelled() {
+        if self.slow.is_cancelled() || self.closed.load(Ordering::Acquire) {
             return false;
         }
-        if priority == Priority::Droppable && self.queue.capacity() <= self.droppable_floor {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
-            return false;
-        }
-        match self.queue.try_send(item) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if priority == Priority::Reliable {
-                    self.slow.cancel();
-                } else {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                false
+        let mut queue = self.queue();
+        let free = self.capacity.saturating_sub(queue.len());
+        if free == 0 || (priority == Priority::Droppable && free <= self.droppable_floor) {
+            drop(queue);
+            if priority == Priority::Reliable {
+                self.slow.cancel();
+            } else {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            return false;
         }
+        queue.push_back(item);
+        drop(queue);
+        self.ready.notify_one();
+        true
     }
 
     /// Resolves when the session has been marked slow.
@@ -136,6 +152,50 @@ impl SessionHandle {
     }
 }
 
+/// Entries a drained queue may keep allocated; a bigger one (after a burst) is released.
+const KEEP_QUEUE_CAPACITY: usize = 8;
+
+/// The session task's end of its queue.
+#[derive(Debug)]
+pub struct OutboundReceiver {
+    handle: Arc<SessionHandle>,
+}
+
+impl OutboundReceiver {
+    /// Waits until something is queued, then moves up to `limit` entries into `out`, oldest
+    /// first, and returns how many. Cancel-safe: entries stay queued until taken.
+    pub async fn recv_many(&mut self, out: &mut Vec<Outbound>, limit: usize) -> usize {
+        loop {
+            {
+                let mut queue = self.handle.queue();
+                if !queue.is_empty() {
+                    let taken = queue.len().min(limit);
+                    out.extend(queue.drain(..taken));
+                    if queue.is_empty() && queue.capacity() > KEEP_QUEUE_CAPACITY {
+                        *queue = VecDeque::new();
+                    }
+                    return taken;
+                }
+            }
+            // A push between the check and this wait leaves a permit: no wakeup is lost.
+            self.handle.ready.notified().await;
+        }
+    }
+
+    /// Takes the oldest entry, if any, without waiting.
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.handle.queue().pop_front()
+    }
+}
+
+impl Drop for OutboundReceiver {
+    /// The session is gone: refuse further pushes and free what is queued.
+    fn drop(&mut self) {
+        self.handle.closed.store(true, Ordering::Release);
+        std::mem::take(&mut *self.handle.queue());
+    }
+}
+
 /// Encodes an event as a text frame. Broadcasts call this once and share the result.
 pub fn encode(event: &confab_proto::ServerEvent) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(event).expect("server events always serialize"))
@@ -145,7 +205,7 @@ pub fn encode(event: &confab_proto::ServerEvent) -> Utf8Bytes {
 mod tests {
     use super::*;
 
-    fn handle(capacity: usize) -> (Arc<SessionHandle>, mpsc::Receiver<Outbound>) {
+    fn handle(capacity: usize) -> (Arc<SessionHandle>, OutboundReceiver) {
         SessionHandle::new(
             1,
             UserRef {
@@ -173,5 +233,41 @@ mod tests {
         assert!(!handle.push(event(), Priority::Reliable));
         assert!(handle.slow().is_cancelled());
         assert!(!handle.push(event(), Priority::Reliable));
+    }
+
+    #[tokio::test]
+    async fn the_receiver_gets_everything_in_order_and_memory_back() {
+        let (handle, mut rx) = handle(256);
+        for n in 0..100 {
+            assert!(handle.push(Outbound::Left(n.to_string().into()), Priority::Reliable));
+        }
+        let mut batch = Vec::new();
+        assert_eq!(rx.recv_many(&mut batch, 64).await, 64);
+        assert_eq!(rx.recv_many(&mut batch, 64).await, 36);
+        let rooms: Vec<String> = batch
+            .iter()
+            .map(|item| match item {
+                Outbound::Left(room) => room.to_string(),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(rooms, (0..100).map(|n| n.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            handle.queue().capacity(),
+            0,
+            "a drained burst gives its memory back"
+        );
+        // A push from another task wakes a waiting receiver.
+        let pusher = Arc::clone(&handle);
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            rx.recv_many(&mut got, 8).await;
+            got.len()
+        });
+        tokio::task::yield_now().await;
+        assert!(pusher.push(Outbound::Left("x".into()), Priority::Reliable));
+        assert_eq!(waiter.await.unwrap(), 1);
+        // The receiver is gone (the session ended): nothing is queued any more.
+        assert!(!handle.push(Outbound::Left("y".into()), Priority::Reliable));
     }
 }

@@ -16,14 +16,13 @@ use std::time::{Duration, Instant};
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
 use governor::DefaultDirectRateLimiter;
-use tokio::sync::mpsc;
 use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
 use crate::hub::Departure;
 use crate::node::{Node, session_limiter};
-use crate::outbound::{Outbound, SessionHandle, encode};
+use crate::outbound::{Outbound, OutboundReceiver, SessionHandle, encode};
 use crate::store::HistoryQuery;
 use crate::websocket::{Frame, Incoming, ReadError, WebSocket};
 
@@ -92,7 +91,7 @@ enum Ending {
 struct Session {
     node: Arc<Node>,
     handle: Arc<SessionHandle>,
-    queue: mpsc::Receiver<Outbound>,
+    queue: OutboundReceiver,
     socket: WebSocket,
     /// Frames of the batch being written, kept between batches (small) to save allocations.
     frames: Vec<Utf8Bytes>,
@@ -144,7 +143,7 @@ impl Session {
                     // client that does not read gets only a short grace, so shutdown stays
                     // bounded.
                     self.write_limit = SHUTDOWN_WRITE_LIMIT;
-                    while let Ok(item) = self.queue.try_recv() {
+                    while let Some(item) = self.queue.try_recv() {
                         batch.push(item);
                     }
                     let _ = self.write_batch(&mut batch).await;
