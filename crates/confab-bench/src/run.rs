@@ -255,6 +255,37 @@ impl Ctx {
     }
 
     /// Connects connection `index` as user `user` and, unless `join` is false, joins `room`.
+    /// [`Ctx::open`] within the connect timeout, recording its connect time and counting it as
+    /// connected, or recording why it failed.
+    async fn open_counted(
+        &self,
+        index: usize,
+        user: &str,
+        room: &str,
+        join: bool,
+    ) -> Option<WsConn> {
+        let started = Instant::now();
+        let timeout = Duration::from_secs_f64(self.args.connect_timeout);
+        match tokio::time::timeout(timeout, self.open(index, user, room, join)).await {
+            Ok(Ok(conn)) => {
+                self.connect_times
+                    .lock()
+                    .expect("connect histogram lock")
+                    .saturating_record(started.elapsed().as_nanos() as u64);
+                self.connected.fetch_add(1, Ordering::AcqRel);
+                Some(conn)
+            }
+            Ok(Err(error)) => {
+                self.error(format!("connect: {}", setup_kind(&error)), &error);
+                None
+            }
+            Err(_) => {
+                self.error("connect: timeout", format!("connection {index}"));
+                None
+            }
+        }
+    }
+
     async fn open(
         &self,
         index: usize,
@@ -547,29 +578,11 @@ async fn connection_task(
     let user = format!("bench-{}-{index}", ctx.run_id);
     let opened = {
         let _permit = permits.acquire().await.ok()?;
-        let started = Instant::now();
-        let timeout = Duration::from_secs_f64(ctx.args.connect_timeout);
-        let result =
-            tokio::time::timeout(timeout, ctx.open(index, &user, &ctx.rooms[room], true)).await;
-        match result {
-            Ok(Ok(conn)) => {
-                ctx.connect_times
-                    .lock()
-                    .expect("connect histogram lock")
-                    .saturating_record(started.elapsed().as_nanos() as u64);
-                ctx.room_members[room].fetch_add(1, Ordering::AcqRel);
-                ctx.connected.fetch_add(1, Ordering::AcqRel);
-                Some(conn)
-            }
-            Ok(Err(error)) => {
-                ctx.error(format!("connect: {}", setup_kind(&error)), &error);
-                None
-            }
-            Err(_) => {
-                ctx.error("connect: timeout", format!("connection {index}"));
-                None
-            }
+        let conn = ctx.open_counted(index, &user, &ctx.rooms[room], true).await;
+        if conn.is_some() {
+            ctx.room_members[room].fetch_add(1, Ordering::AcqRel);
         }
+        conn
     };
     let _ = ready.send(opened.is_some());
     let mut conn = opened?;
@@ -1072,28 +1085,8 @@ async fn run_resume(ctx: Arc<Ctx>) -> anyhow::Result<Report> {
                 let Ok(_permit) = permits.acquire().await else {
                     return;
                 };
-                let started = Instant::now();
-                let timeout = Duration::from_secs_f64(ctx.args.connect_timeout);
-                match tokio::time::timeout(timeout, ctx.open(index, &user, &ctx.rooms[room], false))
+                ctx.open_counted(index, &user, &ctx.rooms[room], false)
                     .await
-                {
-                    Ok(Ok(conn)) => {
-                        ctx.connect_times
-                            .lock()
-                            .expect("connect histogram lock")
-                            .saturating_record(started.elapsed().as_nanos() as u64);
-                        ctx.connected.fetch_add(1, Ordering::AcqRel);
-                        Some(conn)
-                    }
-                    Ok(Err(error)) => {
-                        ctx.error(format!("connect: {}", setup_kind(&error)), &error);
-                        None
-                    }
-                    Err(_) => {
-                        ctx.error("connect: timeout", format!("connection {index}"));
-                        None
-                    }
-                }
             };
             let _ = ready.send(opened.is_some());
             let Some(mut conn) = opened else { return };

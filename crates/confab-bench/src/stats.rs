@@ -73,36 +73,9 @@ impl Shard {
     }
 }
 
-/// Merged view of all shards.
-#[derive(Debug)]
-pub struct Totals {
-    /// See [`Shard::latency`].
-    pub latency: Histogram<u64>,
-    /// See [`Shard::interval_latency`] (only filled by [`Recorder::take_interval`]).
-    pub interval_latency: Histogram<u64>,
-    /// See [`Shard::ack_latency`].
-    pub ack_latency: Histogram<u64>,
-    /// See [`Shard::delivered`].
-    pub delivered: u64,
-    /// See [`Shard::delivered_in_window`].
-    pub delivered_in_window: u64,
-    /// See [`Shard::interval_delivered`].
-    pub interval_delivered: u64,
-    /// See [`Shard::duplicated`].
-    pub duplicated: u64,
-    /// See [`Shard::bad_payloads`].
-    pub bad_payloads: u64,
-    /// See [`Shard::published`].
-    pub published: u64,
-    /// See [`Shard::published_in_window`].
-    pub published_in_window: u64,
-    /// See [`Shard::interval_published`].
-    pub interval_published: u64,
-    /// See [`Shard::acked`].
-    pub acked: u64,
-    /// See [`Shard::acked_in_window`].
-    pub acked_in_window: u64,
-}
+/// Merged view of all shards: the same counters, summed (`interval_*` only filled by
+/// [`Recorder::take_interval`]).
+pub type Totals = Shard;
 
 static NEXT_RECORDER: AtomicU64 = AtomicU64::new(1);
 
@@ -156,21 +129,7 @@ impl Recorder {
     /// Merges every shard; with `take_interval`, also moves out and resets the interval
     /// counters (for the once-a-second progress line).
     fn merge(&self, take_interval: bool) -> Totals {
-        let mut totals = Totals {
-            latency: histogram(),
-            interval_latency: histogram(),
-            ack_latency: histogram(),
-            delivered: 0,
-            delivered_in_window: 0,
-            interval_delivered: 0,
-            duplicated: 0,
-            bad_payloads: 0,
-            published: 0,
-            published_in_window: 0,
-            interval_published: 0,
-            acked: 0,
-            acked_in_window: 0,
-        };
+        let mut totals = Shard::new();
         let shards: Vec<_> = self.shards.lock().expect("shard list lock").clone();
         for shard in shards {
             let mut shard = shard.lock().expect("shard lock");
