@@ -2,7 +2,7 @@
 
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
-import { Server, launch, signUp, messages, WAIT, SHOTS } from "./harness.mjs";
+import { Server, launch, signUp, openAs, messages, WAIT, SHOTS } from "./harness.mjs";
 import { join } from "node:path";
 
 let server;
@@ -182,13 +182,7 @@ test("a reload keeps the session, the room and the history", async () => {
 });
 
 test("a phone-width screen: rooms in a drawer, keyboard-usable", async () => {
-  const context = await browser.newContext({ viewport: { width: 390, height: 800 }, isMobile: true, hasTouch: true });
-  await context.addInitScript(([token, user]) => {
-    localStorage.setItem("confab.token", token);
-    localStorage.setItem("confab.user", user);
-  }, [ann.token, await ann.page.evaluate(() => localStorage.getItem("confab.user"))]);
-  const page = await context.newPage();
-  await page.goto(server.base);
+  const { context, page } = await openAs(browser, server, ann, { viewport: { width: 390, height: 800 }, isMobile: true, hasTouch: true });
   await page.locator("#conn-status[data-state=online]").waitFor({ state: "attached", timeout: WAIT });
   await page.locator("#messages .msg", { hasText: "hello bob" }).waitFor({ timeout: WAIT });
   assert.equal(await page.locator("#sidebar").isVisible(), true);

@@ -142,6 +142,20 @@ export async function signUp(browser, server, name, { viewport = { width: 1280, 
   return { name, context, page, token, problems };
 }
 
+/** Another device of a signed-up person: a fresh browser context (its own storage) holding
+ * that person's saved session, opened on the server's page. */
+export async function openAs(browser, server, person, contextOptions) {
+  const context = await browser.newContext(contextOptions);
+  const user = await person.page.evaluate(() => localStorage.getItem("confab.user"));
+  await context.addInitScript(([token, saved]) => {
+    localStorage.setItem("confab.token", token);
+    localStorage.setItem("confab.user", saved);
+  }, [person.token, user]);
+  const page = await context.newPage();
+  await page.goto(server.base);
+  return { context, page };
+}
+
 /** The message bubbles of the open room (confirmed ones carry their seq). */
 export function messages(page) {
   return page.locator("#messages .msg");

@@ -4,7 +4,7 @@
 import { test, before, after } from "node:test";
 import assert from "node:assert/strict";
 import { join } from "node:path";
-import { Server, launch, signUp, WAIT, SHOTS } from "./harness.mjs";
+import { Server, launch, signUp, openAs, WAIT, SHOTS } from "./harness.mjs";
 
 let server;
 let browser;
@@ -114,13 +114,7 @@ test("more than a page missed (over 500 messages): all fetched, in order, once",
 });
 
 test("a fresh page shows the newest messages and loads older ones when scrolled to the top", async () => {
-  const context = await browser.newContext({ viewport: { width: 1000, height: 700 } });
-  await context.addInitScript(([token, user]) => {
-    localStorage.setItem("confab.token", token);
-    localStorage.setItem("confab.user", user);
-  }, [ann.token, await ann.page.evaluate(() => localStorage.getItem("confab.user"))]);
-  const page = await context.newPage();
-  await page.goto(server.base);
+  const { context, page } = await openAs(browser, server, ann, { viewport: { width: 1000, height: 700 } });
   await page.locator("#messages .msg", { hasText: "bulk 619" }).waitFor({ timeout: WAIT });
   assert.equal((await shownSeqs(page)).length, 50, "one page to start with");
   const { messages } = await server.api("GET", "/api/rooms/general/messages?limit=1", { token: bobToken });
