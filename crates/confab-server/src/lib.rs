@@ -131,12 +131,10 @@ impl Server {
             broker,
             committer,
         );
-        let listener = TcpListener::bind(config.addr)
-            .await
-            .map_err(|source| StartError::Io {
-                context: format!("cannot listen on {}", config.addr),
-                source,
-            })?;
+        let listener = listen(config.addr).map_err(|source| StartError::Io {
+            context: format!("cannot listen on {}", config.addr),
+            source,
+        })?;
         Ok(Server {
             node,
             listener,
@@ -169,19 +167,12 @@ impl Server {
         } = self;
         let app = http::router(Arc::clone(&node));
         let stop = node.shutdown.clone();
-        let mut serve = tokio::spawn(
-            axum::serve(
-                listener,
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-        );
-        let mut served = None;
+        let serve = node
+            .tasks
+            .spawn(http::serve(listener, app, Arc::clone(&node)));
         tokio::select! {
             () = shutdown => {}
             () = stop.cancelled() => {}
-            result = &mut serve => served = Some(result),
         }
         // Whether asked to stop or the listener failed, drain the same way, against one
         // deadline. Sessions first (they flush what is queued and close with 1001), then the
@@ -204,20 +195,26 @@ impl Server {
         {
             tracing::error!("the committer did not finish storing accepted messages in time");
         }
-        let served = match served {
-            Some(result) => result,
-            None => match tokio::time::timeout_at(deadline, &mut serve).await {
-                Ok(result) => result,
-                Err(_) => {
-                    // HTTP requests still in flight (slow uploads) do not hold up the exit.
-                    serve.abort();
-                    Ok(Ok(()))
-                }
-            },
-        };
+        // The accept loop stopped on the token; it is a tracked task, so it has been waited for.
+        drop(serve);
         tokio::task::spawn_blocking(move || store.close())
             .await
-            .map_err(std::io::Error::other)?;
-        served.map_err(std::io::Error::other)?
+            .map_err(std::io::Error::other)
     }
+}
+
+/// Connections the kernel queues for `accept` while the server is busy: a reconnect storm of
+/// thousands of clients should wait in the queue, not be refused (the default is 1024).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the listening socket with [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std's bind does: a restarted server can listen again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

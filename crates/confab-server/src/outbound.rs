@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use confab_proto::UserRef;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
 /// Process-unique id of one WebSocket connection.
@@ -77,7 +76,7 @@ pub struct SessionHandle {
     /// and gives back what a burst made it grow, which matters with thousands of idle sessions
     /// (a channel keeps its 32-slot blocks for good).
     queue: Mutex<VecDeque<Outbound>>,
-    /// Wakes the session task when something was queued.
+    /// Wakes the session task when something was queued (or the session became slow).
     ready: Notify,
     /// Set once the session task is gone: nothing more is queued.
     closed: AtomicBool,
@@ -85,8 +84,9 @@ pub struct SessionHandle {
     capacity: usize,
     /// Free slots below which droppable frames are refused.
     droppable_floor: usize,
-    /// Cancelled when a reliable frame did not fit: the session must close with 1013.
-    slow: CancellationToken,
+    /// Set when a reliable frame did not fit: the session must close with 1013. A flag, not a
+    /// cancellation token: every push reads it, and a token's check takes a lock.
+    slow: AtomicBool,
     /// Droppable frames refused so far (for metrics and tests).
     dropped: AtomicU64,
 }
@@ -102,7 +102,7 @@ impl SessionHandle {
             closed: AtomicBool::new(false),
             capacity,
             droppable_floor: capacity / 4,
-            slow: CancellationToken::new(),
+            slow: AtomicBool::new(false),
             dropped: AtomicU64::new(0),
         });
         let receiver = OutboundReceiver {
@@ -121,7 +121,7 @@ impl SessionHandle {
     /// Queues a frame without waiting. Returns false if it was not queued (dropped, session
     /// slow or gone).
     pub fn push(&self, item: Outbound, priority: Priority) -> bool {
-        if self.slow.is_cancelled() || self.closed.load(Ordering::Acquire) {
+        if self.is_slow() || self.closed.load(Ordering::Acquire) {
             return false;
         }
         let mut queue = self.queue();
@@ -129,7 +129,8 @@ impl SessionHandle {
         if free == 0 || (priority == Priority::Droppable && free <= self.droppable_floor) {
             drop(queue);
             if priority == Priority::Reliable {
-                self.slow.cancel();
+                self.slow.store(true, Ordering::Release);
+                self.ready.notify_one();
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -141,9 +142,10 @@ impl SessionHandle {
         true
     }
 
-    /// Resolves when the session has been marked slow.
-    pub fn slow(&self) -> &CancellationToken {
-        &self.slow
+    /// Whether a reliable frame found the queue full: the session task wakes up (as for a
+    /// push) and closes the connection.
+    pub fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Acquire)
     }
 
     /// Droppable frames refused so far.
@@ -151,9 +153,6 @@ impl SessionHandle {
         self.dropped.load(Ordering::Relaxed)
     }
 }
-
-/// Entries a drained queue may keep allocated; a bigger one (after a burst) is released.
-const KEEP_QUEUE_CAPACITY: usize = 8;
 
 /// The session task's end of its queue.
 #[derive(Debug)]
@@ -171,7 +170,9 @@ impl OutboundReceiver {
                 if !queue.is_empty() {
                     let taken = queue.len().min(limit);
                     out.extend(queue.drain(..taken));
-                    if queue.is_empty() && queue.capacity() > KEEP_QUEUE_CAPACITY {
+                    if queue.is_empty() {
+                        // Most sessions are idle most of the time: an empty queue holds no
+                        // memory (a few hundred bytes each, times every connection).
                         *queue = VecDeque::new();
                     }
                     return taken;
@@ -228,10 +229,10 @@ mod tests {
         assert_eq!(handle.dropped(), 1);
         assert!(handle.push(event(), Priority::Reliable));
         assert!(handle.push(event(), Priority::Reliable));
-        assert!(!handle.slow().is_cancelled());
+        assert!(!handle.is_slow());
         // The queue is full: a reliable frame marks the session slow instead of vanishing.
         assert!(!handle.push(event(), Priority::Reliable));
-        assert!(handle.slow().is_cancelled());
+        assert!(handle.is_slow());
         assert!(!handle.push(event(), Priority::Reliable));
     }
 

@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
 use governor::DefaultDirectRateLimiter;
-use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
@@ -24,13 +23,10 @@ use crate::hub::Departure;
 use crate::node::{Node, session_limiter};
 use crate::outbound::{Outbound, OutboundReceiver, SessionHandle, encode};
 use crate::store::HistoryQuery;
-use crate::websocket::{Frame, Incoming, ReadError, WebSocket};
+use crate::websocket::{Frame, Incoming, ReadError, WebSocket, Written};
 
 /// Queue entries taken per flush.
 const WRITE_BATCH: usize = 128;
-
-/// Capacity the write batch keeps between bursts.
-const IDLE_BATCH_CAPACITY: usize = 4;
 
 /// How long to wait for the peer to answer our close frame.
 const CLOSE_HANDSHAKE: Duration = Duration::from_secs(2);
@@ -49,23 +45,23 @@ pub(crate) async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef)
     if let Err(err) = node.session_started(&handle) {
         let reason = err.to_string();
         let goodbye = [Frame::Close(close::POLICY_VIOLATION, &reason)];
-        let _ = within(node.config.write_timeout(), socket.write_frames(&goodbye)).await;
+        let _ = write_frames(&mut socket, &goodbye, node.config.write_timeout()).await;
         socket.shutdown().await;
         return;
     }
-    let mut session = Session {
+    // Boxed: the session's state is allocated once, and the task's own future stays small.
+    let mut session = Box::new(Session {
         messages: session_limiter(node.config.message_rate, node.config.message_burst),
         commands: session_limiter(node.config.command_rate, node.config.command_burst),
         node: Arc::clone(&node),
         handle,
         queue,
         socket,
-        frames: Vec::new(),
         rooms: HashMap::new(),
         last_heard: Instant::now(),
         refused_in_a_row: 0,
         write_limit: node.config.write_timeout(),
-    };
+    });
     session.run().await;
 }
 
@@ -93,8 +89,6 @@ struct Session {
     handle: Arc<SessionHandle>,
     queue: OutboundReceiver,
     socket: WebSocket,
-    /// Frames of the batch being written, kept between batches (small) to save allocations.
-    frames: Vec<Utf8Bytes>,
     /// Subscribed rooms with the highest seq delivered in each.
     rooms: HashMap<Arc<str>, u64>,
     /// Chat message token bucket.
@@ -127,13 +121,12 @@ impl Session {
         let mut next_ping = tokio::time::Instant::now() + interval;
         let heartbeat = tokio::time::sleep_until(next_ping.min(self.silence_deadline(timeout)));
         tokio::pin!(heartbeat);
-        // Grows with bursts and is trimmed after them: idle sessions should cost little memory.
+        // Released after every write: idle sessions should cost little memory.
         let mut batch = Vec::new();
         // Created once, not per loop turn: registering a waiter on a cancellation token takes
         // its lock, and the shutdown token is shared by every session.
         let shutdown = self.node.shutdown.clone().cancelled_owned();
-        let slow = self.handle.slow().clone().cancelled_owned();
-        tokio::pin!(shutdown, slow);
+        tokio::pin!(shutdown);
         let ending = loop {
             // Unbiased on purpose: a busy queue must not starve reading (and pongs), nor a busy
             // reader starve the queue.
@@ -149,23 +142,25 @@ impl Session {
                     let _ = self.write_batch(&mut batch).await;
                     break Ending::Close(close::GOING_AWAY, "server shutting down");
                 }
-                () = &mut slow => {
-                    break Ending::Close(
-                        close::TRY_AGAIN_LATER,
-                        "too slow: outbound queue overflowed; re-join with since",
-                    );
-                }
                 received = self.queue.recv_many(&mut batch, WRITE_BATCH) => {
+                    if self.handle.is_slow() {
+                        break Ending::Close(
+                            close::TRY_AGAIN_LATER,
+                            "too slow: outbound queue overflowed; re-join with since",
+                        );
+                    }
                     if received == 0 || self.write_batch(&mut batch).await.is_err() {
                         break Ending::Gone;
                     }
-                    batch.shrink_to(IDLE_BATCH_CAPACITY);
+                    batch = Vec::new();
                 }
                 inbound = self.socket.read_message() => {
                     self.last_heard = Instant::now();
                     match inbound {
                         Ok(Incoming::Text(text)) => {
-                            if let Err(ending) = self.on_text(&text).await {
+                            // Boxed, like every path an idle session is not waiting in: the
+                            // task's future is as large as its largest state.
+                            if let Err(ending) = Box::pin(self.on_text(&text)).await {
                                 break ending;
                             }
                         }
@@ -200,6 +195,11 @@ impl Session {
                 }
             }
         };
+        Box::pin(self.end(ending)).await;
+    }
+
+    /// Says goodbye the way `ending` calls for.
+    async fn end(&mut self, ending: Ending) {
         match ending {
             Ending::Close(code, reason) => self.close(code, reason).await,
             // Answer the peer's close with its own code (RFC 6455 §5.5.1), then hang up.
@@ -208,11 +208,8 @@ impl Session {
                     .filter(|c| sendable_close_code(*c))
                     .unwrap_or(close::NORMAL);
                 let reply = [Frame::Close(code, "")];
-                let _ = within(
-                    CLOSE_HANDSHAKE.min(self.write_limit),
-                    self.socket.write_frames(&reply),
-                )
-                .await;
+                let limit = CLOSE_HANDSHAKE.min(self.write_limit);
+                let _ = write_frames(&mut self.socket, &reply, limit).await;
                 self.socket.shutdown().await;
             }
             Ending::Gone => {}
@@ -245,7 +242,7 @@ impl Session {
     /// Writes everything taken from the queue with one vectored write: the frames are the
     /// shared encoded bytes, not copies.
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), ()> {
-        let mut frames = std::mem::take(&mut self.frames);
+        let mut frames = Vec::new();
         for item in batch.drain(..) {
             match item {
                 Outbound::Chat(chat) => {
@@ -282,24 +279,12 @@ impl Session {
             }
         }
         let texts: Vec<Frame<'_>> = frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
-        let written = within(self.write_limit, self.socket.write_frames(&texts)).await;
-        drop(texts);
-        frames.clear();
-        if frames.capacity() <= IDLE_BATCH_CAPACITY * 4 {
-            self.frames = frames;
-        }
-        match written {
-            Some(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        write_frames(&mut self.socket, &texts, self.write_limit).await
     }
 
     /// Writes one frame now, bounded by the write timeout.
     async fn write(&mut self, frame: Frame<'_>) -> Result<(), ()> {
-        match within(self.write_limit, self.socket.write_frames(&[frame])).await {
-            Some(Ok(())) => Ok(()),
-            _ => Err(()),
-        }
+        write_frames(&mut self.socket, &[frame], self.write_limit).await
     }
 
     async fn send(&mut self, event: &ServerEvent) -> Result<(), ()> {
@@ -524,15 +509,24 @@ impl Session {
     }
 }
 
-/// Runs `work` with a time limit whose timer is armed only if `work` does not finish at once.
-/// Most writes go straight into the socket buffer; they should not pay for a timer each.
-async fn within<T>(limit: Duration, work: impl Future<Output = T>) -> Option<T> {
-    let deadline = tokio::time::sleep(limit);
-    tokio::pin!(work, deadline);
-    tokio::select! {
-        biased;
-        done = &mut work => Some(done),
-        () = &mut deadline => None,
+/// Writes frames, giving a socket that stops taking them `limit` to catch up. Most writes go
+/// straight into the socket buffer and pay for no timer and no allocation; the rest continue
+/// in a boxed future, so waiting for a slow reader does not make every session's state larger.
+async fn write_frames(
+    socket: &mut WebSocket,
+    frames: &[Frame<'_>],
+    limit: Duration,
+) -> Result<(), ()> {
+    match socket.try_write_frames(frames) {
+        Ok(Written::All) => Ok(()),
+        Ok(Written::Partly(written)) => {
+            let rest = tokio::time::timeout(limit, socket.finish_write(frames, written));
+            match Box::pin(rest).await {
+                Ok(Ok(())) => Ok(()),
+                _ => Err(()),
+            }
+        }
+        Err(_) => Err(()),
     }
 }
 

@@ -5,8 +5,12 @@
 //! history is kilobytes): with thousands of mostly idle connections, those buffers are most of
 //! the server's memory. Here a frame's payload is the once-encoded, shared `Utf8Bytes` the hub
 //! fans out; a write gathers the few header bytes and those payloads into vectored writes
-//! (`writev`), so nothing is copied and nothing is kept between writes. The read side keeps a
-//! small buffer that grows only while a large frame arrives and is released after it.
+//! (`writev`), so nothing is copied and nothing is kept between writes. The read side waits
+//! for readiness with no buffer at all, and holds one only while a frame is arriving.
+//!
+//! Writes try the socket first ([`WebSocket::try_write_frames`], no future, no timer): almost
+//! every write fits in the socket buffer at once, and only a write that would block goes on
+//! asynchronously ([`WebSocket::finish_write`]).
 //!
 //! Only what a chat server needs: no extensions (no compression), no subprotocols, text and
 //! control frames out; text, binary, fragmented and control frames in, with the checks the RFC
@@ -15,10 +19,9 @@
 
 use std::io::{self, IoSlice};
 
-use bytes::BytesMut;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -27,11 +30,8 @@ const CLOSE: u8 = 0x8;
 const PING: u8 = 0x9;
 const PONG: u8 = 0xA;
 
-/// Free space made available for each socket read; also what an idle connection keeps.
+/// Free space made available for each socket read.
 const READ_CHUNK: usize = 512;
-
-/// Read buffers grown past this by a large frame are released once it has been consumed.
-const KEEP_READ_CAPACITY: usize = 4 * 1024;
 
 /// Most slices one `writev` takes (Linux's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
@@ -84,14 +84,15 @@ pub(crate) enum Frame<'a> {
     Close(u16, &'a str),
 }
 
-/// An upgraded connection.
+/// An upgraded connection: the accepted TCP socket itself.
 pub(crate) struct WebSocket {
-    io: TokioIo<Upgraded>,
+    stream: TcpStream,
     reader: Reader,
 }
 
 /// The read side's state: bytes received and not yet parsed, and a message being assembled.
 struct Reader {
+    /// Empty (no allocation) between messages.
     read: BytesMut,
     /// A fragmented message being assembled: its opcode and payload so far.
     partial: Option<(u8, Vec<u8>)>,
@@ -99,13 +100,24 @@ struct Reader {
     max_message: usize,
 }
 
+/// How far a write got without waiting.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Every byte is in the socket buffer.
+    All,
+    /// The socket is full after this many bytes: finish with [`WebSocket::finish_write`].
+    Partly(usize),
+}
+
 impl WebSocket {
-    /// Wraps a connection whose upgrade to WebSocket has been answered with 101.
-    pub(crate) fn new(upgraded: Upgraded, max_message: usize) -> WebSocket {
-        WebSocket {
-            io: TokioIo::new(upgraded),
-            reader: Reader::new(max_message),
+    /// Wraps a connection whose upgrade to WebSocket has been answered with 101; `already_read`
+    /// is what the HTTP server had read past the request (a client may send right away).
+    pub(crate) fn new(stream: TcpStream, already_read: Bytes, max_message: usize) -> WebSocket {
+        let mut reader = Reader::new(max_message);
+        if !already_read.is_empty() {
+            reader.read.extend_from_slice(&already_read);
         }
+        WebSocket { stream, reader }
     }
 
     /// The next message. Cancel-safe: bytes read stay buffered, so this can sit in a
@@ -114,16 +126,22 @@ impl WebSocket {
         let reader = &mut self.reader;
         loop {
             if let Some(message) = reader.parse()? {
-                if reader.read.is_empty() && reader.read.capacity() > KEEP_READ_CAPACITY {
+                if reader.read.is_empty() {
+                    // Idle connections are the common case: they hold no read buffer.
                     reader.read = BytesMut::new();
                 }
                 return Ok(message);
             }
+            // Wait for data before taking memory for it.
+            self.stream.readable().await?;
             if reader.read.capacity() - reader.read.len() < READ_CHUNK / 2 {
                 reader.read.reserve(READ_CHUNK);
             }
-            if self.io.read_buf(&mut reader.read).await? == 0 {
-                return Err(ReadError::Closed);
+            match self.stream.try_read_buf(&mut reader.read) {
+                Ok(0) => return Err(ReadError::Closed),
+                Ok(_) => {}
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                Err(err) => return Err(err.into()),
             }
         }
     }
@@ -204,11 +222,34 @@ impl Reader {
 }
 
 impl WebSocket {
-    /// Writes frames in order with as few `writev` calls as the socket allows. Not
-    /// cancel-safe (a frame may be cut): callers drop the connection if it is cancelled.
-    pub(crate) async fn write_frames(&mut self, frames: &[Frame<'_>]) -> io::Result<()> {
+    /// Writes frames in order with as few `writev` calls as the socket takes without waiting.
+    /// If it would block, the caller finishes the rest with [`WebSocket::finish_write`] (same
+    /// frames, the count returned); a frame may be cut in between, so a caller that gives up
+    /// must drop the connection.
+    pub(crate) fn try_write_frames(&mut self, frames: &[Frame<'_>]) -> io::Result<Written> {
+        self.write_now(frames, 0)
+    }
+
+    /// Writes the rest of `frames` after the first `written` bytes, waiting for the socket.
+    /// Rebuilding the slices after each wait is cheap next to waiting.
+    pub(crate) async fn finish_write(
+        &mut self,
+        frames: &[Frame<'_>],
+        mut written: usize,
+    ) -> io::Result<()> {
+        loop {
+            self.stream.writable().await?;
+            match self.write_now(frames, written)? {
+                Written::All => return Ok(()),
+                Written::Partly(so_far) => written = so_far,
+            }
+        }
+    }
+
+    /// Writes `frames` after their first `skip` bytes until done or the socket is full.
+    fn write_now(&mut self, frames: &[Frame<'_>], skip: usize) -> io::Result<Written> {
         if frames.is_empty() {
-            return Ok(());
+            return Ok(Written::All);
         }
         // Headers (and close payloads) of every frame, one after another.
         let mut heads = Vec::with_capacity(frames.len() * 4);
@@ -239,20 +280,28 @@ impl WebSocket {
             }
         }
         let mut remaining = &mut slices[..];
+        IoSlice::advance_slices(&mut remaining, skip);
+        let mut written = skip;
         while !remaining.is_empty() {
             let take = remaining.len().min(MAX_IOVECS);
-            let written = self.io.write_vectored(&remaining[..take]).await?;
-            if written == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+            match self.stream.try_write_vectored(&remaining[..take]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    written += n;
+                    IoSlice::advance_slices(&mut remaining, n);
+                }
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Written::Partly(written));
+                }
+                Err(err) => return Err(err),
             }
-            IoSlice::advance_slices(&mut remaining, written);
         }
-        self.io.flush().await
+        Ok(Written::All)
     }
 
     /// Ends the TCP connection's sending side (after our close frame).
     pub(crate) async fn shutdown(&mut self) {
-        let _ = self.io.shutdown().await;
+        let _ = self.stream.shutdown().await;
     }
 }
 

@@ -2,6 +2,7 @@
 //! [`ChatError`] to HTTP responses.
 
 mod rest;
+mod serve;
 mod web;
 mod ws;
 
@@ -19,6 +20,8 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ChatError;
 use crate::node::Node;
+
+pub(crate) use serve::serve;
 
 /// Largest REST request body.
 const MAX_BODY_BYTES: usize = 64 * 1024;

@@ -8,7 +8,9 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use tokio::net::TcpStream;
 
 use crate::auth::origin_allowed;
 use crate::error::ChatError;
@@ -72,9 +74,16 @@ pub(crate) async fn upgrade(
     let session_node = Arc::clone(&node);
     node.tasks.spawn(async move {
         // The 101 response is sent when this handler returns; the upgrade completes after.
-        if let Ok(upgraded) = on_upgrade.await {
-            let socket = WebSocket::new(upgraded, max_frame);
-            session::serve(session_node, socket, user).await;
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        // Our accept loop serves plain TCP streams, so this is the socket itself.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let socket = WebSocket::new(parts.io.into_inner(), parts.read_buf, max_frame);
+                session::serve(session_node, socket, user).await;
+            }
+            Err(_) => tracing::error!("an upgraded connection is not a TCP stream"),
         }
     });
     let mut response = StatusCode::SWITCHING_PROTOCOLS.into_response();
