@@ -11,9 +11,10 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use confab_proto::UserRef;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 use tungstenite::Utf8Bytes;
 
 /// Process-unique id of one WebSocket connection.
@@ -77,7 +78,7 @@ pub struct SessionHandle {
     /// (a channel keeps its 32-slot blocks for good).
     queue: Mutex<VecDeque<Outbound>>,
     /// Wakes the session task when something was queued (or the session became slow).
-    ready: Notify,
+    ready: AtomicWaker,
     /// Set once the session task is gone: nothing more is queued.
     closed: AtomicBool,
     /// Most entries the queue holds.
@@ -98,7 +99,7 @@ impl SessionHandle {
             id,
             user,
             queue: Mutex::new(VecDeque::new()),
-            ready: Notify::new(),
+            ready: AtomicWaker::new(),
             closed: AtomicBool::new(false),
             capacity,
             droppable_floor: capacity / 4,
@@ -130,7 +131,7 @@ impl SessionHandle {
             drop(queue);
             if priority == Priority::Reliable {
                 self.slow.store(true, Ordering::Release);
-                self.ready.notify_one();
+                self.ready.wake();
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -138,7 +139,7 @@ impl SessionHandle {
         }
         queue.push_back(item);
         drop(queue);
-        self.ready.notify_one();
+        self.ready.wake();
         true
     }
 
@@ -164,23 +165,38 @@ impl OutboundReceiver {
     /// Waits until something is queued, then moves up to `limit` entries into `out`, oldest
     /// first, and returns how many. Cancel-safe: entries stay queued until taken.
     pub async fn recv_many(&mut self, out: &mut Vec<Outbound>, limit: usize) -> usize {
-        loop {
-            {
-                let mut queue = self.handle.queue();
-                if !queue.is_empty() {
-                    let taken = queue.len().min(limit);
-                    out.extend(queue.drain(..taken));
-                    if queue.is_empty() {
-                        // Most sessions are idle most of the time: an empty queue holds no
-                        // memory (a few hundred bytes each, times every connection).
-                        *queue = VecDeque::new();
-                    }
-                    return taken;
-                }
-            }
-            // A push between the check and this wait leaves a permit: no wakeup is lost.
-            self.handle.ready.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv_many(cx, out, limit)).await
+    }
+
+    /// Moves up to `limit` queued entries into `out` and returns how many; while the queue is
+    /// empty, `Pending`, with the task registered to be woken by the next push.
+    pub fn poll_recv_many(
+        &mut self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<Outbound>,
+        limit: usize,
+    ) -> Poll<usize> {
+        if let taken @ 1.. = self.take(out, limit) {
+            return Poll::Ready(taken);
         }
+        self.handle.ready.register(cx.waker());
+        // Look again: a push between the first look and the registration woke nobody.
+        match self.take(out, limit) {
+            0 => Poll::Pending,
+            taken => Poll::Ready(taken),
+        }
+    }
+
+    fn take(&mut self, out: &mut Vec<Outbound>, limit: usize) -> usize {
+        let mut queue = self.handle.queue();
+        let taken = queue.len().min(limit);
+        out.extend(queue.drain(..taken));
+        if queue.is_empty() && queue.capacity() > 0 {
+            // Most sessions are idle most of the time: an empty queue holds no memory (a few
+            // hundred bytes each, times every connection).
+            *queue = VecDeque::new();
+        }
+        taken
     }
 
     /// Takes the oldest entry, if any, without waiting.

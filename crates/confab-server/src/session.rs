@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
@@ -39,14 +40,12 @@ const SHUTDOWN_WRITE_LIMIT: Duration = Duration::from_secs(1);
 const FLOOD_LIMIT: u32 = 100;
 
 /// Runs a session on an upgraded socket until either side closes it.
-pub(crate) async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef) {
+pub(crate) async fn serve(node: Arc<Node>, socket: WebSocket, user: UserRef) {
     let id = node.next_session_id();
     let (handle, queue) = SessionHandle::new(id, user, node.config.outbound_queue);
     if let Err(err) = node.session_started(&handle) {
-        let reason = err.to_string();
-        let goodbye = [Frame::Close(close::POLICY_VIOLATION, &reason)];
-        let _ = write_frames(&mut socket, &goodbye, node.config.write_timeout()).await;
-        socket.shutdown().await;
+        let limit = node.config.write_timeout();
+        Box::pin(refuse_session(socket, err.to_string(), limit)).await;
         return;
     }
     // Boxed: the session's state is allocated once, and the task's own future stays small.
@@ -65,6 +64,13 @@ pub(crate) async fn serve(node: Arc<Node>, mut socket: WebSocket, user: UserRef)
     session.run().await;
 }
 
+/// Closes a connection that may not become a session (too many connections for its user).
+async fn refuse_session(mut socket: WebSocket, reason: String, limit: Duration) {
+    let goodbye = [Frame::Close(close::POLICY_VIOLATION, &reason)];
+    let _ = write_frames(&mut socket, &goodbye, limit).await;
+    socket.shutdown().await;
+}
+
 impl Drop for Session {
     /// Cleans up however the session ends, even if its task panicked: leaves the hub, stops
     /// typing, and starts the presence grace period.
@@ -72,6 +78,18 @@ impl Drop for Session {
         let rooms = std::mem::take(&mut self.rooms).into_keys().collect();
         self.node.session_ended(&self.handle, rooms);
     }
+}
+
+/// What woke the session's loop.
+enum Woken {
+    /// The server is shutting down.
+    Shutdown,
+    /// Entries were taken from the queue into the write batch.
+    Queue,
+    /// A message (or a read error) from the client.
+    Inbound(Result<Incoming, ReadError>),
+    /// The heartbeat timer fired.
+    Heartbeat,
 }
 
 /// Why the loop ended and what to tell the peer.
@@ -110,7 +128,7 @@ impl Session {
             session: self.handle.id.to_string(),
             heartbeat_ms: self.node.config.heartbeat_interval_ms,
         };
-        if self.send(&connected).await.is_err() {
+        if Box::pin(self.send(&connected)).await.is_err() {
             return;
         }
         // One timer for both heartbeat duties: it fires at the next ping or when the peer's
@@ -127,11 +145,39 @@ impl Session {
         // its lock, and the shutdown token is shared by every session.
         let shutdown = self.node.shutdown.clone().cancelled_owned();
         tokio::pin!(shutdown);
+        // Queue and socket take turns being looked at first: a busy queue must not starve
+        // reading (and pongs), nor a busy reader starve the queue.
+        let mut queue_first = false;
         let ending = loop {
-            // Unbiased on purpose: a busy queue must not starve reading (and pongs), nor a busy
-            // reader starve the queue.
-            tokio::select! {
-                () = &mut shutdown => {
+            queue_first = !queue_first;
+            // Polled by hand rather than with `select!`: the queue and the socket are waited on
+            // through their poll functions, which keep no future, so an idle session's state is
+            // just the shutdown waiter and the heartbeat timer.
+            let woken = std::future::poll_fn(|cx| {
+                if shutdown.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woken::Shutdown);
+                }
+                for turn in [queue_first, !queue_first] {
+                    if turn {
+                        if self
+                            .queue
+                            .poll_recv_many(cx, &mut batch, WRITE_BATCH)
+                            .is_ready()
+                        {
+                            return Poll::Ready(Woken::Queue);
+                        }
+                    } else if let Poll::Ready(inbound) = self.socket.poll_message(cx) {
+                        return Poll::Ready(Woken::Inbound(inbound));
+                    }
+                }
+                if heartbeat.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Woken::Heartbeat);
+                }
+                Poll::Pending
+            })
+            .await;
+            match woken {
+                Woken::Shutdown => {
                     // Hand over what is already queued (acks, messages), then say goodbye; a
                     // client that does not read gets only a short grace, so shutdown stays
                     // bounded.
@@ -142,45 +188,27 @@ impl Session {
                     let _ = self.write_batch(&mut batch).await;
                     break Ending::Close(close::GOING_AWAY, "server shutting down");
                 }
-                received = self.queue.recv_many(&mut batch, WRITE_BATCH) => {
+                Woken::Queue => {
                     if self.handle.is_slow() {
                         break Ending::Close(
                             close::TRY_AGAIN_LATER,
                             "too slow: outbound queue overflowed; re-join with since",
                         );
                     }
-                    if received == 0 || self.write_batch(&mut batch).await.is_err() {
+                    if self.write_batch(&mut batch).await.is_err() {
                         break Ending::Gone;
                     }
                     batch = Vec::new();
                 }
-                inbound = self.socket.read_message() => {
+                Woken::Inbound(inbound) => {
                     self.last_heard = Instant::now();
-                    match inbound {
-                        Ok(Incoming::Text(text)) => {
-                            // Boxed, like every path an idle session is not waiting in: the
-                            // task's future is as large as its largest state.
-                            if let Err(ending) = Box::pin(self.on_text(&text)).await {
-                                break ending;
-                            }
-                        }
-                        Ok(Incoming::Binary) => {
-                            let error = error_event(None, ErrorCode::BadRequest, "binary frames are not supported; send JSON text frames".into());
-                            if self.send(&error).await.is_err() {
-                                break Ending::Gone;
-                            }
-                        }
-                        Ok(Incoming::Ping(payload)) => {
-                            if self.write(Frame::Pong(&payload)).await.is_err() {
-                                break Ending::Gone;
-                            }
-                        }
-                        Ok(Incoming::Pong) => {}
-                        Ok(Incoming::Close(code)) => break Ending::PeerClosed(code),
-                        Err(err) => break ending_for(&err),
+                    // Boxed, like every path an idle session is not waiting in: the task's
+                    // future is as large as its largest state.
+                    if let Err(ending) = Box::pin(self.on_inbound(inbound)).await {
+                        break ending;
                     }
                 }
-                () = &mut heartbeat => {
+                Woken::Heartbeat => {
                     let now = tokio::time::Instant::now();
                     if now >= self.silence_deadline(timeout) {
                         break Ending::Close(close::POLICY_VIOLATION, "heartbeat timeout");
@@ -191,11 +219,33 @@ impl Session {
                         }
                         next_ping = now + interval;
                     }
-                    heartbeat.as_mut().reset(next_ping.min(self.silence_deadline(timeout)));
+                    heartbeat
+                        .as_mut()
+                        .reset(next_ping.min(self.silence_deadline(timeout)));
                 }
             }
         };
         Box::pin(self.end(ending)).await;
+    }
+
+    /// Handles one message from the client. `Err` ends the connection.
+    async fn on_inbound(&mut self, inbound: Result<Incoming, ReadError>) -> Result<(), Ending> {
+        let sent = match inbound {
+            Ok(Incoming::Text(text)) => return self.on_text(&text).await,
+            Ok(Incoming::Binary) => {
+                let error = error_event(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported; send JSON text frames".into(),
+                );
+                self.send(&error).await
+            }
+            Ok(Incoming::Ping(payload)) => self.write(Frame::Pong(&payload)).await,
+            Ok(Incoming::Pong) => Ok(()),
+            Ok(Incoming::Close(code)) => return Err(Ending::PeerClosed(code)),
+            Err(err) => return Err(ending_for(&err)),
+        };
+        sent.map_err(|()| Ending::Gone)
     }
 
     /// Says goodbye the way `ending` calls for.

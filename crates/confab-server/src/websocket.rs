@@ -18,6 +18,7 @@
 //! frames, valid UTF-8, a size limit).
 
 use std::io::{self, IoSlice};
+use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -120,28 +121,39 @@ impl WebSocket {
         WebSocket { stream, reader }
     }
 
-    /// The next message. Cancel-safe: bytes read stay buffered, so this can sit in a
-    /// `select!` next to the outbound queue.
+    /// The next message. Cancel-safe: bytes read stay buffered.
     pub(crate) async fn read_message(&mut self) -> Result<Incoming, ReadError> {
+        std::future::poll_fn(|cx| self.poll_message(cx)).await
+    }
+
+    /// The next message if one has arrived; otherwise `Pending`, with the task registered to
+    /// be woken when the socket has data. No future is kept while waiting, and no buffer
+    /// either unless part of a frame has arrived: idle connections are the common case.
+    pub(crate) fn poll_message(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Incoming, ReadError>> {
         let reader = &mut self.reader;
         loop {
             if let Some(message) = reader.parse()? {
                 if reader.read.is_empty() {
-                    // Idle connections are the common case: they hold no read buffer.
                     reader.read = BytesMut::new();
                 }
-                return Ok(message);
+                return Poll::Ready(Ok(message));
             }
-            // Wait for data before taking memory for it.
-            self.stream.readable().await?;
+            if reader.read.is_empty() {
+                reader.read = BytesMut::new();
+            }
+            ready!(self.stream.poll_read_ready(cx))?;
             if reader.read.capacity() - reader.read.len() < READ_CHUNK / 2 {
                 reader.read.reserve(READ_CHUNK);
             }
+            // A `WouldBlock` clears the readiness, so the next poll waits for data again.
             match self.stream.try_read_buf(&mut reader.read) {
-                Ok(0) => return Err(ReadError::Closed),
+                Ok(0) => return Poll::Ready(Err(ReadError::Closed)),
                 Ok(_) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
-                Err(err) => return Err(err.into()),
+                Err(err) => return Poll::Ready(Err(err.into())),
             }
         }
     }
