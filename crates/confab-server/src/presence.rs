@@ -15,6 +15,8 @@ use crate::outbound::{SessionHandle, SessionId};
 /// One connected session of a user.
 #[derive(Debug)]
 struct Device {
+    /// The session.
+    id: SessionId,
     /// The session's own status.
     status: SettableStatus,
     /// How to reach it with events meant for the user rather than a room (`room_added`).
@@ -25,8 +27,9 @@ struct Device {
 #[derive(Debug)]
 struct UserState {
     user: UserRef,
-    /// Each connected session.
-    sessions: HashMap<SessionId, Device>,
+    /// Each connected session. A list, not a map: a user has a handful at most (the
+    /// connection cap), and with one entry per connected user its size adds up.
+    sessions: Vec<Device>,
     /// The status last announced to others.
     announced: PresenceStatus,
     /// Set while the user has no session but is inside the grace period.
@@ -57,13 +60,10 @@ pub struct Presence {
     users: Mutex<HashMap<String, UserState>>,
 }
 
-fn aggregate(sessions: &HashMap<SessionId, Device>) -> Option<PresenceStatus> {
+fn aggregate(sessions: &[Device]) -> Option<PresenceStatus> {
     if sessions.is_empty() {
         None
-    } else if sessions
-        .values()
-        .any(|d| d.status == SettableStatus::Online)
-    {
+    } else if sessions.iter().any(|d| d.status == SettableStatus::Online) {
         Some(PresenceStatus::Online)
     } else {
         Some(PresenceStatus::Away)
@@ -81,7 +81,7 @@ impl Presence {
         let mut users = self.users.lock().expect("presence lock");
         let state = users.entry(user.id.clone()).or_insert_with(|| UserState {
             user: user.clone(),
-            sessions: HashMap::new(),
+            sessions: Vec::new(),
             announced: PresenceStatus::Offline,
             departing: None,
         });
@@ -89,13 +89,11 @@ impl Presence {
             return Err(TooManyConnections(state.sessions.len()));
         }
         state.user = user.clone();
-        state.sessions.insert(
-            session.id,
-            Device {
-                status: SettableStatus::Online,
-                handle: Arc::downgrade(session),
-            },
-        );
+        state.sessions.push(Device {
+            id: session.id,
+            status: SettableStatus::Online,
+            handle: Arc::downgrade(session),
+        });
         state.departing = None;
         Ok(Self::update(state))
     }
@@ -106,7 +104,7 @@ impl Presence {
         let Some(state) = users.get_mut(user_id) else {
             return AfterDisconnect::Unchanged;
         };
-        state.sessions.remove(&session);
+        state.sessions.retain(|d| d.id != session);
         if state.sessions.is_empty() {
             state.departing = Some(departure);
             AfterDisconnect::GracePeriod
@@ -139,7 +137,7 @@ impl Presence {
     ) -> Option<PresenceStatus> {
         let mut users = self.users.lock().expect("presence lock");
         let state = users.get_mut(user_id)?;
-        state.sessions.get_mut(&session)?.status = status;
+        state.sessions.iter_mut().find(|d| d.id == session)?.status = status;
         Self::update(state)
     }
 
@@ -168,7 +166,7 @@ impl Presence {
             .get(user_id)
             .map(|s| {
                 s.sessions
-                    .values()
+                    .iter()
                     .filter_map(|d| d.handle.upgrade())
                     .collect()
             })

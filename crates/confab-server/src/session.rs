@@ -39,36 +39,51 @@ const SHUTDOWN_WRITE_LIMIT: Duration = Duration::from_secs(1);
 /// Consecutive rate-limited commands after which the connection is closed as a flood.
 const FLOOD_LIMIT: u32 = 100;
 
-/// Runs a session on an upgraded socket until either side closes it.
-pub(crate) async fn serve(node: Arc<Node>, socket: WebSocket, user: UserRef) {
+/// Registers a session for an upgraded socket. A user already at the connection cap gets
+/// `Err`, and the caller closes the socket with [`Refused::close`].
+///
+/// Starting is synchronous and the session boxed, so the task that then awaits
+/// [`Session::run`] holds little more than that future: its size is paid by every connection.
+pub(crate) fn start(
+    node: Arc<Node>,
+    socket: WebSocket,
+    user: UserRef,
+) -> Result<Box<Session>, Box<Refused>> {
     let id = node.next_session_id();
     let (handle, queue) = SessionHandle::new(id, user, node.config.outbound_queue);
     if let Err(err) = node.session_started(&handle) {
-        let limit = node.config.write_timeout();
-        Box::pin(refuse_session(socket, err.to_string(), limit)).await;
-        return;
+        return Err(Box::new(Refused {
+            socket,
+            reason: err.to_string(),
+        }));
     }
-    // Boxed: the session's state is allocated once, and the task's own future stays small.
-    let mut session = Box::new(Session {
+    Ok(Box::new(Session {
         messages: session_limiter(node.config.message_rate, node.config.message_burst),
         commands: session_limiter(node.config.command_rate, node.config.command_burst),
-        node: Arc::clone(&node),
+        write_limit: node.config.write_timeout(),
+        node,
         handle,
         queue,
         socket,
         rooms: HashMap::new(),
         last_heard: Instant::now(),
         refused_in_a_row: 0,
-        write_limit: node.config.write_timeout(),
-    });
-    session.run().await;
+    }))
 }
 
-/// Closes a connection that may not become a session (too many connections for its user).
-async fn refuse_session(mut socket: WebSocket, reason: String, limit: Duration) {
-    let goodbye = [Frame::Close(close::POLICY_VIOLATION, &reason)];
-    let _ = write_frames(&mut socket, &goodbye, limit).await;
-    socket.shutdown().await;
+/// A connection that may not become a session (too many connections for its user).
+pub(crate) struct Refused {
+    socket: WebSocket,
+    reason: String,
+}
+
+impl Refused {
+    /// Tells the client why (close code 1008) and hangs up.
+    pub(crate) async fn close(mut self, limit: Duration) {
+        let goodbye = [Frame::Close(close::POLICY_VIOLATION, &self.reason)];
+        let _ = write_frames(&mut self.socket, &goodbye, limit).await;
+        self.socket.shutdown().await;
+    }
 }
 
 impl Drop for Session {
@@ -102,7 +117,8 @@ enum Ending {
     Close(u16, &'static str),
 }
 
-struct Session {
+/// One connection's state, owned by its task.
+pub(crate) struct Session {
     node: Arc<Node>,
     handle: Arc<SessionHandle>,
     queue: OutboundReceiver,
@@ -122,7 +138,8 @@ struct Session {
 }
 
 impl Session {
-    async fn run(&mut self) {
+    /// Serves the connection until either side closes it.
+    pub(crate) async fn run(mut self: Box<Self>) {
         let connected = ServerEvent::Connected {
             user: self.handle.user.clone(),
             session: self.handle.id.to_string(),

@@ -71,6 +71,7 @@ pub(crate) async fn upgrade(
     }
     let on_upgrade = hyper::upgrade::on(&mut request);
     let max_frame = node.config.max_frame_bytes;
+    let write_limit = node.config.write_timeout();
     let session_node = Arc::clone(&node);
     node.tasks.spawn(async move {
         // The 101 response is sent when this handler returns; the upgrade completes after.
@@ -81,7 +82,13 @@ pub(crate) async fn upgrade(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let socket = WebSocket::new(parts.io.into_inner(), parts.read_buf, max_frame);
-                session::serve(session_node, socket, user).await;
+                let tasks = session_node.tasks.clone();
+                match session::start(session_node, socket, user) {
+                    // A task of its own: this one carried the upgrade's state, and every
+                    // byte of a session's future is paid once per connection.
+                    Ok(session) => drop(tasks.spawn(session.run())),
+                    Err(refused) => Box::pin(refused.close(write_limit)).await,
+                }
             }
             Err(_) => tracing::error!("an upgraded connection is not a TCP stream"),
         }
