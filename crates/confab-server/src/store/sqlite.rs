@@ -8,6 +8,7 @@
 //! Reads run on tokio's blocking pool against a small pool of read-only connections; WAL lets
 //! them proceed while the writer commits.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
@@ -25,6 +26,16 @@ use crate::config::SqliteSync;
 
 /// Upper bound on jobs folded into one transaction, so one commit never grows without limit.
 const MAX_JOBS_PER_COMMIT: usize = 256;
+
+/// The writer's page cache. SQLite's default (2 MiB) is smaller than what one busy commit
+/// touches (the newest leaf of every active room in the table and in each index): pages were
+/// read back from the file for every commit and dirty ones spilled to the WAL mid-transaction.
+/// It only grows as pages are used.
+const WRITER_CACHE_KIB: u32 = 32 * 1024;
+
+/// Statements the writer keeps prepared: every write the store does fits, so none is parsed
+/// again after its first use (rusqlite's default of 16 did not hold them all).
+const WRITER_STATEMENT_CACHE: usize = 64;
 
 /// Read connections kept open for reuse.
 const READ_POOL_SIZE: usize = 8;
@@ -86,9 +97,11 @@ impl SqliteStore {
              PRAGMA foreign_keys = ON;
              PRAGMA busy_timeout = 5000;
              PRAGMA temp_store = MEMORY;
-             PRAGMA wal_autocheckpoint = 0;"
+             PRAGMA wal_autocheckpoint = 0;
+             PRAGMA cache_size = -{WRITER_CACHE_KIB};"
         ))
         .map_err(db_err)?;
+        conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
         migrate(&mut conn)?;
 
         // Checkpoints run on their own thread: done by the writer (SQLite's default), each one
@@ -255,18 +268,29 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
             continue;
         }
         let mut aborted: Option<StoreError> = None;
+        // Each job in its own savepoint, so a failing one leaves the others in the commit. A
+        // job alone needs none (the transaction is its savepoint): a savepoint copies every
+        // page the job touches into the statement journal, and under load the committer's
+        // one append job per commit is the usual case.
+        let savepoints = batch.len() > 1;
+        let mut failed_alone = false;
         for job in batch.drain(..) {
             if let Some(err) = &aborted {
                 fail_unrun(job, err.clone());
                 continue;
             }
-            // Each job in its own savepoint, so a failing one leaves the others in the commit.
-            let _ = run_cached(&conn, "SAVEPOINT job");
-            let (ok, deliver) = job(&conn);
-            if !ok {
-                let _ = run_cached(&conn, "ROLLBACK TO job");
+            if savepoints {
+                let _ = run_cached(&conn, "SAVEPOINT job");
             }
-            let _ = run_cached(&conn, "RELEASE job");
+            let (ok, deliver) = job(&conn);
+            if savepoints {
+                if !ok {
+                    let _ = run_cached(&conn, "ROLLBACK TO job");
+                }
+                let _ = run_cached(&conn, "RELEASE job");
+            } else {
+                failed_alone = !ok;
+            }
             deliveries.push(deliver);
             if conn.is_autocommit() {
                 // SQLite rolled the whole transaction back (disk full, I/O error): nothing of
@@ -278,6 +302,11 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>) {
         }
         let commit_error = match aborted {
             Some(err) => Some(err),
+            // The job's own error is its answer; nothing of it may be committed.
+            None if failed_alone => {
+                let _ = conn.execute_batch("ROLLBACK");
+                None
+            }
             None => conn.execute_batch("COMMIT").err().map(db_err),
         };
         if commit_error.is_some() {
@@ -380,82 +409,155 @@ fn select_room(conn: &Connection, id: &str) -> Result<Option<RoomRecord>, StoreE
         .map_err(db_err)
 }
 
-/// Appends one message inside the writer's transaction.
-fn append_one(conn: &Connection, msg: NewMessage) -> Result<Appended, StoreError> {
-    if let Some(client_id) = &msg.client_id {
-        let existing = conn
-            .prepare_cached(&format!(
-                "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = ?1 AND client_id = ?2"
-            ))
-            .and_then(|mut stmt| {
-                stmt.query_row(params![msg.user.id, client_id], message_from_row)
-                    .optional()
-            })
+/// What one `append` call learned about a room: read once per batch, written back once.
+struct RoomTail {
+    /// `None` if the room does not exist.
+    last_seq: Option<u64>,
+    /// `last_seq` as stored when the batch started, to skip rooms that got nothing new.
+    stored_seq: u64,
+    /// Membership of each author seen in this batch.
+    members: HashMap<String, bool>,
+}
+
+/// Appends a batch inside the writer's transaction: each room's `last_seq` is read once and
+/// written back once, and each (room, author) membership is looked up once, instead of three
+/// statements per message. Seqs are handed out in batch order and only to rows that were
+/// inserted, so a failed or duplicate message leaves no gap. The outer error means the batch
+/// must be rolled back (some of its rows may be written).
+fn append_batch(
+    conn: &Connection,
+    batch: Vec<NewMessage>,
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let mut rooms: HashMap<String, RoomTail> = HashMap::new();
+    let mut results = Vec::with_capacity(batch.len());
+    // `OR FAIL` (here and on the update below): nothing in these single-row statements can
+    // fail half-way, and without it SQLite keeps a statement journal for each of them, copying
+    // every page the transaction already dirtied. The upsert clause makes a known
+    // (user, client_id) a no-op instead of an error: the first lookup of a retry is the
+    // insert itself, and a fresh message costs no extra SELECT.
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT OR FAIL INTO messages
+                 (room_id, seq, id, user_id, user_name, content, client_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
+        )
+        .map_err(db_err)?;
+    for msg in batch {
+        let tail = match rooms.get_mut(msg.room.as_str()) {
+            Some(tail) => tail,
+            None => {
+                let last_seq = select_last_seq(conn, &msg.room)?;
+                rooms.entry(msg.room.clone()).or_insert(RoomTail {
+                    last_seq,
+                    stored_seq: last_seq.unwrap_or(0),
+                    members: HashMap::new(),
+                })
+            }
+        };
+        let member = match (tail.last_seq, tail.members.get(msg.user.id.as_str())) {
+            (None, _) => false,
+            (Some(_), Some(&member)) => member,
+            (Some(_), None) => {
+                let member = is_member(conn, &msg.room, &msg.user.id)?;
+                tail.members.insert(msg.user.id.clone(), member);
+                member
+            }
+        };
+        let Some(last_seq) = tail.last_seq.filter(|_| member) else {
+            // A retry of a message stored before its author left (or the room went) is still
+            // answered with the original.
+            if let Some(original) = select_by_client_id(conn, &msg)? {
+                results.push(Ok(original));
+                continue;
+            }
+            results.push(Err(if tail.last_seq.is_none() {
+                StoreError::NotFound(format!("room {:?} does not exist", msg.room))
+            } else {
+                StoreError::NotMember(format!(
+                    "not a member of room {:?}: join it first",
+                    msg.room
+                ))
+            }));
+            continue;
+        };
+        let seq = last_seq + 1;
+        let inserted = insert
+            .execute(params![
+                msg.room,
+                seq,
+                msg.id,
+                msg.user.id,
+                msg.user.name,
+                msg.content,
+                msg.client_id,
+                msg.timestamp_ms
+            ])
             .map_err(db_err)?;
-        if let Some(message) = existing {
-            return Ok(Appended {
-                message,
-                duplicate: true,
-            });
+        if inserted == 0 {
+            // Only the (user, client_id) upsert target can turn an insert into a no-op.
+            let original = select_by_client_id(conn, &msg)?.ok_or_else(|| {
+                StoreError::Database("a message insert was skipped with no row to match".into())
+            })?;
+            results.push(Ok(original));
+            continue;
+        }
+        tail.last_seq = Some(seq);
+        results.push(Ok(Appended {
+            message: ChatMessage {
+                id: msg.id,
+                seq,
+                room: msg.room,
+                user: msg.user,
+                content: msg.content,
+                client_id: msg.client_id,
+                timestamp: format_timestamp(msg.timestamp_ms),
+            },
+            duplicate: false,
+        }));
+    }
+    drop(insert);
+    let mut update = conn
+        .prepare_cached("UPDATE OR FAIL rooms SET last_seq = ?2 WHERE id = ?1")
+        .map_err(db_err)?;
+    for (room, tail) in &rooms {
+        if let Some(last_seq) = tail.last_seq.filter(|&seq| seq != tail.stored_seq) {
+            update.execute(params![room, last_seq]).map_err(db_err)?;
         }
     }
-    let member: bool = conn
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM members WHERE room_id = ?1 AND user_id = ?2)")
-        .and_then(|mut stmt| stmt.query_row([&msg.room, &msg.user.id], |row| row.get(0)))
-        .map_err(db_err)?;
-    if !member {
-        return Err(match select_room(conn, &msg.room)? {
-            None => StoreError::NotFound(format!("room {:?} does not exist", msg.room)),
-            Some(_) => StoreError::NotMember(format!(
-                "not a member of room {:?}: join it first",
-                msg.room
-            )),
-        });
-    }
-    let seq: Option<u64> = conn
-        // `OR FAIL` (here and on the insert): nothing in these single-row statements can fail
-        // half-way, and without it SQLite keeps a statement journal for each of them, copying
-        // every page the transaction already dirtied: a fifth of the server's CPU under W4.
-        .prepare_cached(
-            "UPDATE OR FAIL rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-        )
-        .and_then(|mut stmt| stmt.query_row([&msg.room], |row| row.get(0)).optional())
-        .map_err(db_err)?;
-    let Some(seq) = seq else {
-        return Err(StoreError::NotFound(format!(
-            "room {:?} does not exist",
-            msg.room
-        )));
+    Ok(results)
+}
+
+fn select_last_seq(conn: &Connection, room: &str) -> Result<Option<u64>, StoreError> {
+    conn.prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1")
+        .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
+        .map_err(db_err)
+}
+
+fn is_member(conn: &Connection, room: &str, user_id: &str) -> Result<bool, StoreError> {
+    conn.prepare_cached("SELECT EXISTS (SELECT 1 FROM members WHERE room_id = ?1 AND user_id = ?2)")
+        .and_then(|mut stmt| stmt.query_row([room, user_id], |row| row.get(0)))
+        .map_err(db_err)
+}
+
+/// The stored message with the same author and `client_id`, marked duplicate.
+fn select_by_client_id(conn: &Connection, msg: &NewMessage) -> Result<Option<Appended>, StoreError> {
+    let Some(client_id) = &msg.client_id else {
+        return Ok(None);
     };
-    conn.prepare_cached(
-        "INSERT OR FAIL INTO messages (room_id, seq, id, user_id, user_name, content, client_id, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-    )
-    .and_then(|mut stmt| {
-        stmt.execute(params![
-            msg.room,
-            seq,
-            msg.id,
-            msg.user.id,
-            msg.user.name,
-            msg.content,
-            msg.client_id,
-            msg.timestamp_ms
-        ])
-    })
-    .map_err(db_err)?;
-    Ok(Appended {
-        message: ChatMessage {
-            id: msg.id,
-            seq,
-            room: msg.room,
-            user: msg.user,
-            content: msg.content,
-            client_id: msg.client_id,
-            timestamp: format_timestamp(msg.timestamp_ms),
-        },
-        duplicate: false,
-    })
+    let message = conn
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = ?1 AND client_id = ?2"
+        ))
+        .and_then(|mut stmt| {
+            stmt.query_row(params![msg.user.id, client_id], message_from_row)
+                .optional()
+        })
+        .map_err(db_err)?;
+    Ok(message.map(|message| Appended {
+        message,
+        duplicate: true,
+    }))
 }
 
 #[async_trait]
@@ -754,22 +856,7 @@ impl Store for SqliteStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-        self.write(move |conn| {
-            let mut results = Vec::with_capacity(batch.len());
-            for msg in batch {
-                // A missing room or membership fails only its own message (nothing was written
-                // for it); any
-                // other error fails the whole batch, which the job's savepoint rolls back.
-                match append_one(conn, msg) {
-                    Err(err @ (StoreError::NotFound(_) | StoreError::NotMember(_))) => {
-                        results.push(Err(err));
-                    }
-                    Err(err) => return Err(err),
-                    Ok(appended) => results.push(Ok(appended)),
-                }
-            }
-            Ok(results)
-        })
+        self.write(move |conn| append_batch(conn, batch))
         .await
     }
 
@@ -982,6 +1069,143 @@ mod tests {
             .unwrap();
         assert_eq!(page.messages[0].seq, 2);
         assert!(page.has_more);
+    }
+
+    /// One batch mixing rooms, authors, retries and refusals: seqs stay gap-free per room,
+    /// every outcome lands at its message's position, and `last_seq` ends at the newest seq.
+    #[tokio::test]
+    async fn mixed_batches_keep_seqs_gap_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store.create_room(&room("r1"), &["a".into(), "b".into()]).await.unwrap();
+        store.create_room(&room("r2"), &["a".into()]).await.unwrap();
+        store
+            .append(vec![message("r1", "a", "earlier", Some("old"))])
+            .await
+            .unwrap();
+        let results = store
+            .append(vec![
+                message("r1", "a", "1", Some("x1")),
+                message("r2", "a", "2", Some("x2")),
+                message("r2", "b", "not a member", Some("y1")),
+                message("r1", "b", "3", None),
+                message("gone", "a", "no room", Some("x3")),
+                message("r1", "a", "retry of an earlier batch", Some("old")),
+                message("r1", "a", "retry in the same batch", Some("x1")),
+                message("r2", "a", "4", None),
+                // Same client_id as x2 but another author: not a duplicate.
+                message("r1", "b", "5", Some("x2")),
+                message("r2", "b", "still not a member", None),
+                message("r1", "a", "6", Some("x4")),
+            ])
+            .await
+            .unwrap();
+        let outcomes: Vec<_> = results
+            .iter()
+            .map(|result| match result {
+                Ok(appended) => format!(
+                    "{}#{}{}",
+                    appended.message.room,
+                    appended.message.seq,
+                    if appended.duplicate { " dup" } else { "" }
+                ),
+                Err(StoreError::NotMember(_)) => "not member".into(),
+                Err(StoreError::NotFound(_)) => "not found".into(),
+                Err(err) => panic!("{err}"),
+            })
+            .collect();
+        assert_eq!(
+            outcomes,
+            vec![
+                "r1#2",
+                "r2#1",
+                "not member",
+                "r1#3",
+                "not found",
+                "r1#1 dup",
+                "r1#2 dup",
+                "r2#2",
+                "r1#4",
+                "not member",
+                "r1#5",
+            ]
+        );
+        // Duplicates answer with the stored original, not the retry's content.
+        assert_eq!(results[5].as_ref().unwrap().message.content, "earlier");
+        assert_eq!(results[6].as_ref().unwrap().message.content, "1");
+        for (id, last) in [("r1", 5), ("r2", 2)] {
+            assert_eq!(store.room(id).await.unwrap().unwrap().last_seq, last);
+            let page = store
+                .history(id, HistoryQuery::Latest { limit: 100 })
+                .await
+                .unwrap();
+            let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+            assert_eq!(seqs, (1..=last).collect::<Vec<_>>(), "room {id}");
+        }
+        // The next batch continues where this one ended.
+        let next = store
+            .append(vec![message("r2", "a", "7", None)])
+            .await
+            .unwrap();
+        assert_eq!(next[0].as_ref().unwrap().message.seq, 3);
+    }
+
+    /// A retry keeps getting its original message after the author left the room (the
+    /// message was stored while they were a member); a new message from them is refused.
+    #[tokio::test]
+    async fn retries_after_leaving_still_find_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store.create_room(&room("r"), &["a".into()]).await.unwrap();
+        store
+            .append(vec![message("r", "a", "hello", Some("c1"))])
+            .await
+            .unwrap();
+        assert!(store.remove_member("r", "a").await.unwrap());
+        let results = store
+            .append(vec![
+                message("r", "a", "hello", Some("c1")),
+                message("r", "a", "new", Some("c2")),
+            ])
+            .await
+            .unwrap();
+        let first = results[0].as_ref().unwrap();
+        assert_eq!((first.message.seq, first.duplicate), (1, true));
+        assert!(matches!(results[1], Err(StoreError::NotMember(_))));
+        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 1);
+    }
+
+    /// A failing write leaves nothing behind, whether it ran alone in its commit (no
+    /// savepoint) or next to others (its own savepoint), and the others still commit.
+    #[tokio::test]
+    async fn a_failing_write_is_undone_alone_or_among_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store.create_room(&room("r"), &["a".into()]).await.unwrap();
+        // Alone: the conflicting create inserts its member row before it finds the clash.
+        assert!(matches!(
+            store.create_room(&room("r"), &["b".into()]).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(store.membership("r", "b").await.unwrap(), None);
+        // Among others: queued together, so they usually share one commit.
+        let (again, members) = (room("r"), ["c".to_string()]);
+        let (clash, appended, added) = tokio::join!(
+            store.create_room(&again, &members),
+            store.append(vec![message("r", "a", "x", None)]),
+            store.add_member("r", "d"),
+        );
+        assert!(matches!(clash, Err(StoreError::Conflict(_))));
+        assert_eq!(appended.unwrap()[0].as_ref().unwrap().message.seq, 1);
+        assert!(added.unwrap());
+        assert_eq!(store.membership("r", "c").await.unwrap(), None);
+        assert_eq!(store.membership("r", "d").await.unwrap(), Some(0));
+        // Still writable afterwards: no transaction was left open.
+        let next = store
+            .append(vec![message("r", "a", "y", None)])
+            .await
+            .unwrap();
+        assert_eq!(next[0].as_ref().unwrap().message.seq, 2);
     }
 
     #[tokio::test]
