@@ -45,7 +45,10 @@ const WRITER_STATEMENT_CACHE: usize = 64;
 const READ_POOL_SIZE: usize = 8;
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_init.sql"),
+    include_str!("../../migrations/sqlite/0002_messages_rowid.sql"),
+];
 
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
 /// succeeded (to release or roll back the savepoint) plus the function that answers the caller
@@ -1394,6 +1397,54 @@ mod tests {
         for id in &rooms {
             assert_eq!(store.room(id).await.unwrap().unwrap().last_seq, 300);
         }
+    }
+
+    /// A database created before history became a rowid table keeps its messages, its seqs
+    /// and its retries' originals.
+    #[tokio::test]
+    async fn migrating_history_to_a_rowid_table_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let conn = Connection::open(dir.path().join("confab.db")).unwrap();
+            conn.execute_batch("PRAGMA journal_mode = WAL;").unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO rooms (id, name, last_seq, created_at) VALUES ('r', 'r', 2, 0);
+                 INSERT INTO members (room_id, user_id, joined_at) VALUES ('r', 'a', 0);
+                 INSERT INTO messages VALUES ('r', 2, 'm2', 'a', 'A', 'two', NULL, 20);
+                 INSERT INTO messages VALUES ('r', 1, 'm1', 'a', 'A', 'one', 'c1', 10);",
+            )
+            .unwrap();
+        }
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        let page = store
+            .history("r", HistoryQuery::Latest { limit: 10 })
+            .await
+            .unwrap();
+        let rows: Vec<_> = page
+            .messages
+            .iter()
+            .map(|m| (m.seq, m.id.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(rows, vec![(1, "m1", "one"), (2, "m2", "two")]);
+        let results = store
+            .append(vec![
+                message("r", "a", "one again", Some("c1")),
+                message("r", "a", "three", Some("c3")),
+            ])
+            .await
+            .unwrap();
+        let first = results[0].as_ref().unwrap();
+        assert_eq!((first.message.id.as_str(), first.duplicate), ("m1", true));
+        assert_eq!(results[1].as_ref().unwrap().message.seq, 3);
+        // The (room, seq) index still refuses a second row with a taken seq.
+        let conn = Connection::open(dir.path().join("confab.db")).unwrap();
+        let clash = conn.execute(
+            "INSERT INTO messages VALUES ('r', 3, 'x', 'b', 'B', 'x', NULL, 0)",
+            [],
+        );
+        assert!(clash.is_err());
     }
 
     #[tokio::test]
