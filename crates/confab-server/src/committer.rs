@@ -101,6 +101,7 @@ async fn run(
 }
 
 async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker) {
+    tracing::trace!(messages = batch.len(), "committing a batch");
     let (messages, replies): (Vec<_>, Vec<_>) =
         batch.drain(..).map(|p| (p.message, p.reply)).unzip();
     let results = match store.append(messages).await {
@@ -152,20 +153,21 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             continue;
         }
         let message = appended.message;
-        let frame = ChatFrame {
-            seq: message.seq,
-            frame: encode(&ServerEvent::Message(message.clone())),
-        };
-        match room_index.get(&message.room) {
-            Some(&index) => rooms[index].frames.push(frame),
+        let index = match room_index.get(&message.room) {
+            Some(&index) => index,
             None => {
                 room_index.insert(message.room.clone(), rooms.len());
                 rooms.push(ChatBatch {
                     room: Arc::from(message.room.as_str()),
-                    frames: vec![frame],
+                    frames: Vec::new(),
                 });
+                rooms.len() - 1
             }
-        }
+        };
+        rooms[index].frames.push(ChatFrame {
+            seq: message.seq,
+            frame: encode(&ServerEvent::Message(message)),
+        });
     }
     for (handle, frames) in acks {
         let item = match <[Utf8Bytes; 1]>::try_from(frames) {
