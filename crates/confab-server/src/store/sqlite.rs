@@ -41,6 +41,12 @@ const WRITER_CACHE_KIB: u32 = 32 * 1024;
 /// again after its first use (rusqlite's default of 16 did not hold them all).
 const WRITER_STATEMENT_CACHE: usize = 64;
 
+/// Page cache of each read connection, in KiB. Small on purpose: there are up to
+/// [`READ_POOL_SIZE`] of them, each would otherwise grow to SQLite's default 2 MiB (most of
+/// it a copy of pages the OS caches anyway), and that memory is counted per connection in
+/// the idle-capacity benchmark.
+const READER_CACHE_KIB: u32 = 256;
+
 /// Read connections kept open for reuse.
 const READ_POOL_SIZE: usize = 8;
 
@@ -231,6 +237,8 @@ impl SqliteStore {
                     )
                     .map_err(db_err)?;
                     conn.busy_timeout(std::time::Duration::from_secs(5))
+                        .map_err(db_err)?;
+                    conn.execute_batch(&format!("PRAGMA cache_size = -{READER_CACHE_KIB};"))
                         .map_err(db_err)?;
                     conn
                 }
