@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
 use governor::DefaultDirectRateLimiter;
+use smallvec::SmallVec;
+use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
@@ -307,9 +309,27 @@ impl Session {
     }
 
     /// Writes everything taken from the queue with one vectored write: the frames are the
-    /// shared encoded bytes, not copies.
+    /// shared encoded bytes, not copies. The lists are built on the stack and the write tried
+    /// at once; only what the socket did not take goes on in a boxed future.
     async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), ()> {
-        let mut frames = Vec::new();
+        match self.try_write_batch(batch) {
+            Ok(None) => Ok(()),
+            Ok(Some((frames, written))) => {
+                let texts: Vec<Frame<'_>> =
+                    frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
+                finish_write(&mut self.socket, &texts, written, self.write_limit).await
+            }
+            Err(()) => Err(()),
+        }
+    }
+
+    /// Turns queue entries into frames and writes what the socket takes now. Returns the
+    /// frames and how many bytes of them were written if the socket filled up.
+    fn try_write_batch(
+        &mut self,
+        batch: &mut Vec<Outbound>,
+    ) -> Result<Option<(Vec<Utf8Bytes>, usize)>, ()> {
+        let mut frames: SmallVec<[Utf8Bytes; 16]> = SmallVec::new();
         for item in batch.drain(..) {
             match item {
                 Outbound::Chat(chat) => {
@@ -345,8 +365,16 @@ impl Session {
                 }
             }
         }
-        let texts: Vec<Frame<'_>> = frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
-        write_frames(&mut self.socket, &texts, self.write_limit).await
+        let texts: SmallVec<[Frame<'_>; 16]> =
+            frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
+        match self.socket.try_write_frames(&texts) {
+            Ok(Written::All) => Ok(None),
+            Ok(Written::Partly(written)) => {
+                drop(texts);
+                Ok(Some((frames.into_vec(), written)))
+            }
+            Err(_) => Err(()),
+        }
     }
 
     /// Writes one frame now, bounded by the write timeout.
@@ -586,14 +614,22 @@ async fn write_frames(
 ) -> Result<(), ()> {
     match socket.try_write_frames(frames) {
         Ok(Written::All) => Ok(()),
-        Ok(Written::Partly(written)) => {
-            let rest = tokio::time::timeout(limit, socket.finish_write(frames, written));
-            match Box::pin(rest).await {
-                Ok(Ok(())) => Ok(()),
-                _ => Err(()),
-            }
-        }
+        Ok(Written::Partly(written)) => finish_write(socket, frames, written, limit).await,
         Err(_) => Err(()),
+    }
+}
+
+/// Writes what the socket did not take at once (after `written` bytes), within `limit`.
+async fn finish_write(
+    socket: &mut WebSocket,
+    frames: &[Frame<'_>],
+    written: usize,
+    limit: Duration,
+) -> Result<(), ()> {
+    let rest = tokio::time::timeout(limit, socket.finish_write(frames, written));
+    match Box::pin(rest).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
     }
 }
 

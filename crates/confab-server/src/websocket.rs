@@ -20,7 +20,10 @@
 use std::io::{self, IoSlice};
 use std::task::{Context, Poll, ready};
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -33,6 +36,9 @@ const PONG: u8 = 0xA;
 
 /// Free space made available for each socket read.
 const READ_CHUNK: usize = 512;
+
+/// Frame headers of one write.
+type Heads = SmallVec<[u8; 128]>;
 
 /// Most slices one `writev` takes (Linux's `IOV_MAX`).
 const MAX_IOVECS: usize = 1024;
@@ -136,11 +142,10 @@ impl WebSocket {
         let reader = &mut self.reader;
         loop {
             if let Some(message) = reader.parse()? {
-                if reader.read.is_empty() {
-                    reader.read = BytesMut::new();
-                }
                 return Poll::Ready(Ok(message));
             }
+            // Nothing buffered: give the buffer back before waiting (the next call after a
+            // message comes through here too).
             if reader.read.is_empty() {
                 reader.read = BytesMut::new();
             }
@@ -263,9 +268,10 @@ impl WebSocket {
         if frames.is_empty() {
             return Ok(Written::All);
         }
-        // Headers (and close payloads) of every frame, one after another.
-        let mut heads = Vec::with_capacity(frames.len() * 4);
-        let mut spans = Vec::with_capacity(frames.len());
+        // Headers (and close payloads) of every frame, one after another. On the stack: this
+        // runs once per delivery, and a typical write is a few frames.
+        let mut heads = Heads::new();
+        let mut spans: SmallVec<[Range<usize>; 16]> = SmallVec::new();
         for frame in frames {
             let start = heads.len();
             match *frame {
@@ -281,7 +287,7 @@ impl WebSocket {
             }
             spans.push(start..heads.len());
         }
-        let mut slices = Vec::with_capacity(frames.len() * 2);
+        let mut slices: SmallVec<[IoSlice<'_>; 32]> = SmallVec::new();
         for (frame, span) in frames.iter().zip(spans) {
             slices.push(IoSlice::new(&heads[span]));
             match *frame {
@@ -386,7 +392,7 @@ fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
 }
 
 /// Appends an unmasked server frame header (FIN set).
-fn push_header(out: &mut Vec<u8>, opcode: u8, len: usize) {
+fn push_header(out: &mut Heads, opcode: u8, len: usize) {
     out.push(0x80 | opcode);
     if len < 126 {
         out.push(len as u8);
@@ -523,15 +529,15 @@ mod tests {
 
     #[test]
     fn server_headers() {
-        let mut out = Vec::new();
+        let mut out = Heads::new();
         push_header(&mut out, TEXT, 5);
-        assert_eq!(out, [0x81, 5]);
+        assert_eq!(out[..], [0x81, 5]);
         out.clear();
         push_header(&mut out, TEXT, 300);
-        assert_eq!(out, [0x81, 126, 1, 44]);
+        assert_eq!(out[..], [0x81, 126, 1, 44]);
         out.clear();
         push_header(&mut out, TEXT, 70_000);
-        assert_eq!(out, [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+        assert_eq!(out[..], [0x81, 127, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
         assert_eq!(truncate_utf8("h\u{e9}llo", 2), "h");
     }
 }
