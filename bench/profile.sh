@@ -40,5 +40,5 @@ grep -E 'latency|acked|server ' "$TMP/run.log" >&2 || true
 perf script -i "$TMP/perf.data" 2>/dev/null | inferno-collapse-perf |
     inferno-flamegraph --title "confab $WORKLOAD $*" >"$STEM.svg"
 perf report -i "$TMP/perf.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
-    grep -E '^ +[0-9]' | head -40 >"$STEM.txt"
+    grep -E '^ +[0-9]' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | awk 'NR <= 40' >"$STEM.txt"
 echo "wrote $STEM.svg and $STEM.txt" >&2

@@ -14,6 +14,7 @@ use crate::summary::{Group, order_key};
 pub type PlotResult = Result<(), Box<dyn Error>>;
 
 const FONT: &str = "sans-serif";
+const RATE_AXIS: &str = "messages/s (log)";
 const FONT_BYTES: &[u8] = include_bytes!("../fonts/DejaVuSans.ttf");
 
 /// Makes the embedded font the `sans-serif` family every plot uses. Call once before drawing.
@@ -42,9 +43,19 @@ fn colour(target: &str) -> RGBColor {
     }
 }
 
-/// One line per target: (rate, value) points over the W1 groups, in rate order.
+/// One line per target: (x, value) points over the groups, in the groups' order; `x` is the
+/// publish rate unless `x_of` says otherwise.
 fn series(
     groups: &[&Group],
+    figure: impl Fn(&Report) -> Option<f64>,
+) -> Vec<(String, Vec<(f64, f64)>)> {
+    series_over(groups, |g| Some(g.rate), figure)
+}
+
+/// [`series`] with the x of each group given by `x_of`.
+fn series_over(
+    groups: &[&Group],
+    x_of: impl Fn(&Group) -> Option<f64>,
     figure: impl Fn(&Report) -> Option<f64>,
 ) -> Vec<(String, Vec<(f64, f64)>)> {
     let mut targets: Vec<&str> = groups
@@ -60,7 +71,8 @@ fn series(
                 .iter()
                 .filter_map(|g| {
                     let value = g.target(target)?.median(&figure)?;
-                    (value > 0.0 && g.rate > 0.0).then_some((g.rate, value))
+                    let x = x_of(g)?;
+                    (value > 0.0 && x > 0.0).then_some((x, value))
                 })
                 .collect();
             (target.to_string(), points)
@@ -79,10 +91,11 @@ fn log_bounds(lines: &[(String, Vec<(f64, f64)>)]) -> Option<((f64, f64), (f64, 
     (x0 <= x1).then_some(((x0 / 1.3, x1 * 1.3), (y0 / 1.5, y1 * 1.5)))
 }
 
-/// Draws `lines` on `area` with a log-scale x (messages/s) and y axis.
+/// Draws `lines` on `area` with a log-scale x axis and a log or linear y axis.
 fn line_chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
     title: &str,
+    x_desc: &str,
     y_desc: &str,
     lines: &[(String, Vec<(f64, f64)>)],
     log_y: bool,
@@ -103,7 +116,7 @@ fn line_chart(
             let mut chart = $chart;
             chart
                 .configure_mesh()
-                .x_desc("messages/s (log)")
+                .x_desc(x_desc)
                 .y_desc(y_desc)
                 .x_label_formatter(&x_fmt)
                 .y_labels(12)
@@ -151,7 +164,7 @@ pub fn latency_vs_rate(groups: &[&Group], path: &Path) -> PlotResult {
     for (panel, (name, pick)) in panels.iter().zip(picks) {
         let lines = series(groups, |r| Some(pick(r) / 1000.0));
         let title = format!("W1 {name} end-to-end latency");
-        line_chart(panel, &title, "ms (log)", &lines, true)?;
+        line_chart(panel, &title, RATE_AXIS, "ms (log)", &lines, true)?;
     }
     root.present()?;
     Ok(())
@@ -167,6 +180,7 @@ pub fn cpu_vs_rate(groups: &[&Group], path: &Path) -> PlotResult {
     line_chart(
         &root,
         "W1 server CPU per delivery (server on one core)",
+        RATE_AXIS,
         "µs per delivery",
         &lines,
         false,
@@ -192,11 +206,7 @@ pub fn rss_per_connection(group: &Group, path: &Path) -> PlotResult {
     root.fill(&WHITE)?;
     let lo = bars.iter().map(|b| b.1).fold(f64::MAX, f64::min) / 3.0;
     let hi = bars.iter().map(|b| b.1).fold(f64::MIN, f64::max) * 3.0;
-    let connections = group
-        .targets
-        .first()
-        .and_then(|t| t.median(|r| Some(r.connections_requested as f64)))
-        .unwrap_or(0.0);
+    let connections = connections(group).unwrap_or(0.0);
     let mut chart = ChartBuilder::on(&root)
         .caption(
             format!("W3 server RSS per idle connection ({connections:.0} connections)"),
@@ -240,6 +250,34 @@ pub fn rss_per_connection(group: &Group, path: &Path) -> PlotResult {
     Ok(())
 }
 
+/// Connections a group's runs asked for.
+fn connections(group: &Group) -> Option<f64> {
+    group
+        .targets
+        .first()
+        .and_then(|t| t.median(|r| Some(r.connections_requested as f64)))
+}
+
+/// W3 run at several sizes: server RSS per idle connection against the number of
+/// connections, one line per target (what a connection costs as the server fills up).
+pub fn rss_vs_connections(groups: &[&Group], path: &Path) -> PlotResult {
+    let root = BitMapBackend::new(path, (1000, 650)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let lines = series_over(groups, connections, |r| {
+        r.server.as_ref().and_then(|s| s.rss_kib_per_connection)
+    });
+    line_chart(
+        &root,
+        "W3 server RSS per idle connection against connections",
+        "connections (log)",
+        "KiB per connection (log)",
+        &lines,
+        true,
+    )?;
+    root.present()?;
+    Ok(())
+}
+
 /// Draws every plot the groups allow into `dir` and returns the files written.
 pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
     std::fs::create_dir_all(dir)?;
@@ -251,6 +289,13 @@ pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>>
         written.push(path);
         let path = dir.join("w1-cpu-per-delivery.png");
         cpu_vs_rate(&w1, &path)?;
+        written.push(path);
+    }
+    let mut w3: Vec<&Group> = groups.iter().filter(|g| g.workload == "w3").collect();
+    if w3.len() > 1 {
+        w3.sort_by_key(|g| connections(g).map_or(0, |n| n as u64));
+        let path = dir.join("w3-rss-vs-connections.png");
+        rss_vs_connections(&w3, &path)?;
         written.push(path);
     }
     for group in groups.iter().filter(|g| g.workload == "w3") {
