@@ -1,21 +1,38 @@
-//! A session's bounded outbound queue and the handle the rest of the server uses to reach it.
+//! A session's outbound side: the handle the rest of the server uses to reach a connection.
 //!
-//! Fan-out never waits on a socket: it calls [`SessionHandle::push`], which either queues the
-//! pre-encoded frame or decides, by the frame's class, what overflow means:
+//! Fan-out writes straight into the socket when it can. [`SessionHandle::push`] takes the
+//! session's outlet lock and, if nothing is queued ahead and no write is unfinished, writes the
+//! shared pre-encoded frames at once with one non-blocking `writev`: no queue entry, no task
+//! wake-up, no poll, which is what a delivery costs above the kernel's own work. Only when the
+//! socket is not ready (or the session's task is writing) is the frame queued, and the task
+//! writes it later. A write the socket took only in part leaves its remainder first in line,
+//! so frames are never interleaved or reordered.
+//!
+//! The queue is bounded, and what overflow means depends on the frame's class:
 //! - droppable frames (typing, presence) are refused once the queue is three quarters full, so
 //!   they never take the room that chat messages need;
 //! - every other frame that finds the queue full marks the session *slow*. Its task then closes
 //!   the socket with 1013; the client re-joins with `since` and gets everything it missed from
 //!   the store. Nothing is dropped silently and nobody else waits.
+//!
+//! The outlet also keeps, per subscribed room, the highest seq written to the socket. Chat
+//! frames at or below it are skipped, wherever they are written from: that is what makes a
+//! join's history and the live stream meet without gaps or duplicates. A room still being
+//! joined has no mark yet, and its live frames wait in the queue until the `joined` reply
+//! (with the history and the mark) has been written.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use confab_proto::UserRef;
+use confab_proto::{ServerEvent, UserRef};
 use futures_util::task::AtomicWaker;
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
+
+use crate::websocket::{Frame, Written, try_write};
 
 /// Process-unique id of one WebSocket connection.
 pub type SessionId = u64;
@@ -32,9 +49,9 @@ pub struct ChatFrame {
 
 /// The messages one commit stored for one room, in seq order, shared by every subscriber.
 ///
-/// A burst (hundreds of messages committed together) takes one queue slot per subscriber, not
-/// hundreds, so a healthy reader is never mistaken for a slow one, and fan-out costs one queue
-/// operation per subscriber per commit instead of per message.
+/// A burst (hundreds of messages committed together) is one write (or one queue slot) per
+/// subscriber, not hundreds, so a healthy reader is never mistaken for a slow one, and fan-out
+/// costs one `writev` per subscriber per commit instead of per message.
 #[derive(Debug)]
 pub struct ChatBatch {
     /// Room the messages belong to (the session filters by it).
@@ -43,7 +60,7 @@ pub struct ChatBatch {
     pub frames: Vec<ChatFrame>,
 }
 
-/// One item in a session's queue.
+/// One thing to send to a session.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// Chat messages (never dropped).
@@ -53,7 +70,8 @@ pub enum Outbound {
     /// Several events for this session alone (e.g. the acks of one commit), in order.
     Events(Arc<[Utf8Bytes]>),
     /// The session lost its subscription to a room (membership ended or room deleted): it
-    /// forgets the room and tells its client with a `left` event.
+    /// forgets the room and tells its client with a `left` event. Always handled by the
+    /// session's task, which also updates the hub.
     Left(Arc<str>),
 }
 
@@ -66,6 +84,9 @@ pub enum Priority {
     Droppable,
 }
 
+/// Frames of one write, on the stack: a write is usually one to a few frames.
+type Frames = SmallVec<[Frame; 16]>;
+
 /// The shared half of a session: what the hub, the committer and presence hold.
 #[derive(Debug)]
 pub struct SessionHandle {
@@ -73,14 +94,11 @@ pub struct SessionHandle {
     pub id: SessionId,
     /// Who is connected.
     pub user: UserRef,
-    /// The bounded queue. A plain deque rather than a channel: it holds no memory while empty
-    /// and gives back what a burst made it grow, which matters with thousands of idle sessions
-    /// (a channel keeps its 32-slot blocks for good).
-    queue: Mutex<VecDeque<Outbound>>,
+    /// Everything about writing to this connection, under one lock: pushers and the session's
+    /// task take turns, so frames go out whole and in order.
+    outlet: Mutex<Outlet>,
     /// Wakes the session task when something was queued (or the session became slow).
     ready: AtomicWaker,
-    /// Set once the session task is gone: nothing more is queued.
-    closed: AtomicBool,
     /// Most entries the queue holds.
     capacity: usize,
     /// Free slots below which droppable frames are refused.
@@ -92,15 +110,140 @@ pub struct SessionHandle {
     dropped: AtomicU64,
 }
 
+/// The writing state of one connection.
+#[derive(Debug, Default)]
+struct Outlet {
+    /// Where direct writes go: set once the session's first frame (`connected`) is out, unset
+    /// once its close frame is.
+    socket: Option<Arc<TcpStream>>,
+    /// Frames waiting for the session's task. A plain deque rather than a channel: it holds
+    /// no memory while empty and gives back what a burst made it grow, which matters with
+    /// thousands of idle sessions (a channel keeps its 32-slot blocks for good).
+    queue: VecDeque<Outbound>,
+    /// A direct write the socket took only part of: its frames and the bytes already written.
+    /// It goes out before anything else.
+    unfinished: Option<(Vec<Frame>, usize)>,
+    /// The task is waiting for the socket to take the rest of a write.
+    writing: bool,
+    /// A write failed: the connection is broken and its task will end.
+    broken: bool,
+    /// Set once the session task is gone or has sent its close frame: nothing more is queued.
+    closed: bool,
+    /// Subscribed rooms with the highest seq written in each; `None` while a join is reading
+    /// the room's history.
+    rooms: HashMap<Arc<str>, Option<u64>>,
+}
+
+/// What a direct write did with a frame.
+enum Direct {
+    /// Written, or nothing to write (already delivered, or for a room left since).
+    Done,
+    /// Written in part: the rest is [`Outlet::unfinished`], for the task.
+    Unfinished,
+    /// Not written: queue it.
+    Queue,
+}
+
+impl Outlet {
+    /// Whether a frame may go straight to the socket: nothing is ahead of it.
+    fn is_open_for_direct_writes(&self) -> bool {
+        self.socket.is_some()
+            && self.queue.is_empty()
+            && self.unfinished.is_none()
+            && !self.writing
+            && !self.broken
+    }
+
+    /// Writes `item` to the socket without waiting, if it can be.
+    fn write_direct(&mut self, item: &Outbound) -> Direct {
+        let mut frames = Frames::new();
+        let mut newest = None;
+        match item {
+            Outbound::Chat(chat) => {
+                let delivered = match self.rooms.get(&*chat.room) {
+                    // Not subscribed (any more): what the task would do with it too.
+                    None => return Direct::Done,
+                    // Joining: it waits for the `joined` reply and the room's mark.
+                    Some(None) => return Direct::Queue,
+                    Some(Some(delivered)) => *delivered,
+                };
+                for message in chat.frames.iter().filter(|m| m.seq > delivered) {
+                    frames.push(Frame::Text(message.frame.clone()));
+                    newest = Some(message.seq);
+                }
+            }
+            Outbound::Event(frame) => frames.push(Frame::Text(frame.clone())),
+            Outbound::Events(list) => frames.extend(list.iter().cloned().map(Frame::Text)),
+            Outbound::Left(_) => return Direct::Queue,
+        }
+        if frames.is_empty() {
+            return Direct::Done;
+        }
+        let socket = self.socket.as_ref().expect("checked by the caller");
+        let outcome = match try_write(socket, &frames, 0) {
+            Ok(Written::All) => Direct::Done,
+            Ok(Written::Partly(0)) => return Direct::Queue,
+            Ok(Written::Partly(written)) => {
+                self.unfinished = Some((frames.into_vec(), written));
+                Direct::Unfinished
+            }
+            Err(_) => {
+                // The task's next write fails the same way and ends the session.
+                self.broken = true;
+                return Direct::Queue;
+            }
+        };
+        if let (Outbound::Chat(chat), Some(newest)) = (item, newest) {
+            self.rooms.insert(Arc::clone(&chat.room), Some(newest));
+        }
+        outcome
+    }
+
+    /// Appends a queue entry's frames to `frames`, skipping chat already delivered. Returns the
+    /// room of a `Left` that still applied.
+    fn frames_of(&mut self, item: Outbound, frames: &mut Frames) -> Option<Arc<str>> {
+        match item {
+            Outbound::Chat(chat) => {
+                // Skip rooms left since; a room still joining cannot be here (the task is
+                // the one flushing, and it is not in the middle of a join).
+                if let Some(Some(delivered)) = self.rooms.get_mut(&*chat.room) {
+                    for message in &chat.frames {
+                        if message.seq > *delivered {
+                            *delivered = message.seq;
+                            frames.push(Frame::Text(message.frame.clone()));
+                        }
+                    }
+                }
+                None
+            }
+            Outbound::Event(frame) => {
+                frames.push(Frame::Text(frame));
+                None
+            }
+            Outbound::Events(list) => {
+                frames.extend(list.iter().cloned().map(Frame::Text));
+                None
+            }
+            Outbound::Left(room) => {
+                let (room, _) = self.rooms.remove_entry(&*room)?;
+                frames.push(Frame::Text(encode(&ServerEvent::Left {
+                    reference: None,
+                    room: room.to_string(),
+                })));
+                Some(room)
+            }
+        }
+    }
+}
+
 impl SessionHandle {
     /// Creates the handle and the receiver its session task drains.
     pub fn new(id: SessionId, user: UserRef, capacity: usize) -> (Arc<Self>, OutboundReceiver) {
         let handle = Arc::new(SessionHandle {
             id,
             user,
-            queue: Mutex::new(VecDeque::new()),
+            outlet: Mutex::new(Outlet::default()),
             ready: AtomicWaker::new(),
-            closed: AtomicBool::new(false),
             capacity,
             droppable_floor: capacity / 4,
             slow: AtomicBool::new(false),
@@ -112,23 +255,39 @@ impl SessionHandle {
         (handle, receiver)
     }
 
-    fn queue(&self) -> MutexGuard<'_, VecDeque<Outbound>> {
-        // A panic while holding this lock cannot leave the deque inconsistent.
-        self.queue
+    fn outlet(&self) -> MutexGuard<'_, Outlet> {
+        // A panic while holding this lock leaves at worst a connection that will fail its
+        // next write, not an inconsistent queue.
+        self.outlet
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues a frame without waiting. Returns false if it was not queued (dropped, session
-    /// slow or gone).
+    /// Sends a frame without waiting: straight into the socket if nothing is ahead of it,
+    /// otherwise into the queue. Returns false if it was neither (dropped, session slow or
+    /// gone).
     pub fn push(&self, item: Outbound, priority: Priority) -> bool {
-        if self.is_slow() || self.closed.load(Ordering::Acquire) {
+        if self.is_slow() {
             return false;
         }
-        let mut queue = self.queue();
-        let free = self.capacity.saturating_sub(queue.len());
+        let mut outlet = self.outlet();
+        if outlet.closed {
+            return false;
+        }
+        if outlet.is_open_for_direct_writes() {
+            match outlet.write_direct(&item) {
+                Direct::Done => return true,
+                Direct::Unfinished => {
+                    drop(outlet);
+                    self.ready.wake();
+                    return true;
+                }
+                Direct::Queue => {}
+            }
+        }
+        let free = self.capacity.saturating_sub(outlet.queue.len());
         if free == 0 || (priority == Priority::Droppable && free <= self.droppable_floor) {
-            drop(queue);
+            drop(outlet);
             if priority == Priority::Reliable {
                 self.slow.store(true, Ordering::Release);
                 self.ready.wake();
@@ -137,8 +296,8 @@ impl SessionHandle {
             }
             return false;
         }
-        queue.push_back(item);
-        drop(queue);
+        outlet.queue.push_back(item);
+        drop(outlet);
         self.ready.wake();
         true
     }
@@ -155,61 +314,181 @@ impl SessionHandle {
     }
 }
 
-/// The session task's end of its queue.
+/// What [`OutboundReceiver::flush`] did.
+pub(crate) struct Flushed {
+    /// Rooms the session lost (`Left` entries): the caller updates the hub and typing.
+    pub left: SmallVec<[Arc<str>; 1]>,
+    /// How far the write got.
+    pub outcome: FlushOutcome,
+}
+
+/// How far a flush's write got.
+pub(crate) enum FlushOutcome {
+    /// Everything is in the socket buffer.
+    Done,
+    /// The socket took `written` bytes of `frames`: finish with
+    /// [`crate::websocket::finish_write`], then call [`OutboundReceiver::unblock`]. Direct
+    /// writes queue up meanwhile.
+    Blocked(Vec<Frame>, usize),
+    /// The connection is broken.
+    Failed,
+}
+
+/// The session task's end of its outlet: the only place frames of its own (replies,
+/// heartbeats, close) are written from, and where queued entries are drained.
 #[derive(Debug)]
 pub struct OutboundReceiver {
     handle: Arc<SessionHandle>,
 }
 
 impl OutboundReceiver {
-    /// Waits until something is queued, then moves up to `limit` entries into `out`, oldest
-    /// first, and returns how many. Cancel-safe: entries stay queued until taken.
-    pub async fn recv_many(&mut self, out: &mut Vec<Outbound>, limit: usize) -> usize {
-        std::future::poll_fn(|cx| self.poll_recv_many(cx, out, limit)).await
-    }
-
-    /// Moves up to `limit` queued entries into `out` and returns how many; while the queue is
-    /// empty, `Pending`, with the task registered to be woken by the next push.
-    pub fn poll_recv_many(
-        &mut self,
-        cx: &mut Context<'_>,
-        out: &mut Vec<Outbound>,
-        limit: usize,
-    ) -> Poll<usize> {
-        if let taken @ 1.. = self.take(out, limit) {
-            return Poll::Ready(taken);
+    /// Ready when there is something for the task to write (queued entries or the rest of a
+    /// direct write) or the session became slow; otherwise `Pending`, with the task registered
+    /// to be woken by the next push.
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.has_work() {
+            return Poll::Ready(());
         }
         self.handle.ready.register(cx.waker());
         // Look again: a push between the first look and the registration woke nobody.
-        match self.take(out, limit) {
-            0 => Poll::Pending,
-            taken => Poll::Ready(taken),
+        if self.has_work() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
     }
 
-    fn take(&mut self, out: &mut Vec<Outbound>, limit: usize) -> usize {
-        let mut queue = self.handle.queue();
-        let taken = queue.len().min(limit);
-        out.extend(queue.drain(..taken));
-        if queue.is_empty() && queue.capacity() > 0 {
+    fn has_work(&self) -> bool {
+        if self.handle.is_slow() {
+            return true;
+        }
+        let outlet = self.handle.outlet();
+        !outlet.writing && (!outlet.queue.is_empty() || outlet.unfinished.is_some())
+    }
+
+    /// Opens the socket to direct writes once the session's first frame is out: anything
+    /// pushed earlier is still queued, so the task writes it first.
+    pub(crate) fn attach(&mut self, socket: Arc<TcpStream>) {
+        self.handle.outlet().socket = Some(socket);
+    }
+
+    /// Writes, in this order and without waiting: the rest of an unfinished direct write,
+    /// `first` (the task's own frames), then up to `take` queued entries. `open` gives a room
+    /// whose join is being answered by `first` its delivered mark, in the same step, so live
+    /// frames of that room written directly from now on come after the `joined` reply. A
+    /// close frame in `first` shuts the outlet: nothing is written after it.
+    pub(crate) fn flush(
+        &mut self,
+        socket: &TcpStream,
+        first: &[Frame],
+        open: Option<(Arc<str>, u64)>,
+        take: usize,
+    ) -> Flushed {
+        let mut outlet = self.handle.outlet();
+        let mut frames = Frames::new();
+        let mut skip = 0;
+        if let Some((rest, written)) = outlet.unfinished.take() {
+            frames.extend(rest);
+            skip = written;
+        }
+        frames.extend(first.iter().cloned());
+        if let Some((room, mark)) = open {
+            let delivered = outlet.rooms.entry(room).or_insert(None);
+            *delivered = Some(delivered.unwrap_or(0).max(mark));
+        }
+        let mut left = SmallVec::new();
+        let taken = outlet.queue.len().min(take);
+        for _ in 0..taken {
+            let item = outlet.queue.pop_front().expect("counted");
+            left.extend(outlet.frames_of(item, &mut frames));
+        }
+        if outlet.queue.is_empty() && outlet.queue.capacity() > 0 {
             // Most sessions are idle most of the time: an empty queue holds no memory (a few
             // hundred bytes each, times every connection).
-            *queue = VecDeque::new();
+            outlet.queue = VecDeque::new();
         }
-        taken
+        if first.iter().any(Frame::is_close) {
+            outlet.closed = true;
+            outlet.socket = None;
+        }
+        let outcome = match try_write(socket, &frames, skip) {
+            Ok(Written::All) => FlushOutcome::Done,
+            Ok(Written::Partly(written)) => {
+                outlet.writing = true;
+                FlushOutcome::Blocked(frames.into_vec(), written)
+            }
+            Err(_) => {
+                outlet.broken = true;
+                FlushOutcome::Failed
+            }
+        };
+        Flushed { left, outcome }
     }
 
-    /// Takes the oldest entry, if any, without waiting.
+    /// A blocked flush has finished (or failed, and the session is ending): direct writes
+    /// may resume once the queue is drained.
+    pub(crate) fn unblock(&mut self) {
+        self.handle.outlet().writing = false;
+    }
+
+    /// Marks a room as being joined (if not subscribed already): its live frames wait until
+    /// the join is answered. Returns false if the room was subscribed before.
+    pub(crate) fn begin_join(&mut self, room: &str) -> bool {
+        let mut outlet = self.handle.outlet();
+        if outlet.rooms.contains_key(room) {
+            return false;
+        }
+        outlet.rooms.insert(Arc::from(room), None);
+        true
+    }
+
+    /// Forgets a room: a join that failed, or a leave. Returns its key if it was known.
+    pub(crate) fn forget_room(&mut self, room: &str) -> Option<Arc<str>> {
+        self.handle
+            .outlet()
+            .rooms
+            .remove_entry(room)
+            .map(|(key, _)| key)
+    }
+
+    /// The key of a subscribed room (not one still being joined).
+    pub(crate) fn room(&self, room: &str) -> Option<Arc<str>> {
+        self.handle
+            .outlet()
+            .rooms
+            .get_key_value(room)
+            .filter(|(_, delivered)| delivered.is_some())
+            .map(|(key, _)| Arc::clone(key))
+    }
+
+    /// How many rooms the session is subscribed to or joining.
+    pub(crate) fn room_count(&self) -> usize {
+        self.handle.outlet().rooms.len()
+    }
+
+    /// Every room the session is subscribed to or joining, leaving none: the session is
+    /// ending.
+    pub(crate) fn take_rooms(&mut self) -> Vec<Arc<str>> {
+        std::mem::take(&mut self.handle.outlet().rooms)
+            .into_keys()
+            .collect()
+    }
+
+    /// Takes the oldest queued entry, if any, without writing it.
+    #[cfg(test)]
     pub fn try_recv(&mut self) -> Option<Outbound> {
-        self.handle.queue().pop_front()
+        self.handle.outlet().queue.pop_front()
     }
 }
 
 impl Drop for OutboundReceiver {
     /// The session is gone: refuse further pushes and free what is queued.
     fn drop(&mut self) {
-        self.handle.closed.store(true, Ordering::Release);
-        std::mem::take(&mut *self.handle.queue());
+        let mut outlet = self.handle.outlet();
+        outlet.closed = true;
+        outlet.socket = None;
+        outlet.unfinished = None;
+        std::mem::take(&mut outlet.queue);
     }
 }
 
@@ -252,39 +531,157 @@ mod tests {
         assert!(!handle.push(event(), Priority::Reliable));
     }
 
-    #[tokio::test]
-    async fn the_receiver_gets_everything_in_order_and_memory_back() {
-        let (handle, mut rx) = handle(256);
-        for n in 0..100 {
-            assert!(handle.push(Outbound::Left(n.to_string().into()), Priority::Reliable));
+    /// A connected pair: the server's end (shared, as a session's is) and the client's.
+    async fn socket_pair() -> (Arc<TcpStream>, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (Arc::new(accepted.unwrap().0), client.unwrap())
+    }
+
+    /// Reads unmasked server frames until `count` have arrived; returns their text payloads.
+    async fn read_texts(client: &mut TcpStream, count: usize) -> Vec<String> {
+        use tokio::io::AsyncReadExt;
+        let mut texts = Vec::new();
+        while texts.len() < count {
+            let mut head = [0u8; 2];
+            client.read_exact(&mut head).await.unwrap();
+            assert_eq!(head[0], 0x81, "a final text frame");
+            let len = match head[1] {
+                126 => client.read_u16().await.unwrap() as usize,
+                127 => client.read_u64().await.unwrap() as usize,
+                n => n as usize,
+            };
+            let mut payload = vec![0; len];
+            client.read_exact(&mut payload).await.unwrap();
+            texts.push(String::from_utf8(payload).unwrap());
         }
-        let mut batch = Vec::new();
-        assert_eq!(rx.recv_many(&mut batch, 64).await, 64);
-        assert_eq!(rx.recv_many(&mut batch, 64).await, 36);
-        let rooms: Vec<String> = batch
-            .iter()
-            .map(|item| match item {
-                Outbound::Left(room) => room.to_string(),
-                _ => unreachable!(),
-            })
-            .collect();
-        assert_eq!(rooms, (0..100).map(|n| n.to_string()).collect::<Vec<_>>());
+        texts
+    }
+
+    fn chat(room: &str, seqs: std::ops::RangeInclusive<u64>) -> Outbound {
+        Outbound::Chat(Arc::new(ChatBatch {
+            room: room.into(),
+            frames: seqs
+                .map(|seq| ChatFrame {
+                    seq,
+                    frame: format!("m{seq}").into(),
+                })
+                .collect(),
+        }))
+    }
+
+    fn text(s: &str) -> Outbound {
+        Outbound::Event(s.to_string().into())
+    }
+
+    /// Writes everything pending the way the session task does.
+    async fn drain(rx: &mut OutboundReceiver, socket: &TcpStream) -> Vec<Arc<str>> {
+        let flushed = rx.flush(socket, &[], None, usize::MAX);
+        if let FlushOutcome::Blocked(frames, written) = flushed.outcome {
+            crate::websocket::finish_write(socket, &frames, written)
+                .await
+                .unwrap();
+            rx.unblock();
+        }
+        flushed.left.into_vec()
+    }
+
+    #[tokio::test]
+    async fn fan_out_writes_directly_after_the_join_and_never_twice() {
+        let (socket, mut client) = socket_pair().await;
+        let (handle, mut rx) = handle(64);
+        rx.attach(Arc::clone(&socket));
+        // Joining: live frames wait, whatever their seq, until the answer sets the mark.
+        assert!(rx.begin_join("r"));
+        assert!(rx.room("r").is_none(), "not usable before the answer");
+        assert!(handle.push(chat("r", 1..=3), Priority::Reliable));
+        let joined = [Frame::Text("joined(history to 2)".into())];
+        let flushed = rx.flush(&socket, &joined, Some(("r".into(), 2)), usize::MAX);
+        assert!(matches!(flushed.outcome, FlushOutcome::Done));
+        // Now straight to the socket, skipping what was delivered.
+        assert!(handle.push(chat("r", 3..=4), Priority::Reliable));
+        assert!(handle.push(text("typing"), Priority::Droppable));
+        assert!(rx.try_recv().is_none(), "nothing was queued");
+        // Losing the room goes through the task (it updates the hub); later frames of the
+        // room are skipped.
+        assert!(handle.push(Outbound::Left("r".into()), Priority::Reliable));
+        assert_eq!(drain(&mut rx, &socket).await, vec![Arc::<str>::from("r")]);
+        assert!(handle.push(chat("r", 5..=5), Priority::Reliable));
+        assert!(handle.push(text("after"), Priority::Reliable));
         assert_eq!(
-            handle.queue().capacity(),
+            read_texts(&mut client, 6).await,
+            [
+                "joined(history to 2)",
+                "m3",
+                "m4",
+                "typing",
+                r#"{"type":"left","ref":null,"room":"r"}"#,
+                "after"
+            ]
+        );
+        // A close frame shuts the outlet.
+        rx.flush(&socket, &[Frame::Close(1000, "bye".into())], None, 0);
+        assert!(!handle.push(text("too late"), Priority::Reliable));
+    }
+
+    #[tokio::test]
+    async fn a_full_socket_queues_and_everything_arrives_whole_and_in_order() {
+        let (socket, mut client) = socket_pair().await;
+        let (handle, mut rx) = handle(1024);
+        rx.attach(Arc::clone(&socket));
+        // The client reads nothing yet: 40 frames of 64 KiB overflow the (shrunk) socket
+        // buffers, so a direct write stops part-way and the rest queues behind it.
+        socket2::SockRef::from(&*socket)
+            .set_send_buffer_size(32 * 1024)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(32 * 1024)
+            .unwrap();
+        let big = |n: usize| format!("{n:04}{}", "x".repeat(64 * 1024));
+        for n in 0..40 {
+            assert!(handle.push(text(&big(n)), Priority::Reliable));
+        }
+        assert!(
+            rx.handle.outlet().unfinished.is_some(),
+            "a write stopped part-way"
+        );
+        assert!(
+            !rx.handle.outlet().queue.is_empty(),
+            "later frames were queued"
+        );
+        let reader = tokio::spawn(async move { read_texts(&mut client, 40).await });
+        while std::future::poll_fn(|cx| Poll::Ready(rx.poll_ready(cx)))
+            .await
+            .is_ready()
+        {
+            drain(&mut rx, &socket).await;
+        }
+        let texts = reader.await.unwrap();
+        let expected: Vec<String> = (0..40).map(big).collect();
+        assert_eq!(texts.len(), expected.len());
+        assert!(texts == expected, "frames arrive whole and in order");
+        let outlet = handle.outlet();
+        assert!(outlet.is_open_for_direct_writes(), "direct writes resume");
+        assert_eq!(
+            outlet.queue.capacity(),
             0,
             "a drained burst gives its memory back"
         );
-        // A push from another task wakes a waiting receiver.
+    }
+
+    #[tokio::test]
+    async fn a_queued_push_wakes_the_task_and_a_gone_session_takes_nothing() {
+        let (handle, mut rx) = handle(16);
         let pusher = Arc::clone(&handle);
         let waiter = tokio::spawn(async move {
-            let mut got = Vec::new();
-            rx.recv_many(&mut got, 8).await;
-            got.len()
+            std::future::poll_fn(|cx| rx.poll_ready(cx)).await;
+            rx.try_recv().is_some()
         });
         tokio::task::yield_now().await;
-        assert!(pusher.push(Outbound::Left("x".into()), Priority::Reliable));
-        assert_eq!(waiter.await.unwrap(), 1);
-        // The receiver is gone (the session ended): nothing is queued any more.
-        assert!(!handle.push(Outbound::Left("y".into()), Priority::Reliable));
+        // No socket attached yet: it is queued, and the task woken.
+        assert!(pusher.push(text("x"), Priority::Reliable));
+        assert!(waiter.await.unwrap());
+        assert!(!handle.push(text("y"), Priority::Reliable));
     }
 }

@@ -1,32 +1,33 @@
 //! One WebSocket connection: a single task that reads commands, writes queued frames, keeps the
 //! heartbeat and closes the socket with the right code.
 //!
-//! The task owns the socket and the receiving end of the session's bounded queue. Everything
-//! other parts of the server want to send arrives through that queue ([`SessionHandle::push`]),
-//! and the task writes whatever has accumulated in one flush. Direct replies to the client's
-//! own commands (`joined`, `history`, `pong`, errors) are written by the task itself.
+//! The task owns the socket's reading side and the session's outlet. What other parts of the
+//! server send ([`SessionHandle::push`]) is written straight into the socket by the pusher
+//! when nothing is ahead of it; otherwise it is queued, and the task writes whatever has
+//! accumulated in one flush. Replies to the client's own commands (`joined`, `history`,
+//! `pong`, errors), heartbeats and the close frame are written by the task, through the same
+//! outlet, so frames never interleave.
 //!
-//! Per room the session remembers the highest seq it has delivered and skips anything at or
-//! below it. Combined with "subscribe, then read history" in `join`, this gives every
-//! subscriber each message exactly once and in seq order.
+//! Per room the outlet remembers the highest seq written and skips anything at or below it.
+//! Combined with "subscribe, then read history" in `join`, and the room's mark being set in the
+//! same step as the `joined` reply is written, this gives every subscriber each message exactly
+//! once and in seq order.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
 use governor::DefaultDirectRateLimiter;
-use smallvec::SmallVec;
 use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
 use crate::hub::Departure;
 use crate::node::{Node, session_limiter};
-use crate::outbound::{Outbound, OutboundReceiver, SessionHandle, encode};
+use crate::outbound::{FlushOutcome, OutboundReceiver, SessionHandle, encode};
 use crate::store::HistoryQuery;
-use crate::websocket::{Frame, Incoming, ReadError, WebSocket, Written};
+use crate::websocket::{Frame, Incoming, ReadError, WebSocket, Written, try_write};
 
 /// Queue entries taken per flush.
 const WRITE_BATCH: usize = 128;
@@ -67,7 +68,6 @@ pub(crate) fn start(
         handle,
         queue,
         socket,
-        rooms: HashMap::new(),
         last_heard: Instant::now(),
         refused_in_a_row: 0,
     }))
@@ -81,10 +81,13 @@ pub(crate) struct Refused {
 
 impl Refused {
     /// Tells the client why (close code 1008) and hangs up.
-    pub(crate) async fn close(mut self, limit: Duration) {
-        let goodbye = [Frame::Close(close::POLICY_VIOLATION, &self.reason)];
-        let _ = write_frames(&mut self.socket, &goodbye, limit).await;
-        self.socket.shutdown().await;
+    pub(crate) async fn close(self, limit: Duration) {
+        let goodbye = [Frame::Close(close::POLICY_VIOLATION, self.reason.into())];
+        let stream = self.socket.stream();
+        if let Ok(Written::Partly(written)) = try_write(stream, &goodbye, 0) {
+            let _ = finish_write(stream, &goodbye, written, limit).await;
+        }
+        crate::websocket::shutdown(stream);
     }
 }
 
@@ -92,7 +95,7 @@ impl Drop for Session {
     /// Cleans up however the session ends, even if its task panicked: leaves the hub, stops
     /// typing, and starts the presence grace period.
     fn drop(&mut self) {
-        let rooms = std::mem::take(&mut self.rooms).into_keys().collect();
+        let rooms = self.queue.take_rooms();
         self.node.session_ended(&self.handle, rooms);
     }
 }
@@ -101,7 +104,7 @@ impl Drop for Session {
 enum Woken {
     /// The server is shutting down.
     Shutdown,
-    /// Entries were taken from the queue into the write batch.
+    /// Something is queued for the task to write (or the session became slow).
     Queue,
     /// A message (or a read error) from the client.
     Inbound(Result<Incoming, ReadError>),
@@ -125,8 +128,6 @@ pub(crate) struct Session {
     handle: Arc<SessionHandle>,
     queue: OutboundReceiver,
     socket: WebSocket,
-    /// Subscribed rooms with the highest seq delivered in each.
-    rooms: HashMap<Arc<str>, u64>,
     /// Chat message token bucket.
     messages: DefaultDirectRateLimiter,
     /// Token bucket for every other command.
@@ -150,6 +151,8 @@ impl Session {
         if Box::pin(self.send(&connected)).await.is_err() {
             return;
         }
+        // `connected` is out: from now on fan-out may write to the socket directly.
+        self.queue.attach(Arc::clone(self.socket.stream()));
         // One timer for both heartbeat duties: it fires at the next ping or when the peer's
         // silence reaches the timeout, whichever is first. Inbound frames only move
         // `last_heard`; the timer is re-aimed when it fires, so traffic costs no timer work.
@@ -158,8 +161,6 @@ impl Session {
         let mut next_ping = tokio::time::Instant::now() + interval;
         let heartbeat = tokio::time::sleep_until(next_ping.min(self.silence_deadline(timeout)));
         tokio::pin!(heartbeat);
-        // Released after every write: idle sessions should cost little memory.
-        let mut batch = Vec::new();
         // Created once, not per loop turn: registering a waiter on a cancellation token takes
         // its lock, and the shutdown token is shared by every session.
         let shutdown = self.node.shutdown.clone().cancelled_owned();
@@ -178,11 +179,7 @@ impl Session {
                 }
                 for turn in [queue_first, !queue_first] {
                     if turn {
-                        if self
-                            .queue
-                            .poll_recv_many(cx, &mut batch, WRITE_BATCH)
-                            .is_ready()
-                        {
+                        if self.queue.poll_ready(cx).is_ready() {
                             return Poll::Ready(Woken::Queue);
                         }
                     } else if let Poll::Ready(inbound) = self.socket.poll_message(cx) {
@@ -201,10 +198,7 @@ impl Session {
                     // client that does not read gets only a short grace, so shutdown stays
                     // bounded.
                     self.write_limit = SHUTDOWN_WRITE_LIMIT;
-                    while let Some(item) = self.queue.try_recv() {
-                        batch.push(item);
-                    }
-                    let _ = self.write_batch(&mut batch).await;
+                    let _ = self.flush(&[], None, usize::MAX).await;
                     break Ending::Close(close::GOING_AWAY, "server shutting down");
                 }
                 Woken::Queue => {
@@ -214,10 +208,9 @@ impl Session {
                             "too slow: outbound queue overflowed; re-join with since",
                         );
                     }
-                    if self.write_batch(&mut batch).await.is_err() {
+                    if self.flush(&[], None, WRITE_BATCH).await.is_err() {
                         break Ending::Gone;
                     }
-                    batch = Vec::new();
                 }
                 Woken::Inbound(inbound) => {
                     self.last_heard = Instant::now();
@@ -259,7 +252,7 @@ impl Session {
                 );
                 self.send(&error).await
             }
-            Ok(Incoming::Ping(payload)) => self.write(Frame::Pong(&payload)).await,
+            Ok(Incoming::Ping(payload)) => self.write(Frame::Pong(payload.into())).await,
             Ok(Incoming::Pong) => Ok(()),
             Ok(Incoming::Close(code)) => return Err(Ending::PeerClosed(code)),
             Err(err) => return Err(ending_for(&err)),
@@ -276,10 +269,9 @@ impl Session {
                 let code = code
                     .filter(|c| sendable_close_code(*c))
                     .unwrap_or(close::NORMAL);
-                let reply = [Frame::Close(code, "")];
-                let limit = CLOSE_HANDSHAKE.min(self.write_limit);
-                let _ = write_frames(&mut self.socket, &reply, limit).await;
-                self.socket.shutdown().await;
+                self.write_limit = CLOSE_HANDSHAKE.min(self.write_limit);
+                let _ = self.write(Frame::Close(code, Utf8Bytes::default())).await;
+                crate::websocket::shutdown(self.socket.stream());
             }
             Ending::Gone => {}
         }
@@ -293,8 +285,12 @@ impl Session {
     /// Sends a close frame and waits briefly for the peer's reply before the socket is dropped.
     /// Dropping at once could reset the connection and destroy the close frame (and any data
     /// before it) in the peer's receive buffer, so the client would never learn the code.
-    async fn close(&mut self, code: u16, reason: &str) {
-        if self.write(Frame::Close(code, reason)).await.is_err() {
+    async fn close(&mut self, code: u16, reason: &'static str) {
+        if self
+            .write(Frame::Close(code, Utf8Bytes::from_static(reason)))
+            .await
+            .is_err()
+        {
             return;
         }
         let drain = async {
@@ -305,86 +301,51 @@ impl Session {
             }
         };
         let _ = tokio::time::timeout(CLOSE_HANDSHAKE.min(self.write_limit), drain).await;
-        self.socket.shutdown().await;
+        crate::websocket::shutdown(self.socket.stream());
     }
 
-    /// Writes everything taken from the queue with one vectored write: the frames are the
-    /// shared encoded bytes, not copies. The lists are built on the stack and the write tried
-    /// at once; only what the socket did not take goes on in a boxed future.
-    async fn write_batch(&mut self, batch: &mut Vec<Outbound>) -> Result<(), ()> {
-        match self.try_write_batch(batch) {
-            Ok(None) => Ok(()),
-            Ok(Some((frames, written))) => {
-                let texts: Vec<Frame<'_>> =
-                    frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
-                finish_write(&mut self.socket, &texts, written, self.write_limit).await
-            }
-            Err(()) => Err(()),
-        }
-    }
-
-    /// Turns queue entries into frames and writes what the socket takes now. Returns the
-    /// frames and how many bytes of them were written if the socket filled up.
-    fn try_write_batch(
+    /// Writes, through the outlet: the rest of an unfinished direct write, `first`, then up to
+    /// `take` queued entries, in one vectored write of the shared encoded frames (no copies).
+    /// Only what the socket does not take at once goes on asynchronously, bounded by the write
+    /// limit; direct writes queue up meanwhile.
+    async fn flush(
         &mut self,
-        batch: &mut Vec<Outbound>,
-    ) -> Result<Option<(Vec<Utf8Bytes>, usize)>, ()> {
-        let mut frames: SmallVec<[Utf8Bytes; 16]> = SmallVec::new();
-        for item in batch.drain(..) {
-            match item {
-                Outbound::Chat(chat) => {
-                    // Skip what the join's history already delivered, and rooms left since.
-                    let Some(delivered) = self.rooms.get_mut(&*chat.room) else {
-                        continue;
-                    };
-                    for message in &chat.frames {
-                        if message.seq > *delivered {
-                            *delivered = message.seq;
-                            frames.push(message.frame.clone());
-                        }
-                    }
-                }
-                Outbound::Event(frame) => frames.push(frame),
-                Outbound::Events(list) => frames.extend(list.iter().cloned()),
-                Outbound::Left(room) => {
-                    if self.rooms.remove(&room).is_none() {
-                        continue;
-                    }
-                    // A join racing the leave may have subscribed us again: undo that too,
-                    // so the hub and this session agree.
-                    let user = &self.handle.user;
-                    let hub = &self.node.hub;
-                    if hub.unsubscribe(&room, self.handle.id, &user.id, Departure::Leave) {
-                        self.node.announce_user_left(&room, user);
-                    }
-                    self.node.set_typing(&room, &self.handle, false);
-                    frames.push(encode(&ServerEvent::Left {
-                        reference: None,
-                        room: room.to_string(),
-                    }));
-                }
+        first: &[Frame],
+        open: Option<(Arc<str>, u64)>,
+        take: usize,
+    ) -> Result<(), ()> {
+        let flushed = self.queue.flush(self.socket.stream(), first, open, take);
+        for room in flushed.left {
+            // A join racing the leave may have subscribed us again: undo that too, so the hub
+            // and this session agree.
+            let user = &self.handle.user;
+            let hub = &self.node.hub;
+            if hub.unsubscribe(&room, self.handle.id, &user.id, Departure::Leave) {
+                self.node.announce_user_left(&room, user);
             }
+            self.node.set_typing(&room, &self.handle, false);
         }
-        let texts: SmallVec<[Frame<'_>; 16]> =
-            frames.iter().map(|f| Frame::Text(f.as_bytes())).collect();
-        match self.socket.try_write_frames(&texts) {
-            Ok(Written::All) => Ok(None),
-            Ok(Written::Partly(written)) => {
-                drop(texts);
-                Ok(Some((frames.into_vec(), written)))
+        match flushed.outcome {
+            FlushOutcome::Done => Ok(()),
+            FlushOutcome::Failed => Err(()),
+            FlushOutcome::Blocked(frames, written) => {
+                let stream = Arc::clone(self.socket.stream());
+                let finished = finish_write(&stream, &frames, written, self.write_limit).await;
+                self.queue.unblock();
+                finished
             }
-            Err(_) => Err(()),
         }
     }
 
-    /// Writes one frame now, bounded by the write timeout.
-    async fn write(&mut self, frame: Frame<'_>) -> Result<(), ()> {
-        write_frames(&mut self.socket, &[frame], self.write_limit).await
+    /// Writes one frame of the task's own (and whatever is queued behind it). A close frame
+    /// goes alone and is the last one.
+    async fn write(&mut self, frame: Frame) -> Result<(), ()> {
+        let take = if frame.is_close() { 0 } else { WRITE_BATCH };
+        self.flush(&[frame], None, take).await
     }
 
     async fn send(&mut self, event: &ServerEvent) -> Result<(), ()> {
-        let frame = encode(event);
-        self.write(Frame::Text(frame.as_bytes())).await
+        self.write(Frame::Text(encode(event))).await
     }
 
     /// Handles one text frame. `Err` ends the connection.
@@ -407,8 +368,14 @@ impl Session {
         // Boxed: the command futures (join reads history and members) are much larger than an
         // idle session, and would otherwise make every session's state that large.
         match Box::pin(self.dispatch(command)).await {
-            Ok(Some(reply)) => self.send(&reply).await.map_err(|()| Ending::Gone),
-            Ok(None) => Ok(()),
+            Ok(Answer::Reply(reply)) => self.send(&reply).await.map_err(|()| Ending::Gone),
+            Ok(Answer::Joined { reply, room, mark }) => {
+                let frame = [Frame::Text(encode(&reply))];
+                self.flush(&frame, Some((room, mark)), WRITE_BATCH)
+                    .await
+                    .map_err(|()| Ending::Gone)
+            }
+            Ok(Answer::Nothing) => Ok(()),
             Err(err) => {
                 let error = error_event(reference, err.code(), err.public_message());
                 self.send(&error).await.map_err(|()| Ending::Gone)
@@ -446,8 +413,8 @@ impl Session {
         self.send(&error).await.map_err(|()| Ending::Gone)
     }
 
-    /// Executes a command; returns the direct reply, if the command has one besides errors.
-    async fn dispatch(&mut self, command: ClientCommand) -> Result<Option<ServerEvent>, ChatError> {
+    /// Executes a command; returns its answer, if it has one besides errors.
+    async fn dispatch(&mut self, command: ClientCommand) -> Result<Answer, ChatError> {
         let node = Arc::clone(&self.node);
         let user = self.handle.user.clone();
         match command {
@@ -455,9 +422,9 @@ impl Session {
                 reference,
                 room,
                 since,
-            } => self.join(reference, &room, since).await.map(Some),
+            } => self.join(reference, &room, since).await,
             ClientCommand::Leave { reference, room } => {
-                if let Some(key) = self.rooms.remove_entry(room.as_str()).map(|(key, _)| key) {
+                if let Some(key) = self.queue.forget_room(&room) {
                     node.set_typing(&key, &self.handle, false);
                     if node
                         .hub
@@ -466,7 +433,7 @@ impl Session {
                         node.announce_user_left(&room, &user);
                     }
                 }
-                Ok(Some(ServerEvent::Left { reference, room }))
+                Ok(Answer::Reply(ServerEvent::Left { reference, room }))
             }
             ClientCommand::Message {
                 reference,
@@ -475,7 +442,7 @@ impl Session {
                 client_id,
             } => {
                 node.validate_content(&content, client_id.as_deref())?;
-                if !self.rooms.contains_key(room.as_str()) {
+                if self.queue.room(&room).is_none() {
                     node.require_member(&user, &room).await?;
                 }
                 let message = node.new_message(&user, &room, content, client_id);
@@ -484,18 +451,18 @@ impl Session {
                     reference,
                 };
                 node.committer.submit(Pending { message, reply }).await?;
-                Ok(None)
+                Ok(Answer::Nothing)
             }
             ClientCommand::Typing {
                 room, is_typing, ..
             } => {
                 let key = self.subscribed(&room)?;
                 node.set_typing(&key, &self.handle, is_typing);
-                Ok(None)
+                Ok(Answer::Nothing)
             }
             ClientCommand::Read { room, seq, .. } => {
                 node.mark_read(&user, &room, seq).await?;
-                Ok(None)
+                Ok(Answer::Nothing)
             }
             ClientCommand::History {
                 reference,
@@ -505,7 +472,7 @@ impl Session {
                 limit,
             } => {
                 let page = node.history(&user, &room, before, after, limit).await?;
-                Ok(Some(ServerEvent::History {
+                Ok(Answer::Reply(ServerEvent::History {
                     reference,
                     room,
                     messages: page.messages,
@@ -514,37 +481,39 @@ impl Session {
             }
             ClientCommand::Status { status, .. } => {
                 node.set_status(&self.handle, status);
-                Ok(None)
+                Ok(Answer::Nothing)
             }
-            ClientCommand::Ping { reference } => Ok(Some(ServerEvent::Pong { reference })),
+            ClientCommand::Ping { reference } => Ok(Answer::Reply(ServerEvent::Pong { reference })),
         }
     }
 
     fn subscribed(&self, room: &str) -> Result<Arc<str>, ChatError> {
-        self.rooms
-            .get_key_value(room)
-            .map(|(key, _)| Arc::clone(key))
+        self.queue
+            .room(room)
             .ok_or_else(|| ChatError::BadRequest(format!("join room {room:?} first")))
     }
 
     /// Subscribe first, then read history: anything committed in between arrives live, and the
-    /// delivered-seq watermark drops what the history already contained.
+    /// delivered-seq watermark drops what the history already contained. Until the answer is
+    /// written (with the watermark, in the same step), the room's live frames wait in the queue.
     async fn join(
         &mut self,
         reference: Option<Ref>,
         room_id: &str,
         since: Option<u64>,
-    ) -> Result<ServerEvent, ChatError> {
+    ) -> Result<Answer, ChatError> {
         let node = Arc::clone(&self.node);
         let user = self.handle.user.clone();
-        let already = self.rooms.contains_key(room_id);
-        if !already && self.rooms.len() >= node.config.max_rooms_per_session {
+        let already = self.queue.room(room_id).is_some();
+        if !already && self.queue.room_count() >= node.config.max_rooms_per_session {
             return Err(ChatError::Forbidden(format!(
                 "a session may join at most {} rooms",
                 node.config.max_rooms_per_session
             )));
         }
         let joined = node.enter_room(&user, room_id).await?;
+        // Before subscribing, so no live frame of the room finds it unknown and is skipped.
+        let joining = self.queue.begin_join(room_id);
         let subscribed = node.hub.subscribe(room_id, &self.handle);
         let query = match since {
             Some(since) => HistoryQuery::After {
@@ -578,6 +547,9 @@ impl Session {
                     node.hub
                         .unsubscribe(room_id, self.handle.id, &user.id, undo);
                 }
+                if joining {
+                    self.queue.forget_room(room_id);
+                }
                 return Err(err);
             }
         };
@@ -587,50 +559,55 @@ impl Session {
         } else {
             page.last_seq.max(newest_sent)
         };
-        let delivered = self.rooms.entry(subscribed.room).or_insert(0);
-        *delivered = (*delivered).max(watermark);
         if subscribed.announce {
             node.announce_user_joined(room_id, &user, self.handle.id);
         }
-        Ok(ServerEvent::Joined {
-            reference,
-            room: joined.room.info(),
-            members,
-            member_count,
-            messages: page.messages,
-            has_more: page.has_more,
-            read_seq: joined.read_seq,
+        Ok(Answer::Joined {
+            reply: ServerEvent::Joined {
+                reference,
+                room: joined.room.info(),
+                members,
+                member_count,
+                messages: page.messages,
+                has_more: page.has_more,
+                read_seq: joined.read_seq,
+            },
+            room: subscribed.room,
+            mark: watermark,
         })
     }
 }
 
-/// Writes frames, giving a socket that stops taking them `limit` to catch up. Most writes go
-/// straight into the socket buffer and pay for no timer and no allocation; the rest continue
-/// in a boxed future, so waiting for a slow reader does not make every session's state larger.
-async fn write_frames(
-    socket: &mut WebSocket,
-    frames: &[Frame<'_>],
-    limit: Duration,
-) -> Result<(), ()> {
-    match socket.try_write_frames(frames) {
-        Ok(Written::All) => Ok(()),
-        Ok(Written::Partly(written)) => finish_write(socket, frames, written, limit).await,
-        Err(_) => Err(()),
-    }
-}
-
-/// Writes what the socket did not take at once (after `written` bytes), within `limit`.
+/// Writes what the socket did not take at once (after `written` bytes), within `limit`. Boxed,
+/// so waiting for a slow reader does not make every session's state larger.
 async fn finish_write(
-    socket: &mut WebSocket,
-    frames: &[Frame<'_>],
+    stream: &tokio::net::TcpStream,
+    frames: &[Frame],
     written: usize,
     limit: Duration,
 ) -> Result<(), ()> {
-    let rest = tokio::time::timeout(limit, socket.finish_write(frames, written));
+    let rest = tokio::time::timeout(
+        limit,
+        crate::websocket::finish_write(stream, frames, written),
+    );
     match Box::pin(rest).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
+}
+
+/// What a command answers.
+enum Answer {
+    /// Nothing (errors aside): the outcome arrives later or not at all.
+    Nothing,
+    /// This event.
+    Reply(ServerEvent),
+    /// A `joined` event, whose writing also opens the room to live frames above `mark`.
+    Joined {
+        reply: ServerEvent,
+        room: Arc<str>,
+        mark: u64,
+    },
 }
 
 fn error_event(reference: Option<Ref>, code: ErrorCode, message: String) -> ServerEvent {

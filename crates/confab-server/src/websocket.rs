@@ -8,9 +8,11 @@
 //! (`writev`), so nothing is copied and nothing is kept between writes. The read side waits
 //! for readiness with no buffer at all, and holds one only while a frame is arriving.
 //!
-//! Writes try the socket first ([`WebSocket::try_write_frames`], no future, no timer): almost
-//! every write fits in the socket buffer at once, and only a write that would block goes on
-//! asynchronously ([`WebSocket::finish_write`]).
+//! The socket is shared (`Arc<TcpStream>`): the session's task reads from it, and whoever
+//! fans a message out may write to it directly (see `outbound`). Writes are therefore free
+//! functions over `&TcpStream`: [`try_write`] puts what the socket takes without waiting (no
+//! future, no timer), and only a write that would block goes on asynchronously
+//! ([`finish_write`]).
 //!
 //! Only what a chat server needs: no extensions (no compression), no subprotocols, text and
 //! control frames out; text, binary, fragmented and control frames in, with the checks the RFC
@@ -18,14 +20,16 @@
 //! frames, valid UTF-8, a size limit).
 
 use std::io::{self, IoSlice};
+use std::net::Shutdown;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tungstenite::Utf8Bytes;
 
 const CONTINUATION: u8 = 0x0;
 const TEXT: u8 = 0x1;
@@ -78,22 +82,31 @@ pub(crate) enum ReadError {
     Io(#[from] io::Error),
 }
 
-/// One frame to send. Payloads are borrowed: the shared encoded frames are written as they are.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Frame<'a> {
+/// One frame to send. Payloads are shared, reference-counted bytes (the once-encoded frames of
+/// a broadcast), so a write that has to wait can keep its frames without copying them.
+#[derive(Debug, Clone)]
+pub(crate) enum Frame {
     /// A text frame (every event the server sends).
-    Text(&'a [u8]),
+    Text(Utf8Bytes),
     /// A heartbeat ping.
     Ping,
     /// The answer to a client's ping.
-    Pong(&'a [u8]),
-    /// A close frame with a status code and a reason (at most 123 bytes).
-    Close(u16, &'a str),
+    Pong(Bytes),
+    /// A close frame with a status code and a reason (at most 123 bytes are sent).
+    Close(u16, Utf8Bytes),
 }
 
-/// An upgraded connection: the accepted TCP socket itself.
+impl Frame {
+    /// Whether this frame ends the conversation: nothing may be written after it.
+    pub(crate) fn is_close(&self) -> bool {
+        matches!(self, Frame::Close(..))
+    }
+}
+
+/// An upgraded connection: the accepted TCP socket itself, shared with the session's outbound
+/// side for writing.
 pub(crate) struct WebSocket {
-    stream: TcpStream,
+    stream: Arc<TcpStream>,
     reader: Reader,
 }
 
@@ -112,7 +125,7 @@ struct Reader {
 pub(crate) enum Written {
     /// Every byte is in the socket buffer.
     All,
-    /// The socket is full after this many bytes: finish with [`WebSocket::finish_write`].
+    /// The socket is full after this many bytes: finish with [`finish_write`].
     Partly(usize),
 }
 
@@ -124,7 +137,15 @@ impl WebSocket {
         if !already_read.is_empty() {
             reader.read.extend_from_slice(&already_read);
         }
-        WebSocket { stream, reader }
+        WebSocket {
+            stream: Arc::new(stream),
+            reader,
+        }
+    }
+
+    /// The socket, for writing.
+    pub(crate) fn stream(&self) -> &Arc<TcpStream> {
+        &self.stream
     }
 
     /// The next message. Cancel-safe: bytes read stay buffered.
@@ -238,89 +259,84 @@ impl Reader {
     }
 }
 
-impl WebSocket {
-    /// Writes frames in order with as few `writev` calls as the socket takes without waiting.
-    /// If it would block, the caller finishes the rest with [`WebSocket::finish_write`] (same
-    /// frames, the count returned); a frame may be cut in between, so a caller that gives up
-    /// must drop the connection.
-    pub(crate) fn try_write_frames(&mut self, frames: &[Frame<'_>]) -> io::Result<Written> {
-        self.write_now(frames, 0)
+/// Writes frames in order, after their first `skip` bytes, with as few `writev` calls as the
+/// socket takes without waiting. If it would block, the caller finishes with [`finish_write`]
+/// (same frames, the count returned); a frame may be cut in between, so a caller that gives up
+/// must drop the connection, and nothing else may be written to the socket meanwhile.
+pub(crate) fn try_write(stream: &TcpStream, frames: &[Frame], skip: usize) -> io::Result<Written> {
+    if frames.is_empty() {
+        return Ok(Written::All);
     }
+    // Headers (and close payloads) of every frame, one after another. On the stack: this runs
+    // once per delivery, and a typical write is a few frames.
+    let mut heads = Heads::new();
+    let mut spans: SmallVec<[Range<usize>; 16]> = SmallVec::new();
+    for frame in frames {
+        let start = heads.len();
+        match frame {
+            Frame::Text(payload) => push_header(&mut heads, TEXT, payload.len()),
+            Frame::Ping => push_header(&mut heads, PING, 0),
+            Frame::Pong(payload) => push_header(&mut heads, PONG, payload.len()),
+            Frame::Close(code, reason) => {
+                let reason = truncate_utf8(reason.as_str(), 123);
+                push_header(&mut heads, CLOSE, 2 + reason.len());
+                heads.extend_from_slice(&code.to_be_bytes());
+                heads.extend_from_slice(reason.as_bytes());
+            }
+        }
+        spans.push(start..heads.len());
+    }
+    let mut slices: SmallVec<[IoSlice<'_>; 32]> = SmallVec::new();
+    for (frame, span) in frames.iter().zip(spans) {
+        slices.push(IoSlice::new(&heads[span]));
+        let payload: &[u8] = match frame {
+            Frame::Text(payload) => payload.as_bytes(),
+            Frame::Pong(payload) => payload,
+            Frame::Ping | Frame::Close(..) => &[],
+        };
+        if !payload.is_empty() {
+            slices.push(IoSlice::new(payload));
+        }
+    }
+    let mut remaining = &mut slices[..];
+    IoSlice::advance_slices(&mut remaining, skip);
+    let mut written = skip;
+    while !remaining.is_empty() {
+        let take = remaining.len().min(MAX_IOVECS);
+        match stream.try_write_vectored(&remaining[..take]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                IoSlice::advance_slices(&mut remaining, n);
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                return Ok(Written::Partly(written));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(Written::All)
+}
 
-    /// Writes the rest of `frames` after the first `written` bytes, waiting for the socket.
-    /// Rebuilding the slices after each wait is cheap next to waiting.
-    pub(crate) async fn finish_write(
-        &mut self,
-        frames: &[Frame<'_>],
-        mut written: usize,
-    ) -> io::Result<()> {
-        loop {
-            self.stream.writable().await?;
-            match self.write_now(frames, written)? {
-                Written::All => return Ok(()),
-                Written::Partly(so_far) => written = so_far,
-            }
+/// Writes the rest of `frames` after the first `written` bytes, waiting for the socket.
+/// Rebuilding the slices after each wait is cheap next to waiting.
+pub(crate) async fn finish_write(
+    stream: &TcpStream,
+    frames: &[Frame],
+    mut written: usize,
+) -> io::Result<()> {
+    loop {
+        stream.writable().await?;
+        match try_write(stream, frames, written)? {
+            Written::All => return Ok(()),
+            Written::Partly(so_far) => written = so_far,
         }
     }
+}
 
-    /// Writes `frames` after their first `skip` bytes until done or the socket is full.
-    fn write_now(&mut self, frames: &[Frame<'_>], skip: usize) -> io::Result<Written> {
-        if frames.is_empty() {
-            return Ok(Written::All);
-        }
-        // Headers (and close payloads) of every frame, one after another. On the stack: this
-        // runs once per delivery, and a typical write is a few frames.
-        let mut heads = Heads::new();
-        let mut spans: SmallVec<[Range<usize>; 16]> = SmallVec::new();
-        for frame in frames {
-            let start = heads.len();
-            match *frame {
-                Frame::Text(payload) => push_header(&mut heads, TEXT, payload.len()),
-                Frame::Ping => push_header(&mut heads, PING, 0),
-                Frame::Pong(payload) => push_header(&mut heads, PONG, payload.len()),
-                Frame::Close(code, reason) => {
-                    let reason = truncate_utf8(reason, 123);
-                    push_header(&mut heads, CLOSE, 2 + reason.len());
-                    heads.extend_from_slice(&code.to_be_bytes());
-                    heads.extend_from_slice(reason.as_bytes());
-                }
-            }
-            spans.push(start..heads.len());
-        }
-        let mut slices: SmallVec<[IoSlice<'_>; 32]> = SmallVec::new();
-        for (frame, span) in frames.iter().zip(spans) {
-            slices.push(IoSlice::new(&heads[span]));
-            match *frame {
-                Frame::Text(payload) | Frame::Pong(payload) if !payload.is_empty() => {
-                    slices.push(IoSlice::new(payload));
-                }
-                _ => {}
-            }
-        }
-        let mut remaining = &mut slices[..];
-        IoSlice::advance_slices(&mut remaining, skip);
-        let mut written = skip;
-        while !remaining.is_empty() {
-            let take = remaining.len().min(MAX_IOVECS);
-            match self.stream.try_write_vectored(&remaining[..take]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    written += n;
-                    IoSlice::advance_slices(&mut remaining, n);
-                }
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(Written::Partly(written));
-                }
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(Written::All)
-    }
-
-    /// Ends the TCP connection's sending side (after our close frame).
-    pub(crate) async fn shutdown(&mut self) {
-        let _ = self.stream.shutdown().await;
-    }
+/// Ends the TCP connection's sending side (after our close frame).
+pub(crate) fn shutdown(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Write);
 }
 
 /// The fixed part of a client frame.
