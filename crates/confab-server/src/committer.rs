@@ -174,7 +174,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             Ok([one]) => Outbound::Event(one),
             Err(many) => Outbound::Events(many.into()),
         };
-        handle.push(item, Priority::Reliable);
+        handle.push(&item, Priority::Reliable);
     }
     for room in rooms {
         let name = Arc::clone(&room.room);
@@ -195,7 +195,7 @@ fn fail(reply: Reply, err: ChatError) {
                 code: err.code(),
                 message: err.public_message(),
             };
-            handle.push(Outbound::Event(encode(&event)), Priority::Reliable);
+            handle.push(&Outbound::Event(encode(&event)), Priority::Reliable);
         }
         Reply::Request(sender) => {
             let _ = sender.send(Err(err));

@@ -225,7 +225,7 @@ impl Hub {
         let subscribers = self.subscribers(room);
         for subscriber in subscribers.iter() {
             if Some(subscriber.id) != except {
-                subscriber.push(item.clone(), priority);
+                subscriber.push(item, priority);
             }
         }
     }

@@ -243,9 +243,9 @@ impl Node {
         if sessions.is_empty() {
             return;
         }
-        let frame = encode(&ServerEvent::RoomAdded { room: room.info() });
+        let item = Outbound::Event(encode(&ServerEvent::RoomAdded { room: room.info() }));
         for session in sessions {
-            session.push(Outbound::Event(frame.clone()), Priority::Reliable);
+            session.push(&item, Priority::Reliable);
         }
     }
 
@@ -340,7 +340,7 @@ impl Node {
             announce |= self
                 .hub
                 .unsubscribe(room_id, session.id, &user.id, Departure::Leave);
-            session.push(Outbound::Left(Arc::clone(&room)), Priority::Reliable);
+            session.push(&Outbound::Left(Arc::clone(&room)), Priority::Reliable);
         }
         if announce {
             self.announce_user_left(room_id, user);
@@ -363,7 +363,7 @@ impl Node {
         self.store.delete_room(room_id).await?;
         let room: Arc<str> = Arc::from(room_id);
         for session in self.hub.remove_room(room_id) {
-            session.push(Outbound::Left(Arc::clone(&room)), Priority::Reliable);
+            session.push(&Outbound::Left(Arc::clone(&room)), Priority::Reliable);
         }
         Ok(())
     }
@@ -769,7 +769,7 @@ impl Node {
                     Ok([frame]) => Outbound::Event(frame),
                     Err(frames) => Outbound::Events(frames.into()),
                 };
-                session.push(item, Priority::Droppable);
+                session.push(&item, Priority::Droppable);
             }
         }
     }

@@ -265,8 +265,9 @@ impl SessionHandle {
 
     /// Sends a frame without waiting: straight into the socket if nothing is ahead of it,
     /// otherwise into the queue. Returns false if it was neither (dropped, session slow or
-    /// gone).
-    pub fn push(&self, item: Outbound, priority: Priority) -> bool {
+    /// gone). Takes a reference: a fan-out pushes the same item to every subscriber, and only
+    /// the ones that queue it need a copy of its `Arc`.
+    pub fn push(&self, item: &Outbound, priority: Priority) -> bool {
         if self.is_slow() {
             return false;
         }
@@ -275,7 +276,7 @@ impl SessionHandle {
             return false;
         }
         if outlet.is_open_for_direct_writes() {
-            match outlet.write_direct(&item) {
+            match outlet.write_direct(item) {
                 Direct::Done => return true,
                 Direct::Unfinished => {
                     drop(outlet);
@@ -296,7 +297,7 @@ impl SessionHandle {
             }
             return false;
         }
-        outlet.queue.push_back(item);
+        outlet.queue.push_back(item.clone());
         drop(outlet);
         self.ready.wake();
         true
@@ -518,17 +519,17 @@ mod tests {
         let event = || Outbound::Event(Utf8Bytes::from_static("{}"));
         // 8 slots, floor 2: six droppable frames fit, the seventh is refused.
         for _ in 0..6 {
-            assert!(handle.push(event(), Priority::Droppable));
+            assert!(handle.push(&event(), Priority::Droppable));
         }
-        assert!(!handle.push(event(), Priority::Droppable));
+        assert!(!handle.push(&event(), Priority::Droppable));
         assert_eq!(handle.dropped(), 1);
-        assert!(handle.push(event(), Priority::Reliable));
-        assert!(handle.push(event(), Priority::Reliable));
+        assert!(handle.push(&event(), Priority::Reliable));
+        assert!(handle.push(&event(), Priority::Reliable));
         assert!(!handle.is_slow());
         // The queue is full: a reliable frame marks the session slow instead of vanishing.
-        assert!(!handle.push(event(), Priority::Reliable));
+        assert!(!handle.push(&event(), Priority::Reliable));
         assert!(handle.is_slow());
-        assert!(!handle.push(event(), Priority::Reliable));
+        assert!(!handle.push(&event(), Priority::Reliable));
     }
 
     /// A connected pair: the server's end (shared, as a session's is) and the client's.
@@ -595,20 +596,20 @@ mod tests {
         // Joining: live frames wait, whatever their seq, until the answer sets the mark.
         assert!(rx.begin_join("r"));
         assert!(rx.room("r").is_none(), "not usable before the answer");
-        assert!(handle.push(chat("r", 1..=3), Priority::Reliable));
+        assert!(handle.push(&chat("r", 1..=3), Priority::Reliable));
         let joined = [Frame::Text("joined(history to 2)".into())];
         let flushed = rx.flush(&socket, &joined, Some(("r".into(), 2)), usize::MAX);
         assert!(matches!(flushed.outcome, FlushOutcome::Done));
         // Now straight to the socket, skipping what was delivered.
-        assert!(handle.push(chat("r", 3..=4), Priority::Reliable));
-        assert!(handle.push(text("typing"), Priority::Droppable));
+        assert!(handle.push(&chat("r", 3..=4), Priority::Reliable));
+        assert!(handle.push(&text("typing"), Priority::Droppable));
         assert!(rx.try_recv().is_none(), "nothing was queued");
         // Losing the room goes through the task (it updates the hub); later frames of the
         // room are skipped.
-        assert!(handle.push(Outbound::Left("r".into()), Priority::Reliable));
+        assert!(handle.push(&Outbound::Left("r".into()), Priority::Reliable));
         assert_eq!(drain(&mut rx, &socket).await, vec![Arc::<str>::from("r")]);
-        assert!(handle.push(chat("r", 5..=5), Priority::Reliable));
-        assert!(handle.push(text("after"), Priority::Reliable));
+        assert!(handle.push(&chat("r", 5..=5), Priority::Reliable));
+        assert!(handle.push(&text("after"), Priority::Reliable));
         assert_eq!(
             read_texts(&mut client, 6).await,
             [
@@ -622,7 +623,7 @@ mod tests {
         );
         // A close frame shuts the outlet.
         rx.flush(&socket, &[Frame::Close(1000, "bye".into())], None, 0);
-        assert!(!handle.push(text("too late"), Priority::Reliable));
+        assert!(!handle.push(&text("too late"), Priority::Reliable));
     }
 
     #[tokio::test]
@@ -640,7 +641,7 @@ mod tests {
             .unwrap();
         let big = |n: usize| format!("{n:04}{}", "x".repeat(64 * 1024));
         for n in 0..40 {
-            assert!(handle.push(text(&big(n)), Priority::Reliable));
+            assert!(handle.push(&text(&big(n)), Priority::Reliable));
         }
         assert!(
             rx.handle.outlet().unfinished.is_some(),
@@ -680,8 +681,8 @@ mod tests {
         });
         tokio::task::yield_now().await;
         // No socket attached yet: it is queued, and the task woken.
-        assert!(pusher.push(text("x"), Priority::Reliable));
+        assert!(pusher.push(&text("x"), Priority::Reliable));
         assert!(waiter.await.unwrap());
-        assert!(!handle.push(text("y"), Priority::Reliable));
+        assert!(!handle.push(&text("y"), Priority::Reliable));
     }
 }
