@@ -9,10 +9,12 @@
 # Needs perf (Debian's linux-perf) and inferno (`cargo install inferno`); both are installed
 # on first use. Recording starts PROFILE_DELAY seconds (default 6: connecting plus the
 # warmup) after the server does and lasts PROFILE_SECONDS (default 6), inside the window.
+# PROFILE_TARGET (default confab) profiles another target of bench/run.sh instead, e.g. the
+# floor, to compare where the kernel time goes.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-[ $# -ge 2 ] || { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 WORKLOAD=$1 STEM=$2
 shift 2
 DELAY=${PROFILE_DELAY:-6} RECORD=${PROFILE_SECONDS:-6}
@@ -23,7 +25,7 @@ mkdir -p "$(dirname "$STEM")"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/confab-profile.XXXXXX")
 trap 'rm -rf "$TMP"' EXIT
-"$ROOT/bench/run.sh" "$WORKLOAD" confab --out "$TMP/results" "$@" 2>"$TMP/run.log" &
+"$ROOT/bench/run.sh" "$WORKLOAD" "${PROFILE_TARGET:-confab}" --out "$TMP/results" "$@" 2>"$TMP/run.log" &
 RUN_PID=$!
 pid=
 for _ in $(seq 600); do

@@ -2,7 +2,7 @@
 //!
 //! Fan-out writes straight into the socket when it can. [`SessionHandle::push`] takes the
 //! session's outlet lock and, if nothing is queued ahead and no write is unfinished, writes the
-//! shared pre-encoded frames at once with one non-blocking `writev`: no queue entry, no task
+//! shared pre-encoded frames at once with one non-blocking `sendmsg`: no queue entry, no task
 //! wake-up, no poll, which is what a delivery costs above the kernel's own work. Only when the
 //! socket is not ready (or the session's task is writing) is the frame queued, and the task
 //! writes it later. A write the socket took only in part leaves its remainder first in line,
@@ -21,7 +21,7 @@
 //! joined has no mark yet, and its live frames wait in the queue until the `joined` reply
 //! (with the history and the mark) has been written.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
@@ -51,7 +51,7 @@ pub struct ChatFrame {
 ///
 /// A burst (hundreds of messages committed together) is one write (or one queue slot) per
 /// subscriber, not hundreds, so a healthy reader is never mistaken for a slow one, and fan-out
-/// costs one `writev` per subscriber per commit instead of per message.
+/// costs one `sendmsg` per subscriber per commit instead of per message.
 #[derive(Debug)]
 pub struct ChatBatch {
     /// Room the messages belong to (the session filters by it).
@@ -131,7 +131,54 @@ struct Outlet {
     closed: bool,
     /// Subscribed rooms with the highest seq written in each; `None` while a join is reading
     /// the room's history.
-    rooms: HashMap<Arc<str>, Option<u64>>,
+    rooms: RoomMarks,
+}
+
+/// A session's rooms and the highest seq written in each, sorted by name. Looked up on every
+/// delivery: kept inline for the usual one room, so fan-out follows no pointer to a map's
+/// buckets (a cache miss per subscriber), and binary-searched for sessions in many rooms.
+#[derive(Debug, Default)]
+struct RoomMarks(SmallVec<[(Arc<str>, Option<u64>); 1]>);
+
+impl RoomMarks {
+    fn find(&self, room: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(key, _)| (**key).cmp(room))
+    }
+
+    fn get_mut(&mut self, room: &str) -> Option<&mut Option<u64>> {
+        let at = self.find(room).ok()?;
+        Some(&mut self.0[at].1)
+    }
+
+    fn get_key_value(&self, room: &str) -> Option<(&Arc<str>, &Option<u64>)> {
+        let (key, mark) = &self.0[self.find(room).ok()?];
+        Some((key, mark))
+    }
+
+    fn contains_key(&self, room: &str) -> bool {
+        self.find(room).is_ok()
+    }
+
+    /// Sets a room's mark, keyed by `room` from now on.
+    fn insert(&mut self, room: Arc<str>, mark: Option<u64>) {
+        match self.find(&room) {
+            Ok(at) => self.0[at] = (room, mark),
+            Err(at) => self.0.insert(at, (room, mark)),
+        }
+    }
+
+    fn remove_entry(&mut self, room: &str) -> Option<(Arc<str>, Option<u64>)> {
+        let at = self.find(room).ok()?;
+        Some(self.0.remove(at))
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn into_keys(self) -> impl Iterator<Item = Arc<str>> {
+        self.0.into_iter().map(|(key, _)| key)
+    }
 }
 
 /// What a direct write did with a frame.
@@ -157,20 +204,23 @@ impl Outlet {
     /// Writes `item` to the socket without waiting, if it can be.
     fn write_direct(&mut self, item: &Outbound) -> Direct {
         let mut frames = Frames::new();
-        let mut newest = None;
+        // The room's mark, to move once the frames are (at least partly) written.
+        let mut mark = None;
         match item {
             Outbound::Chat(chat) => {
-                let delivered = match self.rooms.get(&*chat.room) {
+                let delivered = match self.rooms.get_mut(&chat.room) {
                     // Not subscribed (any more): what the task would do with it too.
                     None => return Direct::Done,
                     // Joining: it waits for the `joined` reply and the room's mark.
                     Some(None) => return Direct::Queue,
-                    Some(Some(delivered)) => *delivered,
+                    Some(Some(delivered)) => delivered,
                 };
-                for message in chat.frames.iter().filter(|m| m.seq > delivered) {
+                let mut newest = *delivered;
+                for message in chat.frames.iter().filter(|m| m.seq > *delivered) {
                     frames.push(Frame::Text(message.frame.clone()));
-                    newest = Some(message.seq);
+                    newest = message.seq;
                 }
+                mark = Some((delivered, newest));
             }
             Outbound::Event(frame) => frames.push(Frame::Text(frame.clone())),
             Outbound::Events(list) => frames.extend(list.iter().cloned().map(Frame::Text)),
@@ -193,8 +243,8 @@ impl Outlet {
                 return Direct::Queue;
             }
         };
-        if let (Outbound::Chat(chat), Some(newest)) = (item, newest) {
-            self.rooms.insert(Arc::clone(&chat.room), Some(newest));
+        if let Some((delivered, newest)) = mark {
+            *delivered = newest;
         }
         outcome
     }
@@ -206,7 +256,7 @@ impl Outlet {
             Outbound::Chat(chat) => {
                 // Skip rooms left since; a room still joining cannot be here (the task is
                 // the one flushing, and it is not in the middle of a join).
-                if let Some(Some(delivered)) = self.rooms.get_mut(&*chat.room) {
+                if let Some(Some(delivered)) = self.rooms.get_mut(&chat.room) {
                     for message in &chat.frames {
                         if message.seq > *delivered {
                             *delivered = message.seq;
@@ -225,7 +275,7 @@ impl Outlet {
                 None
             }
             Outbound::Left(room) => {
-                let (room, _) = self.rooms.remove_entry(&*room)?;
+                let (room, _) = self.rooms.remove_entry(&room)?;
                 frames.push(Frame::Text(encode(&ServerEvent::Left {
                     reference: None,
                     room: room.to_string(),
@@ -394,8 +444,11 @@ impl OutboundReceiver {
         }
         frames.extend(first.iter().cloned());
         if let Some((room, mark)) = open {
-            let delivered = outlet.rooms.entry(room).or_insert(None);
-            *delivered = Some(delivered.unwrap_or(0).max(mark));
+            // Keyed from now on by the hub's interned name, which every subscriber of the room
+            // shares: fan-out's lookup then compares against one hot allocation, not one per
+            // session.
+            let before = outlet.rooms.get_mut(&room).and_then(|m| *m).unwrap_or(0);
+            outlet.rooms.insert(room, Some(before.max(mark)));
         }
         let mut left = SmallVec::new();
         let taken = outlet.queue.len().min(take);
@@ -684,5 +737,24 @@ mod tests {
         assert!(pusher.push(&text("x"), Priority::Reliable));
         assert!(waiter.await.unwrap());
         assert!(!handle.push(&text("y"), Priority::Reliable));
+    }
+
+    #[test]
+    fn room_marks_find_every_room_of_a_busy_session() {
+        let mut marks = RoomMarks::default();
+        // Inserted out of order; re-inserting replaces the key and the mark.
+        for n in (0..200).rev().chain(0..200) {
+            marks.insert(format!("room-{}", (n * 37) % 200).into(), Some(n));
+        }
+        assert_eq!(marks.len(), 200);
+        for n in 0..200 {
+            assert!(marks.get_mut(&format!("room-{n}")).is_some(), "{n}");
+        }
+        assert!(marks.get_mut("room-200").is_none());
+        assert!(marks.remove_entry("room-7").is_some());
+        assert!(!marks.contains_key("room-7"));
+        assert!(marks.contains_key("room-8"));
+        let keys: Vec<_> = marks.into_keys().collect();
+        assert!(keys.windows(2).all(|pair| pair[0] < pair[1]), "kept sorted");
     }
 }
