@@ -13,6 +13,8 @@
 #   --rooms N         override the workload's room count
 #   --duration S      override the measured window, seconds
 #   --warmup S        override the warmup, seconds
+#   --payload B       W1, W2, W4: message payload bytes (default 64); e.g. a raw peer at
+#                     confab's frame size (292 bytes) shows what the envelope's bytes cost
 #   --run N           run number in the file name (default: the next free one)
 #   --out DIR         results folder (default bench/results/YYYY-MM-DD)
 #   --port P          server port (default: the first free one from 9500)
@@ -35,7 +37,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}/
 WORKLOAD=$(tr '[:upper:]' '[:lower:]' <<<"$1")
 TARGET=$2
 shift 2
-RATE=100 CONNECTIONS= ROOMS= DURATION= WARMUP= RUN= OUT= PORT=
+RATE=100 CONNECTIONS= ROOMS= DURATION= WARMUP= RUN= OUT= PORT= PAYLOAD=64
 EXTRA=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
         --rooms) ROOMS=$2; shift 2 ;;
         --duration) DURATION=$2; shift 2 ;;
         --warmup) WARMUP=$2; shift 2 ;;
+        --payload) PAYLOAD=$2; shift 2 ;;
         --run) RUN=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
@@ -75,12 +78,12 @@ WARMUP_DEFAULT=2 DURATION_DEFAULT=10
 case $WORKLOAD in
     w1) # fan-out: 1 room, 1,000 subscribers, one publisher at RATE messages/s
         N=${CONNECTIONS:-1000} K=${ROOMS:-1}
-        MODE_ARGS=(--publishers 1 --rate "$RATE" --max-conn-rate 0 --payload 64)
+        MODE_ARGS=(--publishers 1 --rate "$RATE" --max-conn-rate 0 --payload "$PAYLOAD")
         SERVER_ENV=(CONFAB_MESSAGE_RATE=1000000 CONFAB_MESSAGE_BURST=1000000)
         PARAMS=r$RATE ;;
     w2) # many rooms: 10,000 connections in 1,000 rooms of 10, each publishing 1 message/s
         N=${CONNECTIONS:-10000} K=${ROOMS:-1000}
-        MODE_ARGS=(--publishers "$N" --rate "$N" --max-conn-rate 1 --payload 64 --source-addrs 4)
+        MODE_ARGS=(--publishers "$N" --rate "$N" --max-conn-rate 1 --payload "$PAYLOAD" --source-addrs 4)
         PARAMS=n$N ;;
     w3) # idle capacity: 19,000 joined connections (rooms of 100) held for the window
         N=${CONNECTIONS:-19000} K=${ROOMS:-$(( (N + 99) / 100 ))}
@@ -88,7 +91,7 @@ case $WORKLOAD in
         PARAMS=n$N ;;
     w4) # durable throughput: 100 senders, each in its own room, acked as fast as possible
         N=${CONNECTIONS:-100} K=${ROOMS:-$N}
-        MODE_ARGS=(--durable --rate 0 --max-conn-rate 0 --pipeline 16 --payload 64)
+        MODE_ARGS=(--durable --rate 0 --max-conn-rate 0 --pipeline 16 --payload "$PAYLOAD")
         SERVER_ENV=(CONFAB_MESSAGE_RATE=1000000 CONFAB_MESSAGE_BURST=1000000)
         PARAMS=n$N ;;
     w5) # resume storm: 10,000 clients in 100 rooms rejoin at once with since, 100 behind
@@ -105,6 +108,7 @@ if [[ $WORKLOAD == w[45] && $PEER != confab ]]; then
 fi
 if [ "$WORKLOAD" = w1 ] && [ -n "$CONNECTIONS" ]; then PARAMS=n${N}_$PARAMS; fi
 if [ -n "$ROOMS" ]; then PARAMS=${PARAMS}_k$K; fi
+if [ "$PAYLOAD" != 64 ]; then PARAMS=${PARAMS}_p$PAYLOAD; fi
 WARMUP=${WARMUP:-$WARMUP_DEFAULT} DURATION=${DURATION:-$DURATION_DEFAULT}
 [ "$N" -le 19500 ] || { echo "run.sh: at most 19,500 connections (open files are capped at 20,000)" >&2; exit 2; }
 

@@ -18,6 +18,7 @@ use crate::broker::Broker;
 use crate::error::ChatError;
 use crate::outbound::{ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode};
 use crate::store::{Appended, NewMessage, Store};
+use crate::websocket::text_frame;
 
 /// Largest number of messages stored in one commit.
 const MAX_BATCH: usize = 1024;
@@ -166,7 +167,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
         };
         rooms[index].frames.push(ChatFrame {
             seq: message.seq,
-            frame: encode(&ServerEvent::Message(message)),
+            frame: text_frame(encode(&ServerEvent::Message(message)).as_bytes()),
         });
     }
     for (handle, frames) in acks {

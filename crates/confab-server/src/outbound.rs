@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use confab_proto::{ServerEvent, UserRef};
 use futures_util::task::AtomicWaker;
 use smallvec::SmallVec;
@@ -43,8 +44,9 @@ pub struct ChatFrame {
     /// The message's seq: sessions skip anything at or below what they already delivered, which
     /// is what makes a join's history and the live stream meet without gaps or duplicates.
     pub seq: u64,
-    /// The encoded `message` event.
-    pub frame: Utf8Bytes,
+    /// The encoded `message` event as a complete WebSocket text frame, header included: every
+    /// subscriber's write is this one shared buffer.
+    pub frame: Bytes,
 }
 
 /// The messages one commit stored for one room, in seq order, shared by every subscriber.
@@ -217,7 +219,7 @@ impl Outlet {
                 };
                 let mut newest = *delivered;
                 for message in chat.frames.iter().filter(|m| m.seq > *delivered) {
-                    frames.push(Frame::Text(message.frame.clone()));
+                    frames.push(Frame::Framed(message.frame.clone()));
                     newest = message.seq;
                 }
                 mark = Some((delivered, newest));
@@ -260,7 +262,7 @@ impl Outlet {
                     for message in &chat.frames {
                         if message.seq > *delivered {
                             *delivered = message.seq;
-                            frames.push(Frame::Text(message.frame.clone()));
+                            frames.push(Frame::Framed(message.frame.clone()));
                         }
                     }
                 }
@@ -619,7 +621,7 @@ mod tests {
             frames: seqs
                 .map(|seq| ChatFrame {
                     seq,
-                    frame: format!("m{seq}").into(),
+                    frame: crate::websocket::text_frame(format!("m{seq}").as_bytes()),
                 })
                 .collect(),
         }))
