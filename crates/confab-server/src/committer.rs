@@ -170,12 +170,16 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             frame: text_frame(encode(&ServerEvent::Message(message)).as_bytes()),
         });
     }
+    // Each sender's acks are held while the rooms fan out and go out with the sender's own
+    // copy of its messages (one write), or on their own when released after.
+    let mut held = Vec::with_capacity(acks.len());
     for (handle, frames) in acks {
         let item = match <[Utf8Bytes; 1]>::try_from(frames) {
             Ok([one]) => Outbound::Event(one),
             Err(many) => Outbound::Events(many.into()),
         };
-        handle.push(&item, Priority::Reliable);
+        handle.hold(item);
+        held.push(handle);
     }
     for room in rooms {
         let name = Arc::clone(&room.room);
@@ -185,6 +189,9 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             Priority::Reliable,
             None,
         );
+    }
+    for handle in held {
+        handle.release();
     }
 }
 

@@ -134,6 +134,9 @@ struct Outlet {
     /// Subscribed rooms with the highest seq written in each; `None` while a join is reading
     /// the room's history.
     rooms: RoomMarks,
+    /// Acks kept back by [`SessionHandle::hold`] while their commit fans out: they go out in
+    /// the same write as the next frame (usually the sender's own copy of its message).
+    held: Option<Box<Outbound>>,
 }
 
 /// A session's rooms and the highest seq written in each, sorted by name. Looked up on every
@@ -203,29 +206,31 @@ impl Outlet {
             && !self.broken
     }
 
-    /// Writes `item` to the socket without waiting, if it can be.
-    fn write_direct(&mut self, item: &Outbound) -> Direct {
+    /// Writes `held` (if any) and `item` to the socket in one go without waiting, if they can
+    /// be. `Queue` means neither was written.
+    fn write_direct(&mut self, held: Option<&Outbound>, item: &Outbound) -> Direct {
         let mut frames = Frames::new();
+        if let Some(held) = held {
+            event_frames(held, &mut frames);
+        }
         // The room's mark, to move once the frames are (at least partly) written.
         let mut mark = None;
         match item {
-            Outbound::Chat(chat) => {
-                let delivered = match self.rooms.get_mut(&chat.room) {
-                    // Not subscribed (any more): what the task would do with it too.
-                    None => return Direct::Done,
-                    // Joining: it waits for the `joined` reply and the room's mark.
-                    Some(None) => return Direct::Queue,
-                    Some(Some(delivered)) => delivered,
-                };
-                let mut newest = *delivered;
-                for message in chat.frames.iter().filter(|m| m.seq > *delivered) {
-                    frames.push(Frame::Framed(message.frame.clone()));
-                    newest = message.seq;
+            Outbound::Chat(chat) => match self.rooms.get_mut(&chat.room) {
+                // Not subscribed (any more): nothing of it to write, as the task would do.
+                None => {}
+                // Joining: it waits for the `joined` reply and the room's mark.
+                Some(None) => return Direct::Queue,
+                Some(Some(delivered)) => {
+                    let mut newest = *delivered;
+                    for message in chat.frames.iter().filter(|m| m.seq > *delivered) {
+                        frames.push(Frame::Framed(message.frame.clone()));
+                        newest = message.seq;
+                    }
+                    mark = Some((delivered, newest));
                 }
-                mark = Some((delivered, newest));
-            }
-            Outbound::Event(frame) => frames.push(Frame::Text(frame.clone())),
-            Outbound::Events(list) => frames.extend(list.iter().cloned().map(Frame::Text)),
+            },
+            Outbound::Event(_) | Outbound::Events(_) => event_frames(item, &mut frames),
             Outbound::Left(_) => return Direct::Queue,
         }
         if frames.is_empty() {
@@ -288,6 +293,15 @@ impl Outlet {
     }
 }
 
+/// Appends the frames of an `Event` or `Events` entry.
+fn event_frames(item: &Outbound, frames: &mut Frames) {
+    match item {
+        Outbound::Event(frame) => frames.push(Frame::Text(frame.clone())),
+        Outbound::Events(list) => frames.extend(list.iter().cloned().map(Frame::Text)),
+        Outbound::Chat(_) | Outbound::Left(_) => debug_assert!(false, "not an event: {item:?}"),
+    }
+}
+
 impl SessionHandle {
     /// Creates the handle and the receiver its session task drains.
     pub fn new(id: SessionId, user: UserRef, capacity: usize) -> (Arc<Self>, OutboundReceiver) {
@@ -323,12 +337,22 @@ impl SessionHandle {
         if self.is_slow() {
             return false;
         }
-        let mut outlet = self.outlet();
+        self.push_locked(self.outlet(), item, priority)
+    }
+
+    fn push_locked(
+        &self,
+        mut outlet: MutexGuard<'_, Outlet>,
+        item: &Outbound,
+        priority: Priority,
+    ) -> bool {
         if outlet.closed {
             return false;
         }
+        // Held acks were pushed before `item`: they go first, in the same write when they can.
+        let held = outlet.held.take();
         if outlet.is_open_for_direct_writes() {
-            match outlet.write_direct(item) {
+            match outlet.write_direct(held.as_deref(), item) {
                 Direct::Done => return true,
                 Direct::Unfinished => {
                     drop(outlet);
@@ -338,6 +362,11 @@ impl SessionHandle {
                 Direct::Queue => {}
             }
         }
+        let queued_held = held.is_some();
+        if let Some(held) = held {
+            // Acks are reliable: queued even past the capacity (by one entry).
+            outlet.queue.push_back(*held);
+        }
         let free = self.capacity.saturating_sub(outlet.queue.len());
         if free == 0 || (priority == Priority::Droppable && free <= self.droppable_floor) {
             drop(outlet);
@@ -346,6 +375,9 @@ impl SessionHandle {
                 self.ready.wake();
             } else {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
+                if queued_held {
+                    self.ready.wake();
+                }
             }
             return false;
         }
@@ -353,6 +385,33 @@ impl SessionHandle {
         drop(outlet);
         self.ready.wake();
         true
+    }
+
+    /// Keeps a sender's acks back until [`SessionHandle::release`] or the next push, whichever
+    /// comes first. The committer holds each sender's acks while it fans the commit out: the
+    /// sender is usually subscribed to the room it wrote to, and its acks then go out in the
+    /// same write as its own copy of the messages (one system call instead of two). Only
+    /// for a fan-out that does not wait: the acks are late by as long as it takes.
+    pub fn hold(&self, item: Outbound) -> bool {
+        if self.is_slow() {
+            return false;
+        }
+        let mut outlet = self.outlet();
+        let holdable = matches!(item, Outbound::Event(_) | Outbound::Events(_));
+        if holdable && !outlet.closed && outlet.held.is_none() && outlet.is_open_for_direct_writes()
+        {
+            outlet.held = Some(Box::new(item));
+            return true;
+        }
+        self.push_locked(outlet, &item, Priority::Reliable)
+    }
+
+    /// Sends what [`SessionHandle::hold`] kept back, if no push has taken it along.
+    pub fn release(&self) {
+        let mut outlet = self.outlet();
+        if let Some(held) = outlet.held.take() {
+            self.push_locked(outlet, &held, Priority::Reliable);
+        }
     }
 
     /// Whether a reliable frame found the queue full: the session task wakes up (as for a
@@ -443,6 +502,9 @@ impl OutboundReceiver {
         if let Some((rest, written)) = outlet.unfinished.take() {
             frames.extend(rest);
             skip = written;
+        }
+        if let Some(held) = outlet.held.take() {
+            event_frames(&held, &mut frames);
         }
         frames.extend(first.iter().cloned());
         if let Some((room, mark)) = open {
@@ -544,6 +606,7 @@ impl Drop for OutboundReceiver {
         outlet.closed = true;
         outlet.socket = None;
         outlet.unfinished = None;
+        outlet.held = None;
         std::mem::take(&mut outlet.queue);
     }
 }
@@ -679,6 +742,47 @@ mod tests {
         // A close frame shuts the outlet.
         rx.flush(&socket, &[Frame::Close(1000, "bye".into())], None, 0);
         assert!(!handle.push(&text("too late"), Priority::Reliable));
+    }
+
+    #[tokio::test]
+    async fn held_acks_go_out_first_whatever_comes_next() {
+        let (socket, mut client) = socket_pair().await;
+        let (handle, mut rx) = handle(64);
+        rx.attach(Arc::clone(&socket));
+        assert!(rx.begin_join("r"));
+        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        // Taken along by the next push (the sender's own copy of its message)...
+        assert!(handle.hold(text("ack1")));
+        assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
+        handle.release();
+        // ...or sent on its own when released...
+        assert!(handle.hold(text("ack2")));
+        handle.release();
+        // ...or written ahead of the task's own frames...
+        assert!(handle.hold(text("ack3")));
+        let reply = [Frame::Text("reply".into())];
+        rx.flush(&socket, &reply, None, usize::MAX);
+        // ...or queued ahead of an entry that has to wait for the task.
+        assert!(handle.hold(text("ack4")));
+        assert!(handle.push(&Outbound::Left("r".into()), Priority::Reliable));
+        drain(&mut rx, &socket).await;
+        // Chat of a room the session is not in: the held ack still goes out.
+        assert!(handle.hold(text("ack5")));
+        assert!(handle.push(&chat("elsewhere", 1..=1), Priority::Reliable));
+        assert_eq!(
+            read_texts(&mut client, 7).await,
+            [
+                "ack1",
+                "m1",
+                "ack2",
+                "ack3",
+                "reply",
+                "ack4",
+                r#"{"type":"left","ref":null,"room":"r"}"#,
+            ]
+        );
+        assert_eq!(read_texts(&mut client, 1).await, ["ack5"]);
+        assert!(handle.outlet().held.is_none());
     }
 
     #[tokio::test]
