@@ -658,6 +658,21 @@ mod tests {
         (Arc::new(accepted.unwrap().0), client.unwrap())
     }
 
+    /// A session handle whose outlet is attached to a connected socket, as after `connected`.
+    async fn attached(
+        capacity: usize,
+    ) -> (
+        Arc<TcpStream>,
+        TcpStream,
+        Arc<SessionHandle>,
+        OutboundReceiver,
+    ) {
+        let (socket, client) = socket_pair().await;
+        let (handle, mut rx) = handle(capacity);
+        rx.attach(Arc::clone(&socket));
+        (socket, client, handle, rx)
+    }
+
     /// Reads unmasked server frames until `count` have arrived; returns their text payloads.
     async fn read_texts(client: &mut TcpStream, count: usize) -> Vec<String> {
         use tokio::io::AsyncReadExt;
@@ -708,9 +723,7 @@ mod tests {
 
     #[tokio::test]
     async fn fan_out_writes_directly_after_the_join_and_never_twice() {
-        let (socket, mut client) = socket_pair().await;
-        let (handle, mut rx) = handle(64);
-        rx.attach(Arc::clone(&socket));
+        let (socket, mut client, handle, mut rx) = attached(64).await;
         // Joining: live frames wait, whatever their seq, until the answer sets the mark.
         assert!(rx.begin_join("r"));
         assert!(rx.room("r").is_none(), "not usable before the answer");
@@ -746,9 +759,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_acks_go_out_first_whatever_comes_next() {
-        let (socket, mut client) = socket_pair().await;
-        let (handle, mut rx) = handle(64);
-        rx.attach(Arc::clone(&socket));
+        let (socket, mut client, handle, mut rx) = attached(64).await;
         assert!(rx.begin_join("r"));
         rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
         // Taken along by the next push (the sender's own copy of its message)...
@@ -787,9 +798,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_queues_and_everything_arrives_whole_and_in_order() {
-        let (socket, mut client) = socket_pair().await;
-        let (handle, mut rx) = handle(1024);
-        rx.attach(Arc::clone(&socket));
+        let (socket, mut client, handle, mut rx) = attached(1024).await;
         // The client reads nothing yet: 40 frames of 64 KiB overflow the (shrunk) socket
         // buffers, so a direct write stops part-way and the rest queues behind it.
         socket2::SockRef::from(&*socket)
