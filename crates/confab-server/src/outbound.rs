@@ -222,11 +222,7 @@ impl Outlet {
                 // Joining: it waits for the `joined` reply and the room's mark.
                 Some(None) => return Direct::Queue,
                 Some(Some(delivered)) => {
-                    let mut newest = *delivered;
-                    for message in chat.frames.iter().filter(|m| m.seq > *delivered) {
-                        frames.push(Frame::Framed(message.frame.clone()));
-                        newest = message.seq;
-                    }
+                    let newest = chat_frames(chat, *delivered, &mut frames);
                     mark = Some((delivered, newest));
                 }
             },
@@ -264,21 +260,12 @@ impl Outlet {
                 // Skip rooms left since; a room still joining cannot be here (the task is
                 // the one flushing, and it is not in the middle of a join).
                 if let Some(Some(delivered)) = self.rooms.get_mut(&chat.room) {
-                    for message in &chat.frames {
-                        if message.seq > *delivered {
-                            *delivered = message.seq;
-                            frames.push(Frame::Framed(message.frame.clone()));
-                        }
-                    }
+                    *delivered = chat_frames(&chat, *delivered, frames);
                 }
                 None
             }
-            Outbound::Event(frame) => {
-                frames.push(Frame::Text(frame));
-                None
-            }
-            Outbound::Events(list) => {
-                frames.extend(list.iter().cloned().map(Frame::Text));
+            Outbound::Event(_) | Outbound::Events(_) => {
+                event_frames(&item, frames);
                 None
             }
             Outbound::Left(room) => {
@@ -291,6 +278,17 @@ impl Outlet {
             }
         }
     }
+}
+
+/// Appends the frames of a chat batch's messages above `delivered`; returns the newest seq
+/// among them (`delivered` if none).
+fn chat_frames(chat: &ChatBatch, delivered: u64, frames: &mut Frames) -> u64 {
+    let mut newest = delivered;
+    for message in chat.frames.iter().filter(|m| m.seq > delivered) {
+        frames.push(Frame::Framed(message.frame.clone()));
+        newest = message.seq;
+    }
+    newest
 }
 
 /// Appends the frames of an `Event` or `Events` entry.

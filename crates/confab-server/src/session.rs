@@ -316,21 +316,16 @@ impl Session {
     ) -> Result<(), ()> {
         let flushed = self.queue.flush(self.socket.stream(), first, open, take);
         for room in flushed.left {
-            // A join racing the leave may have subscribed us again: undo that too, so the hub
+            // A join racing the loss may have subscribed us again: undo that too, so the hub
             // and this session agree.
-            let user = &self.handle.user;
-            let hub = &self.node.hub;
-            if hub.unsubscribe(&room, self.handle.id, &user.id, Departure::Leave) {
-                self.node.announce_user_left(&room, user);
-            }
-            self.node.set_typing(&room, &self.handle, false);
+            self.leave_room(&room);
         }
         match flushed.outcome {
             FlushOutcome::Done => Ok(()),
             FlushOutcome::Failed => Err(()),
             FlushOutcome::Blocked(frames, written) => {
-                let stream = Arc::clone(self.socket.stream());
-                let finished = finish_write(&stream, &frames, written, self.write_limit).await;
+                let stream = self.socket.stream();
+                let finished = finish_write(stream, &frames, written, self.write_limit).await;
                 self.queue.unblock();
                 finished
             }
@@ -425,13 +420,7 @@ impl Session {
             } => self.join(reference, &room, since).await,
             ClientCommand::Leave { reference, room } => {
                 if let Some(key) = self.queue.forget_room(&room) {
-                    node.set_typing(&key, &self.handle, false);
-                    if node
-                        .hub
-                        .unsubscribe(&room, self.handle.id, &user.id, Departure::Leave)
-                    {
-                        node.announce_user_left(&room, &user);
-                    }
+                    self.leave_room(&key);
                 }
                 Ok(Answer::Reply(ServerEvent::Left { reference, room }))
             }
@@ -484,6 +473,20 @@ impl Session {
                 Ok(Answer::Nothing)
             }
             ClientCommand::Ping { reference } => Ok(Answer::Reply(ServerEvent::Pong { reference })),
+        }
+    }
+
+    /// After the session forgot a room: stops its typing there, unsubscribes it from the hub,
+    /// and tells the room `user_left` if it was the user's last session in it.
+    fn leave_room(&self, room: &Arc<str>) {
+        let user = &self.handle.user;
+        self.node.set_typing(room, &self.handle, false);
+        if self
+            .node
+            .hub
+            .unsubscribe(room, self.handle.id, &user.id, Departure::Leave)
+        {
+            self.node.announce_user_left(room, user);
         }
     }
 
