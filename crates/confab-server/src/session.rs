@@ -13,6 +13,7 @@
 //! same step as the `joined` reply is written, this gives every subscriber each message exactly
 //! once and in seq order.
 
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -84,7 +85,7 @@ impl Refused {
     pub(crate) async fn close(self, limit: Duration) {
         let goodbye = [Frame::Close(close::POLICY_VIOLATION, self.reason.into())];
         let stream = self.socket.stream();
-        if let Ok(Written::Partly(written)) = try_write(stream, &goodbye, 0) {
+        if let Ok(Written::Partly(written)) = try_write(stream.as_fd(), &goodbye, 0) {
             let _ = finish_write(stream, &goodbye, written, limit).await;
         }
         crate::websocket::shutdown(stream);

@@ -21,6 +21,7 @@
 
 use std::io::{self, IoSlice};
 use std::net::Shutdown;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
@@ -278,16 +279,21 @@ impl Reader {
 /// The socket is tried directly, without tokio's readiness bookkeeping (a lookup in another
 /// allocation per delivery, ~5 % of W1's CPU): a `WouldBlock` here leaves tokio believing the
 /// socket writable, which costs [`finish_write`] one extra try, and that one is tracked.
-pub(crate) fn try_write(stream: &TcpStream, frames: &[Frame], skip: usize) -> io::Result<Written> {
-    send_frames(stream, frames, skip, false)
-}
-
-/// [`try_write`], with tokio's write readiness cleared by a `WouldBlock` when `tracked`.
-fn send_frames(
-    stream: &TcpStream,
+pub(crate) fn try_write(
+    socket: BorrowedFd<'_>,
     frames: &[Frame],
     skip: usize,
-    tracked: bool,
+) -> io::Result<Written> {
+    send_frames(socket, None, frames, skip)
+}
+
+/// [`try_write`], with `tracked`'s write readiness cleared by a `WouldBlock` (so that
+/// `writable()` then waits).
+fn send_frames(
+    socket: BorrowedFd<'_>,
+    tracked: Option<&TcpStream>,
+    frames: &[Frame],
+    skip: usize,
 ) -> io::Result<Written> {
     if frames.is_empty() {
         return Ok(Written::All);
@@ -335,7 +341,7 @@ fn send_frames(
         // sendmsg(2) rather than writev(2): the same vectored write without the file layer
         // (about 7 % of the server's CPU in a W1 profile).
         let send = || {
-            let socket = socket2::SockRef::from(stream);
+            let socket = socket2::SockRef::from(&socket);
             match &remaining[..take] {
                 // One buffer (a pre-framed message, the usual delivery): send(2), which spares
                 // the kernel importing an iovec array.
@@ -344,10 +350,9 @@ fn send_frames(
             }
         };
         // Through `try_io`, a `WouldBlock` clears the readiness, so `writable()` then waits.
-        let sent = if tracked {
-            stream.try_io(Interest::WRITABLE, send)
-        } else {
-            send()
+        let sent = match tracked {
+            Some(stream) => stream.try_io(Interest::WRITABLE, send),
+            None => send(),
         };
         match sent {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -373,7 +378,7 @@ pub(crate) async fn finish_write(
 ) -> io::Result<()> {
     loop {
         stream.writable().await?;
-        match send_frames(stream, frames, written, true)? {
+        match send_frames(stream.as_fd(), Some(stream), frames, written)? {
             Written::All => return Ok(()),
             Written::Partly(so_far) => written = so_far,
         }
