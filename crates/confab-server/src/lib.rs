@@ -23,6 +23,7 @@ pub mod broker;
 pub mod committer;
 pub mod config;
 pub mod error;
+pub mod heartbeat;
 mod http;
 pub mod hub;
 pub mod node;

@@ -26,6 +26,7 @@ use crate::broker::Broker;
 use crate::committer::{Committer, Pending, Reply};
 use crate::config::Config;
 use crate::error::ChatError;
+use crate::heartbeat::{self, Signal};
 use crate::hub::{Departure, Hub};
 use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, encode};
 use crate::presence::{AfterDisconnect, Presence, TooManyConnections};
@@ -120,6 +121,7 @@ impl Node {
             auth_attempts: RateLimiter::keyed(quota(AUTH_RATE, AUTH_BURST)),
         });
         node.tasks.spawn(Arc::clone(&node).run_housekeeping());
+        node.tasks.spawn(heartbeat::run(Arc::clone(&node)));
         node.tasks
             .spawn(Arc::clone(&node).run_presence_announcer(presence_queue));
         node
@@ -638,6 +640,11 @@ impl Node {
         let change = self
             .presence
             .connect(handle, self.config.max_connections_per_user)?;
+        // The heartbeat tells every registered session when shutdown begins; one registered
+        // after its walk finds out here.
+        if self.shutdown.is_cancelled() {
+            handle.raise(Signal::Shutdown);
+        }
         if let Some(status) = change {
             self.announce_presence(handle.user.clone(), status);
         }

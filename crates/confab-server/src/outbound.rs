@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -34,6 +34,7 @@ use smallvec::SmallVec;
 use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
 
+use crate::heartbeat::{self, Signal};
 use crate::websocket::{Frame, Written, try_write};
 
 /// Process-unique id of one WebSocket connection.
@@ -72,6 +73,8 @@ pub enum Outbound {
     Event(Utf8Bytes),
     /// Several events for this session alone (e.g. the acks of one commit), in order.
     Events(Arc<[Utf8Bytes]>),
+    /// A WebSocket ping from the node's heartbeat.
+    Ping,
     /// The session lost its subscription to a room (membership ended or room deleted): it
     /// forgets the room and tells its client with a `left` event. Always handled by the
     /// session's task, which also updates the hub.
@@ -101,6 +104,8 @@ pub struct SessionHandle {
     /// Set when a reliable frame did not fit: the session must close with 1013. A flag, not a
     /// cancellation token: every push reads it, and a token's check takes a lock.
     slow: AtomicBool,
+    /// [`Signal`] bits raised by the node (heartbeat timeout, shutdown) for the task to act on.
+    signals: AtomicU8,
     /// Everything about writing to this connection, under one lock: pushers and the session's
     /// task take turns, so frames go out whole and in order.
     outlet: Mutex<Outlet>,
@@ -112,6 +117,10 @@ pub struct SessionHandle {
     droppable_floor: usize,
     /// Droppable frames refused so far (for metrics and tests).
     dropped: AtomicU64,
+    /// When the peer was last heard from ([`heartbeat::now_ms`]): the timeout counts from here.
+    heard_ms: AtomicU64,
+    /// When the node's heartbeat last pinged this session (or when it started).
+    pinged_ms: AtomicU64,
     /// This connection's id.
     pub id: SessionId,
     /// Who is connected.
@@ -259,7 +268,9 @@ impl Outlet {
                     mark = Some((delivered, newest));
                 }
             },
-            Outbound::Event(_) | Outbound::Events(_) => event_frames(item, &mut frames),
+            Outbound::Event(_) | Outbound::Events(_) | Outbound::Ping => {
+                event_frames(item, &mut frames);
+            }
             Outbound::Left(_) => return Direct::Queue,
         }
         if frames.is_empty() {
@@ -297,7 +308,7 @@ impl Outlet {
                 }
                 None
             }
-            Outbound::Event(_) | Outbound::Events(_) => {
+            Outbound::Event(_) | Outbound::Events(_) | Outbound::Ping => {
                 event_frames(&item, frames);
                 None
             }
@@ -329,6 +340,7 @@ fn event_frames(item: &Outbound, frames: &mut Frames) {
     match item {
         Outbound::Event(frame) => frames.push(Frame::Text(frame.clone())),
         Outbound::Events(list) => frames.extend(list.iter().cloned().map(Frame::Text)),
+        Outbound::Ping => frames.push(Frame::Ping),
         Outbound::Chat(_) | Outbound::Left(_) => debug_assert!(false, "not an event: {item:?}"),
     }
 }
@@ -344,7 +356,10 @@ impl SessionHandle {
             capacity,
             droppable_floor: capacity / 4,
             slow: AtomicBool::new(false),
+            signals: AtomicU8::new(0),
             dropped: AtomicU64::new(0),
+            heard_ms: AtomicU64::new(heartbeat::now_ms()),
+            pinged_ms: AtomicU64::new(heartbeat::now_ms()),
         });
         let receiver = OutboundReceiver {
             handle: Arc::clone(&handle),
@@ -451,6 +466,41 @@ impl SessionHandle {
         self.slow.load(Ordering::Acquire)
     }
 
+    /// Raises a signal and wakes the session's task to act on it.
+    pub(crate) fn raise(&self, signal: Signal) {
+        self.signals.fetch_or(signal as u8, Ordering::Release);
+        self.ready.wake();
+    }
+
+    /// Whether `signal` has been raised.
+    pub(crate) fn raised(&self, signal: Signal) -> bool {
+        self.signals.load(Ordering::Acquire) & signal as u8 != 0
+    }
+
+    /// Notes that the peer was heard from (any frame).
+    pub(crate) fn heard(&self) {
+        self.heard_ms.store(heartbeat::now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the heartbeat has something to do for this session at `now`: a ping is due, or
+    /// the peer has been silent for the timeout.
+    pub(crate) fn beat_due(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> bool {
+        now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms
+            || now.saturating_sub(self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms
+    }
+
+    /// The heartbeat's turn: raises [`Signal::TimedOut`] on a peer silent for `timeout_ms`,
+    /// else pings every `interval_ms` (written straight into the socket when nothing is
+    /// ahead of it, so an idle session's task is not woken).
+    pub(crate) fn beat(&self, now: u64, interval_ms: u64, timeout_ms: u64) {
+        if now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms {
+            self.raise(Signal::TimedOut);
+        } else if now.saturating_sub(self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms {
+            self.pinged_ms.store(now, Ordering::Relaxed);
+            self.push(&Outbound::Ping, Priority::Droppable);
+        }
+    }
+
     /// Droppable frames refused so far.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
@@ -502,7 +552,7 @@ impl OutboundReceiver {
     }
 
     fn has_work(&self) -> bool {
-        if self.handle.is_slow() {
+        if self.handle.is_slow() || self.handle.signals.load(Ordering::Acquire) != 0 {
             return true;
         }
         let outlet = self.handle.outlet();
@@ -786,6 +836,38 @@ mod tests {
         // A close frame shuts the outlet.
         rx.flush(&socket, &[Frame::Close(1000, "bye".into())], None, 0);
         assert!(!handle.push(&text("too late"), Priority::Reliable));
+    }
+
+    #[tokio::test]
+    async fn the_heartbeat_pings_in_place_and_raises_a_timeout() {
+        let (_socket, mut client, handle, mut rx) = attached(4).await;
+        let (interval, timeout) = (1_000, 5_000);
+        let start = heartbeat::now_ms();
+        assert!(!handle.beat_due(start, interval, timeout));
+        // A ping is due: written straight into the socket, the task not woken.
+        assert!(handle.beat_due(start + interval, interval, timeout));
+        handle.beat(start + interval, interval, timeout);
+        let mut ping = [0; 2];
+        tokio::io::AsyncReadExt::read_exact(&mut client, &mut ping)
+            .await
+            .unwrap();
+        assert_eq!(ping, [0x89, 0], "an empty final ping frame");
+        assert!(!handle.beat_due(start + interval + 10, interval, timeout));
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(rx.poll_ready(&mut cx).is_pending());
+        // Heard from: the timeout counts from then.
+        assert!(handle.beat_due(start + timeout + 5, interval * 10, timeout));
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        handle.heard();
+        assert!(!handle.beat_due(start + timeout + 5, interval * 10, timeout));
+        // Silent for the timeout: a signal for the task, which is woken.
+        let later = heartbeat::now_ms() + timeout;
+        assert!(handle.beat_due(later, interval * 10, timeout));
+        handle.beat(later, interval * 10, timeout);
+        assert!(handle.raised(Signal::TimedOut));
+        assert!(!handle.raised(Signal::Shutdown));
+        assert!(rx.poll_ready(&mut cx).is_ready());
     }
 
     #[tokio::test]

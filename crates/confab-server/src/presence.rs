@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use confab_proto::{PresenceStatus, SettableStatus, UserRef};
 
+use crate::heartbeat::Signal;
 use crate::outbound::{SessionHandle, SessionId};
 
 /// One connected session of a user.
@@ -156,6 +157,34 @@ impl Presence {
             .expect("presence lock")
             .get(user_id)
             .map_or(PresenceStatus::Offline, |s| s.announced)
+    }
+
+    /// The sessions the node's heartbeat has to act on at `now` (see
+    /// [`SessionHandle::beat_due`]). Collected under the lock and acted on after it, so pings
+    /// are not written while connects wait.
+    pub fn sessions_due(
+        &self,
+        now: u64,
+        interval_ms: u64,
+        timeout_ms: u64,
+    ) -> Vec<Arc<SessionHandle>> {
+        let users = self.users.lock().expect("presence lock");
+        users
+            .values()
+            .flat_map(|state| &state.sessions)
+            .filter_map(|device| device.handle.upgrade())
+            .filter(|handle| handle.beat_due(now, interval_ms, timeout_ms))
+            .collect()
+    }
+
+    /// Raises `signal` on every connected session.
+    pub fn signal_all(&self, signal: Signal) {
+        let users = self.users.lock().expect("presence lock");
+        for device in users.values().flat_map(|state| &state.sessions) {
+            if let Some(handle) = device.handle.upgrade() {
+                handle.raise(signal);
+            }
+        }
     }
 
     /// Every connected session of a user (for events addressed to the user).

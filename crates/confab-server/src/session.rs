@@ -16,7 +16,7 @@
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
 use governor::DefaultDirectRateLimiter;
@@ -24,6 +24,7 @@ use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
+use crate::heartbeat::Signal;
 use crate::hub::Departure;
 use crate::node::{Node, session_limiter};
 use crate::outbound::{FlushOutcome, OutboundReceiver, SessionHandle, encode};
@@ -69,7 +70,6 @@ pub(crate) fn start(
         handle,
         queue,
         socket,
-        last_heard: Instant::now(),
         refused_in_a_row: 0,
     }))
 }
@@ -103,14 +103,11 @@ impl Drop for Session {
 
 /// What woke the session's loop.
 enum Woken {
-    /// The server is shutting down.
-    Shutdown,
-    /// Something is queued for the task to write (or the session became slow).
+    /// Something is queued for the task to write, or the node raised a signal (shutdown,
+    /// heartbeat timeout), or the session became slow.
     Queue,
     /// A message (or a read error) from the client.
     Inbound(Result<Incoming, ReadError>),
-    /// The heartbeat timer fired.
-    Heartbeat,
 }
 
 /// Why the loop ended and what to tell the peer.
@@ -133,8 +130,6 @@ pub(crate) struct Session {
     messages: DefaultDirectRateLimiter,
     /// Token bucket for every other command.
     commands: DefaultDirectRateLimiter,
-    /// Last time anything arrived from the peer.
-    last_heard: Instant,
     /// Rate-limited commands since the last accepted one.
     refused_in_a_row: u32,
     /// How long one write may take: `write_timeout_ms`, shortened during shutdown.
@@ -154,30 +149,17 @@ impl Session {
         }
         // `connected` is out: from now on fan-out may write to the socket directly.
         self.queue.attach(Arc::clone(self.socket.stream()));
-        // One timer for both heartbeat duties: it fires at the next ping or when the peer's
-        // silence reaches the timeout, whichever is first. Inbound frames only move
-        // `last_heard`; the timer is re-aimed when it fires, so traffic costs no timer work.
-        let interval = self.node.config.heartbeat_interval();
-        let timeout = self.node.config.heartbeat_timeout();
-        let mut next_ping = tokio::time::Instant::now() + interval;
-        let heartbeat = tokio::time::sleep_until(next_ping.min(self.silence_deadline(timeout)));
-        tokio::pin!(heartbeat);
-        // Created once, not per loop turn: registering a waiter on a cancellation token takes
-        // its lock, and the shutdown token is shared by every session.
-        let shutdown = self.node.shutdown.clone().cancelled_owned();
-        tokio::pin!(shutdown);
+        // Pings, the heartbeat timeout and shutdown come from the node (`heartbeat`), as
+        // signals on the outlet's waker: the task keeps no timer or waiter of its own.
         // Queue and socket take turns being looked at first: a busy queue must not starve
         // reading (and pongs), nor a busy reader starve the queue.
         let mut queue_first = false;
         let ending = loop {
             queue_first = !queue_first;
             // Polled by hand rather than with `select!`: the queue and the socket are waited on
-            // through their poll functions, which keep no future, so an idle session's state is
-            // just the shutdown waiter and the heartbeat timer.
+            // through their poll functions, which keep no future, so an idle session's task
+            // holds nothing but its state.
             let woken = std::future::poll_fn(|cx| {
-                if shutdown.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woken::Shutdown);
-                }
                 for turn in [queue_first, !queue_first] {
                     if turn {
                         if self.queue.poll_ready(cx).is_ready() {
@@ -187,14 +169,11 @@ impl Session {
                         return Poll::Ready(Woken::Inbound(inbound));
                     }
                 }
-                if heartbeat.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Woken::Heartbeat);
-                }
                 Poll::Pending
             })
             .await;
             match woken {
-                Woken::Shutdown => {
+                Woken::Queue if self.handle.raised(Signal::Shutdown) => {
                     // Hand over what is already queued (acks, messages), then say goodbye; a
                     // client that does not read gets only a short grace, so shutdown stays
                     // bounded.
@@ -203,6 +182,9 @@ impl Session {
                     break Ending::Close(close::GOING_AWAY, "server shutting down");
                 }
                 Woken::Queue => {
+                    if self.handle.raised(Signal::TimedOut) {
+                        break Ending::Close(close::POLICY_VIOLATION, "heartbeat timeout");
+                    }
                     if self.handle.is_slow() {
                         break Ending::Close(
                             close::TRY_AGAIN_LATER,
@@ -214,27 +196,12 @@ impl Session {
                     }
                 }
                 Woken::Inbound(inbound) => {
-                    self.last_heard = Instant::now();
+                    self.handle.heard();
                     // Boxed, like every path an idle session is not waiting in: the task's
                     // future is as large as its largest state.
                     if let Err(ending) = Box::pin(self.on_inbound(inbound)).await {
                         break ending;
                     }
-                }
-                Woken::Heartbeat => {
-                    let now = tokio::time::Instant::now();
-                    if now >= self.silence_deadline(timeout) {
-                        break Ending::Close(close::POLICY_VIOLATION, "heartbeat timeout");
-                    }
-                    if now >= next_ping {
-                        if self.write(Frame::Ping).await.is_err() {
-                            break Ending::Gone;
-                        }
-                        next_ping = now + interval;
-                    }
-                    heartbeat
-                        .as_mut()
-                        .reset(next_ping.min(self.silence_deadline(timeout)));
                 }
             }
         };
@@ -276,11 +243,6 @@ impl Session {
             }
             Ending::Gone => {}
         }
-    }
-
-    /// When the peer's silence will have lasted `timeout`.
-    fn silence_deadline(&self, timeout: Duration) -> tokio::time::Instant {
-        tokio::time::Instant::from_std(self.last_heard) + timeout
     }
 
     /// Sends a close frame and waits briefly for the peer's reply before the socket is dropped.
