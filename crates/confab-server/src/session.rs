@@ -139,12 +139,16 @@ pub(crate) struct Session {
 impl Session {
     /// Serves the connection until either side closes it.
     pub(crate) async fn run(mut self: Box<Self>) {
-        let connected = ServerEvent::Connected {
-            user: self.handle.user.clone(),
-            session: self.handle.id.to_string(),
-            heartbeat_ms: self.node.config.heartbeat_interval_ms,
+        // In a block: a value with drop glue lives in the future until its scope ends.
+        let hello = {
+            let connected = ServerEvent::Connected {
+                user: self.handle.user.clone(),
+                session: self.handle.id.to_string(),
+                heartbeat_ms: self.node.config.heartbeat_interval_ms,
+            };
+            Box::pin(self.send(&connected)).await
         };
-        if Box::pin(self.send(&connected)).await.is_err() {
+        if hello.is_err() {
             return;
         }
         // `connected` is out: from now on fan-out may write to the socket directly.
@@ -288,7 +292,10 @@ impl Session {
             FlushOutcome::Failed => Err(()),
             FlushOutcome::Blocked(frames, written) => {
                 let stream = self.socket.stream();
-                let finished = finish_write(stream, &frames, written, self.write_limit).await;
+                // Boxed: waiting for the socket (and the write timer) is rare, and inline it
+                // would make every session's future that much larger.
+                let finished =
+                    Box::pin(finish_write(stream, &frames, written, self.write_limit)).await;
                 self.queue.unblock();
                 finished
             }
