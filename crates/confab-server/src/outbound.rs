@@ -152,8 +152,8 @@ struct Outlet {
     /// thousands of idle sessions (a channel keeps its 32-slot blocks for good).
     queue: VecDeque<Outbound>,
     /// A direct write the socket took only part of: its frames and the bytes already written.
-    /// It goes out before anything else.
-    unfinished: Option<(Vec<Frame>, usize)>,
+    /// It goes out before anything else. Boxed: rare, and every session pays for its inline size.
+    unfinished: Option<Box<(Vec<Frame>, usize)>>,
 }
 
 /// The socket an outlet writes to, with its descriptor kept inline: reading it through the
@@ -281,7 +281,7 @@ impl Outlet {
             Ok(Written::All) => Direct::Done,
             Ok(Written::Partly(0)) => return Direct::Queue,
             Ok(Written::Partly(written)) => {
-                self.unfinished = Some((frames.into_vec(), written));
+                self.unfinished = Some(Box::new((frames.into_vec(), written)));
                 Direct::Unfinished
             }
             Err(_) => {
@@ -580,7 +580,7 @@ impl OutboundReceiver {
         let mut outlet = self.handle.outlet();
         let mut frames = Frames::new();
         let mut skip = 0;
-        if let Some((rest, written)) = outlet.unfinished.take() {
+        if let Some((rest, written)) = outlet.unfinished.take().map(|unfinished| *unfinished) {
             frames.extend(rest);
             skip = written;
         }

@@ -58,7 +58,9 @@ pub struct TooManyConnections(pub usize);
 pub struct Presence {
     // A std mutex: critical sections are a few map operations; connects and status changes are
     // rare next to chat traffic, which never touches this map.
-    users: Mutex<HashMap<String, UserState>>,
+    // Entries boxed: the table is a power of two and at most 7/8 full, so its empty slots
+    // would otherwise each cost a whole entry (about 100 bytes per connected user in W3).
+    users: Mutex<HashMap<String, Box<UserState>>>,
 }
 
 fn aggregate(sessions: &[Device]) -> Option<PresenceStatus> {
@@ -80,11 +82,13 @@ impl Presence {
     ) -> Result<Option<PresenceStatus>, TooManyConnections> {
         let user = &session.user;
         let mut users = self.users.lock().expect("presence lock");
-        let state = users.entry(user.id.clone()).or_insert_with(|| UserState {
-            user: user.clone(),
-            sessions: Vec::new(),
-            announced: PresenceStatus::Offline,
-            departing: None,
+        let state = users.entry(user.id.clone()).or_insert_with(|| {
+            Box::new(UserState {
+                user: user.clone(),
+                sessions: Vec::new(),
+                announced: PresenceStatus::Offline,
+                departing: None,
+            })
         });
         if state.sessions.len() >= max_sessions {
             return Err(TooManyConnections(state.sessions.len()));

@@ -19,14 +19,13 @@ use std::task::Poll;
 use std::time::Duration;
 
 use confab_proto::{ClientCommand, ErrorCode, Ref, ServerEvent, UserRef, close, parse_command};
-use governor::DefaultDirectRateLimiter;
 use tungstenite::Utf8Bytes;
 
 use crate::committer::{Pending, Reply};
 use crate::error::ChatError;
 use crate::heartbeat::Signal;
 use crate::hub::Departure;
-use crate::node::{Node, session_limiter};
+use crate::node::{Node, SessionLimiter, session_limiter};
 use crate::outbound::{FlushOutcome, OutboundReceiver, SessionHandle, encode};
 use crate::store::HistoryQuery;
 use crate::websocket::{Frame, Incoming, ReadError, WebSocket, Written, try_write};
@@ -127,9 +126,9 @@ pub(crate) struct Session {
     queue: OutboundReceiver,
     socket: WebSocket,
     /// Chat message token bucket.
-    messages: DefaultDirectRateLimiter,
+    messages: SessionLimiter,
     /// Token bucket for every other command.
-    commands: DefaultDirectRateLimiter,
+    commands: SessionLimiter,
     /// Rate-limited commands since the last accepted one.
     refused_in_a_row: u32,
     /// How long one write may take: `write_timeout_ms`, shortened during shutdown.
@@ -605,5 +604,23 @@ fn ending_for(err: &ReadError) -> Ending {
         ReadError::InvalidUtf8 => Ending::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
         ReadError::Protocol(why) => Ending::Close(close::PROTOCOL_ERROR, why),
         ReadError::Closed | ReadError::Io(_) => Ending::Gone,
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection pays for these (W3 measures server memory per idle connection): a
+    /// field added carelessly shows up here first.
+    #[test]
+    fn per_connection_structs_stay_small() {
+        assert!(
+            std::mem::size_of::<Session>() <= 192,
+            "{}",
+            std::mem::size_of::<Session>()
+        );
+        let handle = std::mem::size_of::<SessionHandle>();
+        assert!(handle <= 256, "{handle}");
+        assert!(std::mem::size_of::<SessionLimiter>() <= 32);
     }
 }
