@@ -27,7 +27,8 @@ struct Device {
 
 #[derive(Debug)]
 struct UserState {
-    user: UserRef,
+    /// The user's display name (the id is the map's key: not stored twice).
+    name: String,
     /// Each connected session. A list, not a map: a user has a handful at most (the
     /// connection cap), and with one entry per connected user its size adds up.
     sessions: Vec<Device>,
@@ -84,7 +85,7 @@ impl Presence {
         let mut users = self.users.lock().expect("presence lock");
         let state = users.entry(user.id.clone()).or_insert_with(|| {
             Box::new(UserState {
-                user: user.clone(),
+                name: user.name.clone(),
                 sessions: Vec::new(),
                 announced: PresenceStatus::Offline,
                 departing: None,
@@ -93,7 +94,9 @@ impl Presence {
         if state.sessions.len() >= max_sessions {
             return Err(TooManyConnections(state.sessions.len()));
         }
-        state.user = user.clone();
+        if state.name != user.name {
+            state.name.clone_from(&user.name);
+        }
         state.sessions.push(Device {
             id: session.id,
             status: SettableStatus::Online,
@@ -129,8 +132,11 @@ impl Presence {
         if !state.sessions.is_empty() || state.departing != Some(departure) {
             return None;
         }
-        let state = users.remove(user_id)?;
-        (state.announced != PresenceStatus::Offline).then_some(state.user)
+        let (id, state) = users.remove_entry(user_id)?;
+        (state.announced != PresenceStatus::Offline).then_some(UserRef {
+            id,
+            name: state.name,
+        })
     }
 
     /// Sets one session's status. Returns the status to announce if the aggregate changed.
