@@ -138,16 +138,14 @@ pub(crate) struct Session {
 impl Session {
     /// Serves the connection until either side closes it.
     pub(crate) async fn run(mut self: Box<Self>) {
-        // In a block: a value with drop glue lives in the future until its scope ends.
-        let hello = {
-            let connected = ServerEvent::Connected {
-                user: self.handle.user.clone(),
-                session: self.handle.id.to_string(),
-                heartbeat_ms: self.node.config.heartbeat_interval_ms,
-            };
-            Box::pin(self.send(&connected)).await
-        };
-        if hello.is_err() {
+        // Encoded in a statement of its own: a value alive across an await (even a temporary of
+        // the awaiting statement) is stored in the future, whose size every connection pays.
+        let connected = Frame::Text(encode(&ServerEvent::Connected {
+            user: self.handle.user.clone(),
+            session: self.handle.id.to_string(),
+            heartbeat_ms: self.node.config.heartbeat_interval_ms,
+        }));
+        if Box::pin(self.write(connected)).await.is_err() {
             return;
         }
         // `connected` is out: from now on fan-out may write to the socket directly.
@@ -181,7 +179,7 @@ impl Session {
                     // client that does not read gets only a short grace, so shutdown stays
                     // bounded.
                     self.write_limit = SHUTDOWN_WRITE_LIMIT;
-                    let _ = self.flush(&[], None, usize::MAX).await;
+                    let _ = Box::pin(self.flush(&[], None, usize::MAX)).await;
                     break Ending::Close(close::GOING_AWAY, "server shutting down");
                 }
                 Woken::Queue => {
@@ -194,7 +192,16 @@ impl Session {
                             "too slow: outbound queue overflowed; re-join with since",
                         );
                     }
-                    if self.flush(&[], None, WRITE_BATCH).await.is_err() {
+                    // Without waiting, the usual case; only a blocked write becomes a (boxed)
+                    // future, so none is kept inline in every session's task.
+                    let flushed = match self.flush_now(&[], None, WRITE_BATCH) {
+                        Ok(None) => Ok(()),
+                        Ok(Some((frames, written))) => {
+                            Box::pin(self.finish_flush(frames, written)).await
+                        }
+                        Err(()) => Err(()),
+                    };
+                    if flushed.is_err() {
                         break Ending::Gone;
                     }
                 }
@@ -280,6 +287,22 @@ impl Session {
         open: Option<(Arc<str>, u64)>,
         take: usize,
     ) -> Result<(), ()> {
+        match self.flush_now(first, open, take)? {
+            None => Ok(()),
+            // Boxed: waiting for the socket (and the write timer) is rare, and inline it would
+            // make every session's future that much larger.
+            Some((frames, written)) => Box::pin(self.finish_flush(frames, written)).await,
+        }
+    }
+
+    /// The part of [`Session::flush`] that does not wait: returns the frames the socket did
+    /// not take at once and how many bytes of them it did.
+    fn flush_now(
+        &mut self,
+        first: &[Frame],
+        open: Option<(Arc<str>, u64)>,
+        take: usize,
+    ) -> Result<Option<(Vec<Frame>, usize)>, ()> {
         let flushed = self.queue.flush(self.socket.stream(), first, open, take);
         for room in flushed.left {
             // A join racing the loss may have subscribed us again: undo that too, so the hub
@@ -287,18 +310,18 @@ impl Session {
             self.leave_room(&room);
         }
         match flushed.outcome {
-            FlushOutcome::Done => Ok(()),
+            FlushOutcome::Done => Ok(None),
             FlushOutcome::Failed => Err(()),
-            FlushOutcome::Blocked(frames, written) => {
-                let stream = self.socket.stream();
-                // Boxed: waiting for the socket (and the write timer) is rare, and inline it
-                // would make every session's future that much larger.
-                let finished =
-                    Box::pin(finish_write(stream, &frames, written, self.write_limit)).await;
-                self.queue.unblock();
-                finished
-            }
+            FlushOutcome::Blocked(frames, written) => Ok(Some((frames, written))),
         }
+    }
+
+    /// Waits for the socket to take the rest of a blocked flush, then reopens the outlet.
+    async fn finish_flush(&mut self, frames: Vec<Frame>, written: usize) -> Result<(), ()> {
+        let stream = self.socket.stream();
+        let finished = finish_write(stream, &frames, written, self.write_limit).await;
+        self.queue.unblock();
+        finished
     }
 
     /// Writes one frame of the task's own (and whatever is queued behind it). A close frame
