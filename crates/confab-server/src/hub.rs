@@ -223,7 +223,19 @@ impl Hub {
         except: Option<SessionId>,
     ) {
         let subscribers = self.subscribers(room);
-        for subscriber in subscribers.iter() {
+        for (at, subscriber) in subscribers.iter().enumerate() {
+            // Each push's first reads of its handle were cache misses (4-5 % of W1's server
+            // CPU): the kernel's work for one socket evicts the next handle. Asking for the
+            // lines a push reads (the handle's hot fields come first) one push ahead
+            // hides that.
+            if let Some(next) = subscribers.get(at + 1) {
+                let hot = Arc::as_ptr(next).cast::<u8>();
+                for line in 0..3 {
+                    prefetch(hot.wrapping_add(line * 64));
+                }
+                // And the snapshot's next line of handles, evicted the same way.
+                prefetch(subscribers.as_ptr().wrapping_add(at + 9));
+            }
             if Some(subscriber.id) != except {
                 subscriber.push(item, priority);
             }
@@ -246,6 +258,20 @@ impl Hub {
             .cloned()
             .collect()
     }
+}
+
+/// Asks the CPU to bring the cache line at `value` in; a hint, nothing else happens.
+#[inline]
+#[allow(unsafe_code)]
+fn prefetch<T>(value: *const T) {
+    // SAFETY: a prefetch never faults and changes no memory, whatever the address; SSE, which
+    // it needs, is part of every x86_64 CPU.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(value.cast());
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
 }
 
 #[cfg(test)]

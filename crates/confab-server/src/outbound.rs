@@ -144,16 +144,16 @@ struct Outlet {
     /// Acks kept back by [`SessionHandle::hold`] while their commit fans out: they go out in
     /// the same write as the next frame (usually the sender's own copy of its message).
     held: Option<Box<Outbound>>,
-    /// Subscribed rooms with the highest seq written in each; `None` while a join is reading
-    /// the room's history.
-    rooms: RoomMarks,
+    /// A direct write the socket took only part of: its frames and the bytes already written.
+    /// It goes out before anything else. Boxed: rare, and every session pays for its inline size.
+    unfinished: Option<Box<(Vec<Frame>, usize)>>,
     /// Frames waiting for the session's task. A plain deque rather than a channel: it holds
     /// no memory while empty and gives back what a burst made it grow, which matters with
     /// thousands of idle sessions (a channel keeps its 32-slot blocks for good).
     queue: VecDeque<Outbound>,
-    /// A direct write the socket took only part of: its frames and the bytes already written.
-    /// It goes out before anything else. Boxed: rare, and every session pays for its inline size.
-    unfinished: Option<Box<(Vec<Frame>, usize)>>,
+    /// Subscribed rooms with the highest seq written in each; `None` while a join is reading
+    /// the room's history.
+    rooms: RoomMarks,
 }
 
 /// The socket an outlet writes to, with its descriptor kept inline: reading it through the
