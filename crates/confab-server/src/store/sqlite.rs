@@ -8,7 +8,7 @@
 //! Reads run on tokio's blocking pool against a small pool of read-only connections; WAL lets
 //! them proceed while the writer commits.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::c_int;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -78,6 +78,8 @@ pub struct SqliteStore {
     read_slots: tokio::sync::Semaphore,
     /// Database file, for opening more read connections.
     path: std::path::PathBuf,
+    /// Room tails the writer remembers between commits (only `append` uses it).
+    tails: Arc<Mutex<TailCache>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -167,6 +169,7 @@ impl SqliteStore {
             readers: Arc::new(Mutex::new(Vec::new())),
             read_slots: tokio::sync::Semaphore::new(READ_POOL_SIZE),
             path,
+            tails: Arc::default(),
         })
     }
 
@@ -191,11 +194,23 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
+        self.write_and_settle(job, |_| {}).await
+    }
+
+    /// [`SqliteStore::write`], also telling `settle`, on the writer thread, whether the job's
+    /// writes were committed.
+    async fn write_and_settle<T, F, S>(&self, job: F, settle: S) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        S: FnOnce(bool) + Send + 'static,
+    {
         let (reply, answer) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn| {
             let result = job(conn);
             let ok = result.is_ok();
             let deliver: Deliver = Box::new(move |commit_error| {
+                settle(ok && commit_error.is_none());
                 let _ = reply.send(match commit_error {
                     Some(err) => Err(err),
                     None => result,
@@ -571,6 +586,86 @@ fn select_room(conn: &Connection, id: &str) -> Result<Option<RoomRecord>, StoreE
         .map_err(db_err)
 }
 
+/// Rooms the tail cache holds at most; past that it starts over.
+const TAIL_CACHE_ROOMS: usize = 16_384;
+
+/// Members (over all rooms) the tail cache holds at most; past that it starts over.
+const TAIL_CACHE_MEMBERS: usize = 262_144;
+
+/// What the writer knows about rooms between commits: each room's last seq and which authors
+/// are members. With it a busy room's message costs its insert alone, not also a `last_seq`
+/// read and a membership read (two of four statements in W2). It is trusted only while the
+/// connection's change counter (`total_changes`, which counts every row any statement
+/// inserts, updates or deletes) is where the last committed append left it: any other write
+/// (a join, a leave, a deleted room, a read receipt) may have changed what it knows, and
+/// empties it. What an append learns is kept aside until its commit is known to have gone
+/// through, so a rolled-back batch leaves nothing behind.
+#[derive(Debug, Default)]
+struct TailCache {
+    /// `total_changes` after the append the cache is up to date with.
+    changes: u64,
+    rooms: HashMap<String, CachedRoom>,
+    /// Member entries in `rooms`, for the bound.
+    members: usize,
+    /// What the append waiting for its commit learned, with `total_changes` after it.
+    pending: Option<(u64, Vec<(String, CachedRoom)>)>,
+}
+
+#[derive(Debug, Default)]
+struct CachedRoom {
+    last_seq: u64,
+    members: HashSet<String>,
+}
+
+impl TailCache {
+    /// Whether the cache is still true of the database seen through `conn`; empties it if not.
+    fn check(&mut self, conn: &Connection) {
+        if self.changes != conn.total_changes() {
+            self.rooms.clear();
+            self.members = 0;
+        }
+        self.pending = None;
+    }
+
+    /// After an append's commit: keeps what it learned if the commit went through, else
+    /// forgets everything.
+    fn settle(&mut self, committed: bool) {
+        let pending = self.pending.take();
+        let (Some((changes, learned)), true) = (pending, committed) else {
+            if !committed {
+                self.rooms.clear();
+                self.members = 0;
+            }
+            return;
+        };
+        for (room, tail) in learned {
+            if !self.rooms.contains_key(&room)
+                && (self.rooms.len() >= TAIL_CACHE_ROOMS
+                    || self.members + tail.members.len() > TAIL_CACHE_MEMBERS)
+            {
+                self.rooms.clear();
+                self.members = 0;
+            }
+            let cached = self.rooms.entry(room).or_default();
+            cached.last_seq = tail.last_seq;
+            for member in tail.members {
+                if cached.members.insert(member) {
+                    self.members += 1;
+                }
+            }
+        }
+        self.changes = changes;
+    }
+}
+
+fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> {
+    // Only the writer thread takes this lock; a panic there is answered by `check` (the
+    // counter no longer matches) or by the emptied cache of `settle`.
+    tails
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// What one `append` call learned about a room: read once per batch, written back once.
 struct RoomTail {
     /// `None` if the room does not exist.
@@ -589,7 +684,10 @@ struct RoomTail {
 fn append_batch(
     conn: &Connection,
     batch: Vec<NewMessage>,
+    tails: &Mutex<TailCache>,
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let mut cache = lock_tails(tails);
+    cache.check(conn);
     let mut rooms: HashMap<String, RoomTail> = HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
     // `OR FAIL` (here and on the update below): nothing in these single-row statements can
@@ -606,10 +704,14 @@ fn append_batch(
         )
         .map_err(db_err)?;
     for msg in batch {
+        let cached = cache.rooms.get(msg.room.as_str());
         let tail = match rooms.get_mut(msg.room.as_str()) {
             Some(tail) => tail,
             None => {
-                let last_seq = select_last_seq(conn, &msg.room)?;
+                let last_seq = match cached {
+                    Some(cached) => Some(cached.last_seq),
+                    None => select_last_seq(conn, &msg.room)?,
+                };
                 rooms.entry(msg.room.clone()).or_insert(RoomTail {
                     last_seq,
                     stored_seq: last_seq.unwrap_or(0),
@@ -621,7 +723,8 @@ fn append_batch(
             (None, _) => false,
             (Some(_), Some(&member)) => member,
             (Some(_), None) => {
-                let member = is_member(conn, &msg.room, &msg.user.id)?;
+                let member = cached.is_some_and(|c| c.members.contains(&msg.user.id))
+                    || is_member(conn, &msg.room, &msg.user.id)?;
                 tail.members.insert(msg.user.id.clone(), member);
                 member
             }
@@ -687,6 +790,19 @@ fn append_batch(
             update.execute(params![room, last_seq]).map_err(db_err)?;
         }
     }
+    let learned = rooms
+        .into_iter()
+        .filter_map(|(room, tail)| {
+            let last_seq = tail.last_seq?;
+            let members = tail
+                .members
+                .into_iter()
+                .filter_map(|(user, member)| member.then_some(user))
+                .collect();
+            Some((room, CachedRoom { last_seq, members }))
+        })
+        .collect();
+    cache.pending = Some((conn.total_changes(), learned));
     Ok(results)
 }
 
@@ -1021,7 +1137,14 @@ impl Store for SqliteStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-        self.write(move |conn| append_batch(conn, batch)).await
+        // The tail cache keeps what the append learned only if its commit went through.
+        let tails = Arc::clone(&self.tails);
+        let settled = Arc::clone(&self.tails);
+        self.write_and_settle(
+            move |conn| append_batch(conn, batch, &tails),
+            move |committed| lock_tails(&settled).settle(committed),
+        )
+        .await
     }
 
     async fn history(&self, room: &str, query: HistoryQuery) -> Result<HistoryPage, StoreError> {
@@ -1163,6 +1286,122 @@ mod tests {
             client_id: client_id.map(String::from),
             timestamp_ms: now_ms(),
         }
+    }
+
+    /// Not a check: a W2-shaped workload for `valgrind --tool=callgrind`, whose instruction
+    /// counts repeat on this noisy machine. 1,000 rooms of 10 members, 20 commits of 500
+    /// messages from rooms and authors picked at random (`APPEND_COMMITS` of them). See
+    /// BENCHMARKS.md for the command.
+    #[tokio::test]
+    #[ignore]
+    async fn append_w2_shaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        for r in 0..1000 {
+            let members: Vec<String> = (0..10).map(|m| format!("user-{r}-{m}")).collect();
+            store
+                .create_room(&room(&format!("room-{r}")), &members)
+                .await
+                .unwrap();
+        }
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let content = "x".repeat(64);
+        // `APPEND_COMMITS=0` measures the setup alone, to subtract.
+        let commits = std::env::var("APPEND_COMMITS").map_or(20, |n| n.parse().unwrap());
+        for _ in 0..commits {
+            let batch = (0..500)
+                .map(|_| {
+                    let (r, m) = (next() % 1000, next() % 10);
+                    message(
+                        &format!("room-{r}"),
+                        &format!("user-{r}-{m}"),
+                        &content,
+                        None,
+                    )
+                })
+                .collect();
+            for result in store.append(batch).await.unwrap() {
+                result.unwrap();
+            }
+        }
+    }
+
+    /// The writer's tail cache never answers for a room whose membership or existence changed
+    /// since it learned about it.
+    #[tokio::test]
+    async fn remembered_tails_follow_joins_leaves_and_deletes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store
+            .create_room(&room("r"), &["a".into(), "b".into()])
+            .await
+            .unwrap();
+        let outcome = |results: Vec<Result<Appended, StoreError>>| match &results[0] {
+            Ok(appended) => format!("#{}", appended.message.seq),
+            Err(StoreError::NotMember(_)) => "not member".into(),
+            Err(StoreError::NotFound(_)) => "not found".into(),
+            Err(err) => panic!("{err}"),
+        };
+        let send = |author: &'static str| {
+            let store = &store;
+            async move {
+                store
+                    .append(vec![message("r", author, "m", None)])
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(outcome(send("a").await), "#1");
+        assert_eq!(outcome(send("b").await), "#2");
+        // Learned from the cache alone (no other write in between).
+        assert_eq!(outcome(send("b").await), "#3");
+        assert_eq!(outcome(send("c").await), "not member");
+        assert!(store.remove_member("r", "b").await.unwrap());
+        assert_eq!(outcome(send("b").await), "not member");
+        assert!(store.add_member("r", "c").await.unwrap());
+        assert_eq!(outcome(send("c").await), "#4");
+        assert_eq!(outcome(send("a").await), "#5");
+        store.delete_room("r").await.unwrap();
+        assert_eq!(outcome(send("a").await), "not found");
+        // A room of the same name starts again at 1, whatever was remembered.
+        store.create_room(&room("r"), &["a".into()]).await.unwrap();
+        assert_eq!(outcome(send("a").await), "#1");
+        assert_eq!(outcome(send("a").await), "#2");
+    }
+
+    #[test]
+    fn a_failed_commit_leaves_no_tails_behind() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mut cache = TailCache::default();
+        cache.check(&conn);
+        let learned = CachedRoom {
+            last_seq: 7,
+            members: HashSet::from(["a".to_string()]),
+        };
+        cache.pending = Some((conn.total_changes(), vec![("r".into(), learned)]));
+        cache.settle(true);
+        assert_eq!(cache.rooms["r"].last_seq, 7);
+        cache.check(&conn);
+        assert!(cache.rooms.contains_key("r"), "nothing else wrote");
+        cache.pending = Some((conn.total_changes(), Vec::new()));
+        cache.settle(false);
+        assert!(cache.rooms.is_empty());
+        // Any other write empties it on the next look.
+        cache.pending = Some((
+            conn.total_changes(),
+            vec![("r".into(), CachedRoom::default())],
+        ));
+        cache.settle(true);
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+            .unwrap();
+        cache.check(&conn);
+        assert!(cache.rooms.is_empty());
     }
 
     #[tokio::test]
