@@ -482,22 +482,34 @@ impl SessionHandle {
         self.heard_ms.store(heartbeat::now_ms(), Ordering::Relaxed);
     }
 
-    /// Whether the heartbeat has something to do for this session at `now`: a ping is due, or
-    /// the peer has been silent for the timeout.
-    pub(crate) fn beat_due(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> bool {
-        now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms
-            || now.saturating_sub(self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms
+    /// What the heartbeat owes this session at `now`: a timeout if the peer has been silent
+    /// for `timeout_ms`, else a ping every `interval_ms`.
+    fn beat_owed(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> Option<Beat> {
+        if now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms {
+            Some(Beat::TimedOut)
+        } else if now.saturating_sub(self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms {
+            Some(Beat::Ping)
+        } else {
+            None
+        }
     }
 
-    /// The heartbeat's turn: raises [`Signal::TimedOut`] on a peer silent for `timeout_ms`,
-    /// else pings every `interval_ms` (written straight into the socket when nothing is
-    /// ahead of it, so an idle session's task is not woken).
+    /// Whether the heartbeat has something to do for this session at `now`.
+    pub(crate) fn beat_due(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> bool {
+        self.beat_owed(now, interval_ms, timeout_ms).is_some()
+    }
+
+    /// The heartbeat's turn, looked at afresh: raises [`Signal::TimedOut`] on a silent peer,
+    /// or pings (written straight into the socket when nothing is ahead of it, so an idle
+    /// session's task is not woken).
     pub(crate) fn beat(&self, now: u64, interval_ms: u64, timeout_ms: u64) {
-        if now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms {
-            self.raise(Signal::TimedOut);
-        } else if now.saturating_sub(self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms {
-            self.pinged_ms.store(now, Ordering::Relaxed);
-            self.push(&Outbound::Ping, Priority::Droppable);
+        match self.beat_owed(now, interval_ms, timeout_ms) {
+            Some(Beat::TimedOut) => self.raise(Signal::TimedOut),
+            Some(Beat::Ping) => {
+                self.pinged_ms.store(now, Ordering::Relaxed);
+                self.push(&Outbound::Ping, Priority::Droppable);
+            }
+            None => {}
         }
     }
 
@@ -505,6 +517,12 @@ impl SessionHandle {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+}
+
+/// What the heartbeat owes a session.
+enum Beat {
+    Ping,
+    TimedOut,
 }
 
 /// What [`OutboundReceiver::flush`] did.

@@ -178,21 +178,26 @@ impl Presence {
         interval_ms: u64,
         timeout_ms: u64,
     ) -> Vec<Arc<SessionHandle>> {
-        let users = self.users.lock().expect("presence lock");
-        users
-            .values()
-            .flat_map(|state| &state.sessions)
-            .filter_map(|device| device.handle.upgrade())
-            .filter(|handle| handle.beat_due(now, interval_ms, timeout_ms))
-            .collect()
+        let mut due = Vec::new();
+        self.for_each_session(|handle| {
+            if handle.beat_due(now, interval_ms, timeout_ms) {
+                due.push(handle);
+            }
+        });
+        due
     }
 
     /// Raises `signal` on every connected session.
     pub fn signal_all(&self, signal: Signal) {
+        self.for_each_session(|handle| handle.raise(signal));
+    }
+
+    /// Calls `f` with every connected session, under the lock.
+    fn for_each_session(&self, mut f: impl FnMut(Arc<SessionHandle>)) {
         let users = self.users.lock().expect("presence lock");
         for device in users.values().flat_map(|state| &state.sessions) {
             if let Some(handle) = device.handle.upgrade() {
-                handle.raise(signal);
+                f(handle);
             }
         }
     }

@@ -621,10 +621,15 @@ impl TailCache {
     /// Whether the cache is still true of the database seen through `conn`; empties it if not.
     fn check(&mut self, conn: &Connection) {
         if self.changes != conn.total_changes() {
-            self.rooms.clear();
-            self.members = 0;
+            self.forget();
         }
         self.pending = None;
+    }
+
+    /// Empties the cache (the pending append aside).
+    fn forget(&mut self) {
+        self.rooms.clear();
+        self.members = 0;
     }
 
     /// After an append's commit: keeps what it learned if the commit went through, else
@@ -633,8 +638,7 @@ impl TailCache {
         let pending = self.pending.take();
         let (Some((changes, learned)), true) = (pending, committed) else {
             if !committed {
-                self.rooms.clear();
-                self.members = 0;
+                self.forget();
             }
             return;
         };
@@ -643,8 +647,7 @@ impl TailCache {
                 && (self.rooms.len() >= TAIL_CACHE_ROOMS
                     || self.members + tail.members.len() > TAIL_CACHE_MEMBERS)
             {
-                self.rooms.clear();
-                self.members = 0;
+                self.forget();
             }
             let cached = self.rooms.entry(room).or_default();
             cached.last_seq = tail.last_seq;
