@@ -54,6 +54,7 @@ const READ_POOL_SIZE: usize = 8;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_messages_rowid.sql"),
+    include_str!("../../migrations/sqlite/0003_room_keys.sql"),
 ];
 
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
@@ -280,9 +281,34 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     let version: usize = conn
         .query_row("PRAGMA user_version", [], |row| row.get(0))
         .map_err(db_err)?;
+    if version >= MIGRATIONS.len() {
+        return Ok(());
+    }
+    // SQLite's procedure for rebuilding a table: foreign keys off (a dropped parent table
+    // would otherwise cascade into its children; the pragma is ignored inside a
+    // transaction), then a check of every reference before each commit.
+    conn.execute_batch("PRAGMA foreign_keys = OFF")
+        .map_err(db_err)?;
+    let result = apply_migrations(conn, version);
+    conn.execute_batch("PRAGMA foreign_keys = ON")
+        .map_err(db_err)?;
+    result
+}
+
+fn apply_migrations(conn: &mut Connection, version: usize) -> Result<(), StoreError> {
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(sql).map_err(db_err)?;
+        let broken: Option<String> = tx
+            .query_row("PRAGMA foreign_key_check", [], |row| row.get(0))
+            .optional()
+            .map_err(db_err)?;
+        if let Some(table) = broken {
+            return Err(StoreError::Database(format!(
+                "migration {} left rows in {table} pointing nowhere",
+                index + 1
+            )));
+        }
         tx.execute_batch(&format!("PRAGMA user_version = {}", index + 1))
             .map_err(db_err)?;
         tx.commit().map_err(db_err)?;
@@ -522,7 +548,10 @@ fn room_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRecord> {
     })
 }
 
-const ROOM_COLUMNS: &str = "id, name, private, owner, dm, last_seq";
+/// A room's columns, from `rooms r`. Its last seq is not stored in the row: it is the last
+/// entry of the room's part of the `(room_key, seq)` index, one seek away.
+const ROOM_COLUMNS: &str = "r.id, r.name, r.private, r.owner, r.dm,
+     coalesce((SELECT max(m.seq) FROM messages m WHERE m.room_key = r.key), 0)";
 
 fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
     Ok(ChatMessage {
@@ -539,8 +568,9 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
     })
 }
 
+/// A message's columns, from `messages m` joined with its room as `rooms r`.
 const MESSAGE_COLUMNS: &str =
-    "room_id, seq, id, user_id, user_name, content, client_id, created_at";
+    "r.id, m.seq, m.id, m.user_id, m.user_name, m.content, m.client_id, m.created_at";
 
 fn insert_room(
     conn: &Connection,
@@ -549,8 +579,8 @@ fn insert_room(
 ) -> Result<bool, StoreError> {
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO rooms (id, name, private, owner, dm, last_seq, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, 0, ?6) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO rooms (id, name, private, owner, dm, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
         )
         .and_then(|mut stmt| {
             stmt.execute(params![
@@ -581,9 +611,11 @@ fn add_member_row(conn: &Connection, room: &str, user_id: &str) -> Result<bool, 
 }
 
 fn select_room(conn: &Connection, id: &str) -> Result<Option<RoomRecord>, StoreError> {
-    conn.prepare_cached(&format!("SELECT {ROOM_COLUMNS} FROM rooms WHERE id = ?1"))
-        .and_then(|mut stmt| stmt.query_row([id], room_from_row).optional())
-        .map_err(db_err)
+    conn.prepare_cached(&format!(
+        "SELECT {ROOM_COLUMNS} FROM rooms r WHERE r.id = ?1"
+    ))
+    .and_then(|mut stmt| stmt.query_row([id], room_from_row).optional())
+    .map_err(db_err)
 }
 
 /// Rooms the tail cache holds at most; past that it starts over.
@@ -592,9 +624,9 @@ const TAIL_CACHE_ROOMS: usize = 16_384;
 /// Members (over all rooms) the tail cache holds at most; past that it starts over.
 const TAIL_CACHE_MEMBERS: usize = 262_144;
 
-/// What the writer knows about rooms between commits: each room's last seq and which authors
-/// are members. With it a busy room's message costs its insert alone, not also a `last_seq`
-/// read and a membership read (two of four statements in W2). It is trusted only while the
+/// What the writer knows about rooms between commits: each room's key and last seq and which
+/// authors are members. With it a busy room's message costs its insert alone, not also a
+/// room read and a membership read. It is trusted only while the
 /// connection's change counter (`total_changes`, which counts every row any statement
 /// inserts, updates or deletes) is where the last committed append left it: any other write
 /// (a join, a leave, a deleted room, a read receipt) may have changed what it knows, and
@@ -613,6 +645,8 @@ struct TailCache {
 
 #[derive(Debug, Default)]
 struct CachedRoom {
+    /// The room's `rooms.key`, which its messages are filed under.
+    key: i64,
     last_seq: u64,
     members: HashSet<String>,
 }
@@ -650,6 +684,7 @@ impl TailCache {
                 self.forget();
             }
             let cached = self.rooms.entry(room).or_default();
+            cached.key = tail.key;
             cached.last_seq = tail.last_seq;
             for member in tail.members {
                 if cached.members.insert(member) {
@@ -669,19 +704,17 @@ fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> 
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// What one `append` call learned about a room: read once per batch, written back once.
+/// What one `append` call learned about a room: read once per batch.
 struct RoomTail {
-    /// `None` if the room does not exist.
-    last_seq: Option<u64>,
-    /// `last_seq` as stored when the batch started, to skip rooms that got nothing new.
-    stored_seq: u64,
+    /// The room's key and last seq; `None` if the room does not exist.
+    room: Option<(i64, u64)>,
     /// Membership of each author seen in this batch.
     members: HashMap<String, bool>,
 }
 
-/// Appends a batch inside the writer's transaction: each room's `last_seq` is read once and
-/// written back once, and each (room, author) membership is looked up once, instead of three
-/// statements per message. Seqs are handed out in batch order and only to rows that were
+/// Appends a batch inside the writer's transaction: each room's key and last seq are read
+/// once (the last seq is the index's, so there is nothing to write back), and each (room,
+/// author) membership is looked up once, instead of three statements per message. Seqs are handed out in batch order and only to rows that were
 /// inserted, so a failed or duplicate message leaves no gap. The outer error means the batch
 /// must be rolled back (some of its rows may be written).
 fn append_batch(
@@ -693,15 +726,15 @@ fn append_batch(
     cache.check(conn);
     let mut rooms: HashMap<String, RoomTail> = HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
-    // `OR FAIL` (here and on the update below): nothing in these single-row statements can
-    // fail half-way, and without it SQLite keeps a statement journal for each of them, copying
+    // `OR FAIL`: nothing in this single-row statement can fail half-way, and without it
+    // SQLite keeps a statement journal for each execution, copying
     // every page the transaction already dirtied. The upsert clause makes a known
     // (user, client_id) a no-op instead of an error: the first lookup of a retry is the
     // insert itself, and a fresh message costs no extra SELECT.
     let mut insert = conn
         .prepare_cached(
             "INSERT OR FAIL INTO messages
-                 (room_id, seq, id, user_id, user_name, content, client_id, created_at)
+                 (room_key, seq, id, user_id, user_name, content, client_id, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
              ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
         )
@@ -711,18 +744,17 @@ fn append_batch(
         let tail = match rooms.get_mut(msg.room.as_str()) {
             Some(tail) => tail,
             None => {
-                let last_seq = match cached {
-                    Some(cached) => Some(cached.last_seq),
-                    None => select_last_seq(conn, &msg.room)?,
+                let room = match cached {
+                    Some(cached) => Some((cached.key, cached.last_seq)),
+                    None => select_room_tail(conn, &msg.room)?,
                 };
                 rooms.entry(msg.room.clone()).or_insert(RoomTail {
-                    last_seq,
-                    stored_seq: last_seq.unwrap_or(0),
+                    room,
                     members: HashMap::new(),
                 })
             }
         };
-        let member = match (tail.last_seq, tail.members.get(msg.user.id.as_str())) {
+        let member = match (tail.room, tail.members.get(msg.user.id.as_str())) {
             (None, _) => false,
             (Some(_), Some(&member)) => member,
             (Some(_), None) => {
@@ -732,14 +764,14 @@ fn append_batch(
                 member
             }
         };
-        let Some(last_seq) = tail.last_seq.filter(|_| member) else {
+        let Some((key, last_seq)) = tail.room.filter(|_| member) else {
             // A retry of a message stored before its author left (or the room went) is still
             // answered with the original.
             if let Some(original) = select_by_client_id(conn, &msg)? {
                 results.push(Ok(original));
                 continue;
             }
-            results.push(Err(if tail.last_seq.is_none() {
+            results.push(Err(if tail.room.is_none() {
                 StoreError::NotFound(format!("room {:?} does not exist", msg.room))
             } else {
                 StoreError::NotMember(format!(
@@ -752,7 +784,7 @@ fn append_batch(
         let seq = last_seq + 1;
         let inserted = insert
             .execute(params![
-                msg.room,
+                key,
                 seq,
                 msg.id,
                 msg.user.id,
@@ -770,7 +802,7 @@ fn append_batch(
             results.push(Ok(original));
             continue;
         }
-        tail.last_seq = Some(seq);
+        tail.room = Some((key, seq));
         results.push(Ok(Appended {
             message: ChatMessage {
                 id: msg.id,
@@ -785,34 +817,40 @@ fn append_batch(
         }));
     }
     drop(insert);
-    let mut update = conn
-        .prepare_cached("UPDATE OR FAIL rooms SET last_seq = ?2 WHERE id = ?1")
-        .map_err(db_err)?;
-    for (room, tail) in &rooms {
-        if let Some(last_seq) = tail.last_seq.filter(|&seq| seq != tail.stored_seq) {
-            update.execute(params![room, last_seq]).map_err(db_err)?;
-        }
-    }
     let learned = rooms
         .into_iter()
         .filter_map(|(room, tail)| {
-            let last_seq = tail.last_seq?;
+            let (key, last_seq) = tail.room?;
             let members = tail
                 .members
                 .into_iter()
                 .filter_map(|(user, member)| member.then_some(user))
                 .collect();
-            Some((room, CachedRoom { last_seq, members }))
+            Some((
+                room,
+                CachedRoom {
+                    key,
+                    last_seq,
+                    members,
+                },
+            ))
         })
         .collect();
     cache.pending = Some((conn.total_changes(), learned));
     Ok(results)
 }
 
-fn select_last_seq(conn: &Connection, room: &str) -> Result<Option<u64>, StoreError> {
-    conn.prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1")
-        .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
-        .map_err(db_err)
+/// A room's key and last seq; `None` if it does not exist.
+fn select_room_tail(conn: &Connection, room: &str) -> Result<Option<(i64, u64)>, StoreError> {
+    conn.prepare_cached(
+        "SELECT r.key, coalesce((SELECT max(m.seq) FROM messages m WHERE m.room_key = r.key), 0)
+         FROM rooms r WHERE r.id = ?1",
+    )
+    .and_then(|mut stmt| {
+        stmt.query_row([room], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()
+    })
+    .map_err(db_err)
 }
 
 fn is_member(conn: &Connection, room: &str, user_id: &str) -> Result<bool, StoreError> {
@@ -831,7 +869,8 @@ fn select_by_client_id(
     };
     let message = conn
         .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE user_id = ?1 AND client_id = ?2"
+            "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN rooms r ON r.key = m.room_key
+             WHERE m.user_id = ?1 AND m.client_id = ?2"
         ))
         .and_then(|mut stmt| {
             stmt.query_row(params![msg.user.id, client_id], message_from_row)
@@ -950,8 +989,8 @@ impl Store for SqliteStore {
         let pair = serde_json::to_string(&users).expect("strings serialize");
         self.write(move |conn| {
             conn.prepare_cached(
-                "INSERT INTO rooms (id, name, private, owner, dm, dm_users, last_seq, created_at)
-                 VALUES (?1, ?2, 1, NULL, 1, ?3, 0, ?4) ON CONFLICT (id) DO NOTHING",
+                "INSERT INTO rooms (id, name, private, owner, dm, dm_users, created_at)
+                 VALUES (?1, ?2, 1, NULL, 1, ?3, ?4) ON CONFLICT (id) DO NOTHING",
             )
             .and_then(|mut stmt| stmt.execute(params![room.id, room.name, pair, now_ms()]))
             .map_err(db_err)?;
@@ -986,12 +1025,12 @@ impl Store for SqliteStore {
         let user_id = user_id.to_string();
         self.read(move |conn| {
             let mut stmt = conn
-                .prepare_cached(
-                    "SELECT r.id, r.name, r.private, r.owner, r.dm, r.last_seq, m.read_seq
-                     FROM rooms r LEFT JOIN members m ON m.room_id = r.id AND m.user_id = ?1
-                     WHERE r.private = 0 OR m.user_id IS NOT NULL
-                     ORDER BY r.dm, r.id",
-                )
+                .prepare_cached(&format!(
+                    "SELECT {ROOM_COLUMNS}, mb.read_seq
+                     FROM rooms r LEFT JOIN members mb ON mb.room_id = r.id AND mb.user_id = ?1
+                     WHERE r.private = 0 OR mb.user_id IS NOT NULL
+                     ORDER BY r.dm, r.id"
+                ))
                 .map_err(db_err)?;
             let rows = stmt
                 .query_map([&user_id], |row| {
@@ -1009,8 +1048,11 @@ impl Store for SqliteStore {
     async fn delete_room(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
         self.write(move |conn| {
-            conn.execute("DELETE FROM messages WHERE room_id = ?1", [&id])
-                .map_err(db_err)?;
+            conn.execute(
+                "DELETE FROM messages WHERE room_key = (SELECT key FROM rooms WHERE id = ?1)",
+                [&id],
+            )
+            .map_err(db_err)?;
             let deleted = conn
                 .execute("DELETE FROM rooms WHERE id = ?1", [&id])
                 .map_err(db_err)?;
@@ -1107,7 +1149,9 @@ impl Store for SqliteStore {
         self.write(move |conn| {
             conn.prepare_cached(
                 "UPDATE members
-                 SET read_seq = max(read_seq, min(?3, (SELECT last_seq FROM rooms WHERE id = ?1)))
+                 SET read_seq = max(read_seq, min(?3, coalesce((
+                     SELECT max(seq) FROM messages
+                     WHERE room_key = (SELECT key FROM rooms WHERE id = ?1)), 0)))
                  WHERE room_id = ?1 AND user_id = ?2
                  RETURNING read_seq",
             )
@@ -1217,10 +1261,7 @@ fn read_history(
     room: &str,
     query: HistoryQuery,
 ) -> Result<HistoryPage, StoreError> {
-    let last_seq: u64 = conn
-        .prepare_cached("SELECT last_seq FROM rooms WHERE id = ?1")
-        .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
-        .map_err(db_err)?
+    let (key, last_seq) = select_room_tail(conn, room)?
         .ok_or_else(|| StoreError::NotFound(format!("room {room:?} does not exist")))?;
     let (sql, lower, upper, limit, newest_first) = match query {
         HistoryQuery::Latest { limit } => ("DESC", 0, u64::MAX, limit, true),
@@ -1235,13 +1276,13 @@ fn read_history(
     let lower = i64::try_from(lower).unwrap_or(i64::MAX);
     let mut stmt = conn
         .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages
-             WHERE room_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq {sql} LIMIT ?4"
+            "SELECT {MESSAGE_COLUMNS} FROM rooms r JOIN messages m ON m.room_key = r.key
+             WHERE r.key = ?1 AND m.seq > ?2 AND m.seq < ?3 ORDER BY m.seq {sql} LIMIT ?4"
         ))
         .map_err(db_err)?;
     let rows = stmt
         .query_map(
-            params![room, lower, upper, i64::from(limit) + 1],
+            params![key, lower, upper, i64::from(limit) + 1],
             message_from_row,
         )
         .map_err(db_err)?;
@@ -1293,7 +1334,8 @@ mod tests {
 
     /// Not a check: a W2-shaped workload for `valgrind --tool=callgrind`, whose instruction
     /// counts repeat on this noisy machine. 1,000 rooms of 10 members, 20 commits of 500
-    /// messages from rooms and authors picked at random (`APPEND_COMMITS` of them). See
+    /// messages from rooms and authors picked at random (`APPEND_COMMITS` of them), each
+    /// with a client id as `confab bench` sends. See
     /// BENCHMARKS.md for the command.
     #[tokio::test]
     #[ignore]
@@ -1317,15 +1359,18 @@ mod tests {
         let content = "x".repeat(64);
         // `APPEND_COMMITS=0` measures the setup alone, to subtract.
         let commits = std::env::var("APPEND_COMMITS").map_or(20, |n| n.parse().unwrap());
+        // Client ids shaped like `confab bench`'s: run, connection, then a counter.
+        let mut sent = 0_u64;
         for _ in 0..commits {
             let batch = (0..500)
                 .map(|_| {
                     let (r, m) = (next() % 1000, next() % 10);
+                    sent += 1;
                     message(
                         &format!("room-{r}"),
                         &format!("user-{r}-{m}"),
                         &content,
-                        None,
+                        Some(&format!("7703a351-{}-{sent}", r * 10 + m)),
                     )
                 })
                 .collect();
@@ -1384,6 +1429,7 @@ mod tests {
         let mut cache = TailCache::default();
         cache.check(&conn);
         let learned = CachedRoom {
+            key: 1,
             last_seq: 7,
             members: HashSet::from(["a".to_string()]),
         };
@@ -1650,10 +1696,11 @@ mod tests {
         }
     }
 
-    /// A database created before history became a rowid table keeps its messages, its seqs
-    /// and its retries' originals.
+    /// A database created by the first schema keeps its messages, seqs, members and retries'
+    /// originals through every later migration (history as a rowid table, then filed under
+    /// integer room keys with rebuilt rooms: foreign keys must not cascade into members).
     #[tokio::test]
-    async fn migrating_history_to_a_rowid_table_keeps_everything() {
+    async fn migrations_keep_history_members_and_seqs() {
         let dir = tempfile::tempdir().unwrap();
         {
             let conn = Connection::open(dir.path().join("confab.db")).unwrap();
@@ -1662,13 +1709,28 @@ mod tests {
             conn.execute_batch(
                 "PRAGMA user_version = 1;
                  INSERT INTO rooms (id, name, last_seq, created_at) VALUES ('r', 'r', 2, 0);
-                 INSERT INTO members (room_id, user_id, joined_at) VALUES ('r', 'a', 0);
+                 INSERT INTO members (room_id, user_id, read_seq, joined_at) VALUES ('r', 'a', 1, 0);
+                 INSERT INTO rooms (id, name, private, dm, dm_users, created_at)
+                     VALUES ('dm', 'dm', 1, 1, '[\"a\",\"b\"]', 0);
+                 INSERT INTO members (room_id, user_id, joined_at) VALUES ('dm', 'b', 0);
                  INSERT INTO messages VALUES ('r', 2, 'm2', 'a', 'A', 'two', NULL, 20);
                  INSERT INTO messages VALUES ('r', 1, 'm1', 'a', 'A', 'one', 'c1', 10);",
             )
             .unwrap();
         }
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 2);
+        assert_eq!(store.membership("r", "a").await.unwrap(), Some(1));
+        assert_eq!(store.membership("dm", "b").await.unwrap(), Some(0));
+        let dm = RoomRecord {
+            id: "dm".into(),
+            name: "dm".into(),
+            private: true,
+            owner: None,
+            dm: true,
+            last_seq: 0,
+        };
+        assert_eq!(store.open_dm_room(&dm, "b", "a").await.unwrap(), dm);
         let page = store
             .history("r", HistoryQuery::Latest { limit: 10 })
             .await
@@ -1692,7 +1754,8 @@ mod tests {
         // The (room, seq) index still refuses a second row with a taken seq.
         let conn = Connection::open(dir.path().join("confab.db")).unwrap();
         let clash = conn.execute(
-            "INSERT INTO messages VALUES ('r', 3, 'x', 'b', 'B', 'x', NULL, 0)",
+            "INSERT INTO messages VALUES
+                 ((SELECT key FROM rooms WHERE id = 'r'), 3, 'x', 'b', 'B', 'x', NULL, 0)",
             [],
         );
         assert!(clash.is_err());
