@@ -5,9 +5,22 @@
 //! [`Store::append`] (one commit), and then, in seq order, acks each sender and publishes each
 //! new message once-encoded to the room. Because batches are processed one after another and
 //! the store assigns seqs in batch order, every room's messages are published in seq order.
+//!
+//! A commit has fixed costs (the transaction, the table's tail page in the WAL, two thread
+//! switches to and from the SQLite writer, the wake-ups), so the more messages share one the
+//! better, without making a message wait when nothing else is going on:
+//!
+//! - Before each commit the committer steps aside for the tasks that are ready to run (a few
+//!   scheduler rounds, as long as each brings new messages): sessions whose sockets already
+//!   hold a message submit it and it joins this commit. On an idle server this costs one
+//!   pass of the scheduler; under load it is what groups the messages. (The SQLite writer
+//!   thread helps by not preempting the tasks it is woken by: see `store::sqlite`.)
+//! - Optionally it also *lingers*: once commits carry more than one message, it waits
+//!   `commit_linger_ms` more. That trades latency for fewer commits and is off by default.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use confab_proto::{Ref, ServerEvent};
 use tokio::sync::{mpsc, oneshot};
@@ -57,14 +70,16 @@ pub struct Committer {
 
 impl Committer {
     /// Starts the committer task. It runs until `stop` is cancelled, then stores whatever is
-    /// still queued and ends; the returned future completes at that point.
+    /// still queued and ends; the returned future completes at that point. `linger` is how
+    /// long it waits for more messages before a commit once it is busy (zero: never).
     pub fn start(
         store: Arc<dyn Store>,
         broker: Arc<dyn Broker>,
+        linger: Duration,
         stop: CancellationToken,
     ) -> (Committer, impl Future<Output = ()> + Send + 'static) {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let task = run(receiver, store, broker, stop);
+        let task = run(receiver, store, broker, linger, stop);
         (Committer { queue }, task)
     }
 
@@ -81,9 +96,13 @@ async fn run(
     mut receiver: mpsc::Receiver<Pending>,
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
+    linger: Duration,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    // Whether the last commit carried more than one message: then more are likely on the way
+    // and the next commit waits for them.
+    let mut busy = false;
     loop {
         let received = tokio::select! {
             received = receiver.recv_many(&mut batch, MAX_BATCH) => received,
@@ -92,12 +111,48 @@ async fn run(
         if received == 0 {
             return;
         }
+        gather_ready(&mut receiver, &mut batch).await;
+        if busy && !linger.is_zero() && batch.len() < MAX_BATCH {
+            // Shutdown cuts the wait short; what was taken is still committed.
+            tokio::select! {
+                () = tokio::time::sleep(linger) => {}
+                () = stop.cancelled() => {}
+            }
+            while batch.len() < MAX_BATCH {
+                match receiver.try_recv() {
+                    Ok(pending) => batch.push(pending),
+                    Err(_) => break,
+                }
+            }
+        }
+        busy = batch.len() > 1;
         commit(&mut batch, store.as_ref(), broker.as_ref()).await;
     }
     // Shutting down: refuse new messages, store everything already accepted.
     receiver.close();
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
         commit(&mut batch, store.as_ref(), broker.as_ref()).await;
+    }
+}
+
+/// Scheduler rounds the committer steps aside for, at most, before a commit.
+const GATHER_ROUNDS: usize = 4;
+
+/// Lets the tasks that are ready run first and takes what they submit, for as long as each
+/// round brings something new (at most [`GATHER_ROUNDS`]).
+async fn gather_ready(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+    for _ in 0..GATHER_ROUNDS {
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        while batch.len() < MAX_BATCH {
+            match receiver.try_recv() {
+                Ok(pending) => batch.push(pending),
+                Err(_) => break,
+            }
+        }
+        if batch.len() == before || batch.len() == MAX_BATCH {
+            return;
+        }
     }
 }
 
@@ -238,11 +293,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn one_commit_is_one_queue_entry_per_subscriber_and_per_sender() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap());
+    /// A store with rooms `r1` and `r2`, both with members `ann` and `bob`.
+    async fn store_with_rooms(dir: &std::path::Path) -> Arc<dyn Store> {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(dir, SqliteSync::Normal).unwrap());
         for room in ["r1", "r2"] {
             let record = RoomRecord {
                 id: room.into(),
@@ -257,6 +310,39 @@ mod tests {
                 .await
                 .unwrap();
         }
+        store
+    }
+
+    fn from_ann(ann: &Arc<SessionHandle>, room: &str, n: u32) -> Pending {
+        Pending {
+            message: message(room, "ann", n),
+            reply: Reply::Session {
+                handle: Arc::clone(ann),
+                reference: None,
+            },
+        }
+    }
+
+    /// The seqs of the next chat batch queued for a session, waiting (in real time: the
+    /// SQLite writer is a thread of its own) until one arrives.
+    async fn next_chat(queue: &mut crate::outbound::OutboundReceiver) -> Vec<u64> {
+        for _ in 0..5000 {
+            match queue.try_recv() {
+                Some(Outbound::Chat(batch)) => return batch.frames.iter().map(|f| f.seq).collect(),
+                Some(_) => {}
+                None => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        panic!("no chat batch arrived");
+    }
+
+    #[tokio::test]
+    async fn one_commit_is_one_queue_entry_per_subscriber_and_per_sender() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_rooms(dir.path()).await;
         let hub = Arc::new(Hub::new());
         let (ann, mut ann_queue) = SessionHandle::new(1, user("ann"), 16);
         let (watcher, mut watcher_queue) = SessionHandle::new(2, user("bob"), 16);
@@ -265,21 +351,15 @@ mod tests {
 
         // Queue a burst before the committer starts, so it lands in one commit.
         let stop = CancellationToken::new();
-        let (committer, run) =
-            Committer::start(store, Arc::new(LocalBroker::new(hub)), stop.clone());
+        let (committer, run) = Committer::start(
+            store,
+            Arc::new(LocalBroker::new(hub)),
+            Duration::ZERO,
+            stop.clone(),
+        );
         for n in 0..20 {
             let room = if n % 2 == 0 { "r1" } else { "r2" };
-            let reply = Reply::Session {
-                handle: Arc::clone(&ann),
-                reference: None,
-            };
-            committer
-                .submit(Pending {
-                    message: message(room, "ann", n),
-                    reply,
-                })
-                .await
-                .unwrap();
+            committer.submit(from_ann(&ann, room, n)).await.unwrap();
         }
         let task = tokio::spawn(run);
         stop.cancel();
@@ -303,5 +383,57 @@ mod tests {
             }
         }
         assert!(watcher_queue.try_recv().is_none());
+    }
+
+    /// Before a commit the committer lets ready tasks run and takes what they submit; a lone
+    /// message is committed without waiting; once commits carry several messages, it waits
+    /// `linger` and stores what arrived meanwhile in the same commit. The clock is paused
+    /// and only moves when the test advances it, so a committer that waited for an idle
+    /// message would never deliver it.
+    #[tokio::test(start_paused = true)]
+    async fn the_committer_gathers_ready_messages_and_lingers_only_when_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_rooms(dir.path()).await;
+        let hub = Arc::new(Hub::new());
+        let (ann, _ann_queue) = SessionHandle::new(1, user("ann"), 64);
+        let (watcher, mut watcher_queue) = SessionHandle::new(2, user("bob"), 64);
+        hub.subscribe("r1", &watcher);
+        let stop = CancellationToken::new();
+        let linger = Duration::from_millis(50);
+        let (committer, run) =
+            Committer::start(store, Arc::new(LocalBroker::new(hub)), linger, stop.clone());
+        let task = tokio::spawn(run);
+        // Yields until the committer has taken everything submitted.
+        let taken = async || {
+            while committer.queue.capacity() < QUEUE_DEPTH {
+                tokio::task::yield_now().await;
+            }
+        };
+
+        // Idle: committed without waiting.
+        committer.submit(from_ann(&ann, "r1", 1)).await.unwrap();
+        assert_eq!(next_chat(&mut watcher_queue).await, vec![1]);
+
+        // The committer takes a message and steps aside; this task, ready to run, submits
+        // another, which joins the same commit (and makes the committer busy).
+        committer.submit(from_ann(&ann, "r1", 2)).await.unwrap();
+        taken().await;
+        committer.submit(from_ann(&ann, "r1", 3)).await.unwrap();
+        assert_eq!(next_chat(&mut watcher_queue).await, vec![2, 3]);
+
+        // Busy: the committer takes the next message, gathers nothing more and waits; one
+        // sent 10 ms later joins its commit.
+        committer.submit(from_ann(&ann, "r1", 4)).await.unwrap();
+        taken().await;
+        for _ in 0..4 * GATHER_ROUNDS {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        committer.submit(from_ann(&ann, "r1", 5)).await.unwrap();
+        tokio::time::advance(linger).await;
+        assert_eq!(next_chat(&mut watcher_queue).await, vec![4, 5]);
+
+        stop.cancel();
+        task.await.unwrap();
     }
 }

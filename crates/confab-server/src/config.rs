@@ -79,6 +79,11 @@ pub struct Config {
     /// SQLite `synchronous` mode: `normal` survives a process crash (the default), `full` also
     /// survives power loss at some cost in commit latency.
     pub sqlite_synchronous: SqliteSync,
+    /// Once commits carry more than one message, how long the committer waits for more before
+    /// each commit, in milliseconds (0, the default: never). Fewer, larger commits for that
+    /// much latency, and more: W2 spent 13 % less CPU with 1 ms, and its median latency went
+    /// from 0.9 to 5 ms. A lone message never waits.
+    pub commit_linger_ms: u64,
     /// Longest time graceful shutdown may take before the process exits anyway, in
     /// milliseconds.
     pub shutdown_timeout_ms: u64,
@@ -123,6 +128,7 @@ impl Default for Config {
             join_members: 50,
             max_history_page: 500,
             sqlite_synchronous: SqliteSync::Normal,
+            commit_linger_ms: 0,
             shutdown_timeout_ms: 10_000,
         }
     }
@@ -192,6 +198,11 @@ impl Config {
             return Err(ConfigError("outbound_queue must be at least 8".into()));
         }
         Ok(())
+    }
+
+    /// `commit_linger_ms` as a duration.
+    pub fn commit_linger(&self) -> Duration {
+        Duration::from_millis(self.commit_linger_ms)
     }
 
     /// `heartbeat_interval_ms` as a duration.

@@ -121,8 +121,12 @@ impl Server {
         let hub = Arc::new(Hub::new());
         let broker = Arc::new(LocalBroker::new(Arc::clone(&hub)));
         let committer_stop = CancellationToken::new();
-        let (committer, committer_run) =
-            Committer::start(store.clone(), broker.clone(), committer_stop.clone());
+        let (committer, committer_run) = Committer::start(
+            store.clone(),
+            broker.clone(),
+            config.commit_linger(),
+            committer_stop.clone(),
+        );
         let committer_task = tokio::spawn(committer_run);
         let node = Node::start(
             Arc::clone(&config),
