@@ -1797,6 +1797,32 @@ mod tests {
         assert!(clash.is_err());
     }
 
+    /// The writer thread runs `SCHED_BATCH` (see `wake_without_preempting`). Other tests'
+    /// stores have writers too, and one may not have started yet: ours, which has answered a
+    /// write, must be among those that are.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_writer_thread_does_not_preempt_its_waker() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store.ensure_user(&user("a")).await.unwrap();
+        let policies: Vec<i32> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                // Thread names are cut to 15 bytes.
+                let name = std::fs::read_to_string(path.join("comm")).ok()?;
+                if name.trim_end() != "confab-sqlite-w" {
+                    return None;
+                }
+                // The policy is field 41 of stat(5), the 39th after the command name.
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                stat.rsplit_once(") ")?.1.split(' ').nth(38)?.parse().ok()
+            })
+            .collect();
+        assert!(policies.contains(&libc::SCHED_BATCH), "{policies:?}");
+    }
+
     #[tokio::test]
     async fn data_survives_reopen_and_read_never_goes_back() {
         let dir = tempfile::tempdir().unwrap();
