@@ -118,12 +118,7 @@ async fn run(
                 () = tokio::time::sleep(linger) => {}
                 () = stop.cancelled() => {}
             }
-            while batch.len() < MAX_BATCH {
-                match receiver.try_recv() {
-                    Ok(pending) => batch.push(pending),
-                    Err(_) => break,
-                }
-            }
+            take_queued(&mut receiver, &mut batch);
         }
         busy = batch.len() > 1;
         commit(&mut batch, store.as_ref(), broker.as_ref()).await;
@@ -142,18 +137,26 @@ const GATHER_ROUNDS: usize = 4;
 /// round brings something new (at most [`GATHER_ROUNDS`]).
 async fn gather_ready(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
     for _ in 0..GATHER_ROUNDS {
-        tokio::task::yield_now().await;
-        let before = batch.len();
-        while batch.len() < MAX_BATCH {
-            match receiver.try_recv() {
-                Ok(pending) => batch.push(pending),
-                Err(_) => break,
-            }
+        if batch.len() == MAX_BATCH {
+            return;
         }
-        if batch.len() == before || batch.len() == MAX_BATCH {
+        tokio::task::yield_now().await;
+        if take_queued(receiver, batch) == 0 {
             return;
         }
     }
+}
+
+/// Moves what is queued into `batch`, up to [`MAX_BATCH`], without waiting; returns how many.
+fn take_queued(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) -> usize {
+    let before = batch.len();
+    while batch.len() < MAX_BATCH {
+        match receiver.try_recv() {
+            Ok(pending) => batch.push(pending),
+            Err(_) => break,
+        }
+    }
+    batch.len() - before
 }
 
 async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker) {
