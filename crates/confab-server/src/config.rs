@@ -269,6 +269,7 @@ mod tests {
                 "addr = \"127.0.0.1:9000\"\nmessage_rate = 3\nallowed_origins = [\"https://a.example\"]\n",
             )?;
             jail.set_env("CONFAB_MESSAGE_RATE", "4");
+            jail.set_env("CONFAB_COMMIT_LINGER_MS", "1");
             jail.set_env(
                 "CONFAB_ALLOWED_ORIGINS",
                 "https://b.example, https://c.example",
@@ -290,6 +291,8 @@ mod tests {
             );
             assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
             assert_eq!(config.message_burst, 20);
+            assert_eq!(config.commit_linger(), Duration::from_millis(1));
+            assert_eq!(Config::default().commit_linger(), Duration::ZERO);
             Ok(())
         });
     }
