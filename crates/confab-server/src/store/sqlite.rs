@@ -60,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_init.sql"),
     include_str!("../../migrations/sqlite/0002_messages_rowid.sql"),
     include_str!("../../migrations/sqlite/0003_room_keys.sql"),
+    include_str!("../../migrations/sqlite/0004_member_names.sql"),
 ];
 
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
@@ -652,7 +653,8 @@ fn insert_room(
 fn add_member_row(conn: &Connection, room: &str, user_id: &str) -> Result<bool, StoreError> {
     let inserted = conn
         .prepare_cached(
-            "INSERT INTO members (room_id, user_id, read_seq, joined_at) VALUES (?1, ?2, 0, ?3)
+            "INSERT INTO members (room_id, user_id, user_name, read_seq, joined_at)
+             VALUES (?1, ?2, (SELECT name FROM users WHERE id = ?2), 0, ?3)
              ON CONFLICT (room_id, user_id) DO NOTHING",
         )
         .and_then(|mut stmt| stmt.execute(params![room, user_id, now_ms()]))
@@ -965,13 +967,23 @@ impl Store for SqliteStore {
     async fn ensure_user(&self, user: &UserRef) -> Result<(), StoreError> {
         let user = user.clone();
         self.write(move |conn| {
-            conn.prepare_cached(
+            let changed = conn.prepare_cached(
                 "INSERT INTO users (id, name, password_hash, created_at) VALUES (?1, ?2, NULL, ?3)
                  ON CONFLICT (id) DO UPDATE SET name = excluded.name
                  WHERE users.password_hash IS NULL AND users.name <> excluded.name",
             )
             .and_then(|mut stmt| stmt.execute(params![user.id, user.name, now_ms()]))
             .map_err(db_err)?;
+            if changed > 0 {
+                // A new user (who may already be a member, added by id) or a new name: the
+                // member lists' copy follows.
+                conn.prepare_cached(
+                    "UPDATE members SET user_name = (SELECT name FROM users WHERE id = ?1)
+                     WHERE user_id = ?1",
+                )
+                .and_then(|mut stmt| stmt.execute([&user.id]))
+                .map_err(db_err)?;
+            }
             Ok(())
         })
         .await
@@ -1273,7 +1285,9 @@ fn select_membership(
         .map_err(db_err)
 }
 
-/// Members sorted by name then id; `limit` None means all of them.
+/// Members sorted by name then id; `limit` None means all of them. A range of the
+/// `members_by_name` index: only the rows listed are read. Members whose user has no users row
+/// yet have no name and are not listed (they are counted).
 fn select_members(
     conn: &Connection,
     room: &str,
@@ -1281,8 +1295,8 @@ fn select_members(
 ) -> Result<Vec<RoomMember>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT u.id, u.name, m.read_seq FROM members m JOIN users u ON u.id = m.user_id
-             WHERE m.room_id = ?1 ORDER BY u.name, u.id LIMIT ?2",
+            "SELECT user_id, user_name, read_seq FROM members
+             WHERE room_id = ?1 AND user_name IS NOT NULL ORDER BY user_name, user_id LIMIT ?2",
         )
         .map_err(db_err)?;
     let limit = limit.map_or(-1, i64::from);
@@ -1761,6 +1775,7 @@ mod tests {
             conn.execute_batch(
                 "PRAGMA user_version = 1;
                  INSERT INTO rooms (id, name, last_seq, created_at) VALUES ('r', 'r', 2, 0);
+                 INSERT INTO users (id, name, created_at) VALUES ('a', 'Ann', 0);
                  INSERT INTO members (room_id, user_id, read_seq, joined_at) VALUES ('r', 'a', 1, 0);
                  INSERT INTO rooms (id, name, private, dm, dm_users, created_at)
                      VALUES ('dm', 'dm', 1, 1, '[\"a\",\"b\"]', 0);
@@ -1774,6 +1789,14 @@ mod tests {
         assert_eq!(store.room("r").await.unwrap().unwrap().last_seq, 2);
         assert_eq!(store.membership("r", "a").await.unwrap(), Some(1));
         assert_eq!(store.membership("dm", "b").await.unwrap(), Some(0));
+        let ann = RoomMember {
+            user: UserRef {
+                id: "a".into(),
+                name: "Ann".into(),
+            },
+            read_seq: 1,
+        };
+        assert_eq!(store.members("r").await.unwrap(), vec![ann]);
         let dm = RoomRecord {
             id: "dm".into(),
             name: "dm".into(),
@@ -1849,6 +1872,46 @@ mod tests {
                 stat.rsplit_once(") ")?.1.split(' ').nth(38)?.parse().ok()
             })
             .collect()
+    }
+
+    /// Member lists come by name from the index, follow renames, and list a member added by
+    /// id once their user exists.
+    #[tokio::test]
+    async fn member_lists_follow_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        let named = |id: &str, name: &str| UserRef {
+            id: id.into(),
+            name: name.into(),
+        };
+        store.ensure_user(&named("b", "zed")).await.unwrap();
+        store.ensure_user(&named("c", "amy")).await.unwrap();
+        store
+            .create_room(&room("r"), &["a".into(), "b".into(), "c".into()])
+            .await
+            .unwrap();
+        let names = async |limit: u32| -> Vec<String> {
+            store
+                .join_snapshot("r", "c", HistoryQuery::Latest { limit: 1 }, limit)
+                .await
+                .unwrap()
+                .members
+                .into_iter()
+                .map(|m| m.user.name)
+                .collect()
+        };
+        // "a" has no user yet: counted, not listed.
+        assert_eq!(names(50).await, vec!["amy", "zed"]);
+        let snapshot = store
+            .join_snapshot("r", "c", HistoryQuery::Latest { limit: 1 }, 50)
+            .await
+            .unwrap();
+        assert_eq!(snapshot.member_count, 3);
+        store.ensure_user(&named("a", "mid")).await.unwrap();
+        assert_eq!(names(50).await, vec!["amy", "mid", "zed"]);
+        store.ensure_user(&named("b", "adam")).await.unwrap();
+        assert_eq!(names(50).await, vec!["adam", "amy", "mid"]);
+        assert_eq!(names(2).await, vec!["adam", "amy"]);
     }
 
     #[tokio::test]
