@@ -599,10 +599,16 @@ fn room_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RoomRecord> {
     })
 }
 
-/// A room's columns, from `rooms r`. Its last seq is not stored in the row: it is the last
-/// entry of the room's part of the `(room_key, seq)` index, one seek away.
-const ROOM_COLUMNS: &str = "r.id, r.name, r.private, r.owner, r.dm,
-     coalesce((SELECT max(m.seq) FROM messages m WHERE m.room_key = r.key), 0)";
+/// The last seq of the room `rooms r`. It is not stored in the row: it is the last entry of
+/// the room's part of the `(room_key, seq)` index, one seek away.
+macro_rules! room_last_seq {
+    () => {
+        "coalesce((SELECT max(m.seq) FROM messages m WHERE m.room_key = r.key), 0)"
+    };
+}
+
+/// A room's columns, from `rooms r`.
+const ROOM_COLUMNS: &str = concat!("r.id, r.name, r.private, r.owner, r.dm, ", room_last_seq!());
 
 fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
     Ok(ChatMessage {
@@ -766,8 +772,9 @@ struct RoomTail {
 
 /// Appends a batch inside the writer's transaction: each room's key and last seq are read
 /// once (the last seq is the index's, so there is nothing to write back), and each (room,
-/// author) membership is looked up once, instead of three statements per message. Seqs are handed out in batch order and only to rows that were
-/// inserted, so a failed or duplicate message leaves no gap. The outer error means the batch
+/// author) membership is looked up once, instead of three statements per message. Seqs are
+/// handed out in batch order and only to rows that were inserted, so a failed or duplicate
+/// message leaves no gap. The outer error means the batch
 /// must be rolled back (some of its rows may be written).
 fn append_batch(
     conn: &Connection,
@@ -894,10 +901,11 @@ fn append_batch(
 
 /// A room's key and last seq; `None` if it does not exist.
 fn select_room_tail(conn: &Connection, room: &str) -> Result<Option<(i64, u64)>, StoreError> {
-    conn.prepare_cached(
-        "SELECT r.key, coalesce((SELECT max(m.seq) FROM messages m WHERE m.room_key = r.key), 0)
-         FROM rooms r WHERE r.id = ?1",
-    )
+    conn.prepare_cached(concat!(
+        "SELECT r.key, ",
+        room_last_seq!(),
+        " FROM rooms r WHERE r.id = ?1"
+    ))
     .and_then(|mut stmt| {
         stmt.query_row([room], |row| Ok((row.get(0)?, row.get(1)?)))
             .optional()
@@ -977,12 +985,9 @@ impl Store for SqliteStore {
             if changed > 0 {
                 // A new user (who may already be a member, added by id) or a new name: the
                 // member lists' copy follows.
-                conn.prepare_cached(
-                    "UPDATE members SET user_name = (SELECT name FROM users WHERE id = ?1)
-                     WHERE user_id = ?1",
-                )
-                .and_then(|mut stmt| stmt.execute([&user.id]))
-                .map_err(db_err)?;
+                conn.prepare_cached("UPDATE members SET user_name = ?2 WHERE user_id = ?1")
+                    .and_then(|mut stmt| stmt.execute([&user.id, &user.name]))
+                    .map_err(db_err)?;
             }
             Ok(())
         })
@@ -1209,14 +1214,13 @@ impl Store for SqliteStore {
         let room = room.to_string();
         let user_id = user_id.to_string();
         self.write(move |conn| {
-            conn.prepare_cached(
-                "UPDATE members
-                 SET read_seq = max(read_seq, min(?3, coalesce((
-                     SELECT max(seq) FROM messages
-                     WHERE room_key = (SELECT key FROM rooms WHERE id = ?1)), 0)))
+            conn.prepare_cached(concat!(
+                "UPDATE members SET read_seq = max(read_seq, min(?3, (SELECT ",
+                room_last_seq!(),
+                " FROM rooms r WHERE r.id = ?1)))
                  WHERE room_id = ?1 AND user_id = ?2
-                 RETURNING read_seq",
-            )
+                 RETURNING read_seq"
+            ))
             .and_then(|mut stmt| {
                 stmt.query_row(params![room, user_id, seq], |row| row.get(0))
                     .optional()
@@ -1397,10 +1401,10 @@ mod tests {
     }
 
     /// Not a check: a W2-shaped workload for `valgrind --tool=callgrind`, whose instruction
-    /// counts repeat on this noisy machine. 1,000 rooms of 10 members, 20 commits of 500
-    /// messages from rooms and authors picked at random (`APPEND_COMMITS` of them), each
-    /// with a client id as `confab bench` sends. See
-    /// BENCHMARKS.md for the command.
+    /// counts repeat on this noisy machine. 1,000 rooms of 10 members, then commits of
+    /// messages from rooms and authors picked at random, each with a client id as
+    /// `confab bench` sends (20 commits of 500 unless `APPEND_COMMITS` and `APPEND_BATCH`
+    /// say otherwise). See BENCHMARKS.md for the command.
     #[tokio::test]
     #[ignore]
     async fn append_w2_shaped() {
