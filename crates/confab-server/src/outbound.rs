@@ -932,12 +932,8 @@ mod tests {
         let (socket, mut client, handle, mut rx) = attached(1024).await;
         // The client reads nothing yet: 40 frames of 64 KiB overflow the (shrunk) socket
         // buffers, so a direct write stops part-way and the rest queues behind it.
-        socket2::SockRef::from(&*socket)
-            .set_send_buffer_size(32 * 1024)
-            .unwrap();
-        socket2::SockRef::from(&client)
-            .set_recv_buffer_size(32 * 1024)
-            .unwrap();
+        rustix::net::sockopt::set_socket_send_buffer_size(&*socket, 32 * 1024).unwrap();
+        rustix::net::sockopt::set_socket_recv_buffer_size(&client, 32 * 1024).unwrap();
         let big = |n: usize| format!("{n:04}{}", "x".repeat(64 * 1024));
         for n in 0..40 {
             assert!(handle.push(&text(&big(n)), Priority::Reliable));

@@ -20,7 +20,6 @@
 //! frames, valid UTF-8, a size limit).
 
 use std::io::{self, IoSlice};
-use std::net::Shutdown;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -395,7 +394,7 @@ pub(crate) async fn finish_write(
 
 /// Ends the TCP connection's sending side (after our close frame).
 pub(crate) fn shutdown(stream: &TcpStream) {
-    let _ = socket2::SockRef::from(stream).shutdown(Shutdown::Write);
+    let _ = rustix::net::shutdown(stream, rustix::net::Shutdown::Write);
 }
 
 /// The fixed part of a client frame.
