@@ -168,6 +168,28 @@ pub async fn assert_silent(conn: &mut Connection, millis: u64) {
     }
 }
 
+/// Asserts that nothing arrives on `conn` for `millis` but events `expected` accepts (one
+/// whose timing the test cannot pin down, say).
+pub async fn assert_silent_except(
+    conn: &mut Connection,
+    millis: u64,
+    expected: impl Fn(&ServerEvent) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(millis);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match conn
+            .next_event_within(left)
+            .await
+            .expect("connection alive")
+        {
+            None => return,
+            Some(event) if expected(&event) => {}
+            Some(event) => panic!("expected silence, got {event:?}"),
+        }
+    }
+}
+
 /// Waits for the next event of a given `type` tag, skipping others.
 pub async fn next_of_type(conn: &mut Connection, kind: &str) -> ServerEvent {
     let kind = kind.to_string();
