@@ -117,7 +117,12 @@ async fn retried_client_ids_are_stored_once() {
     let again = ann.say("r", "only once", Some("retry-1")).await.unwrap();
     assert_eq!(first, again);
     assert_eq!(bob.next_message().await.unwrap().seq, 1);
-    assert_silent(&mut bob, 300).await;
+    // Only presence may still arrive: whether the announcer looked up ann's and bob's rooms
+    // before or after they joined is a matter of timing.
+    assert_silent_except(&mut bob, 300, |event| {
+        matches!(event, ServerEvent::Presence { .. })
+    })
+    .await;
 
     // The same key over REST acks the original too (200, not 201).
     let (status, message) = server
