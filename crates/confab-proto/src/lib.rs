@@ -316,6 +316,9 @@ pub enum ServerEvent {
         room: String,
         /// Who.
         user: UserRef,
+        /// Their aggregate status as the notice was sent: a user who just came online is
+        /// announced to the rooms they join by this notice alone, not by a `presence` as well.
+        status: PresenceStatus,
     },
     /// Broadcast: a user's last session left the room (or stayed away past the grace period).
     UserLeft {

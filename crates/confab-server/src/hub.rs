@@ -206,6 +206,31 @@ impl Hub {
         }
     }
 
+    /// Whether the user has a session subscribed to the room.
+    fn has_sessions(&self, room: &str, user_id: &str) -> bool {
+        self.shard(room)
+            .get(room)
+            .and_then(|r| r.users.get(user_id))
+            .is_some_and(|u| u.sessions > 0)
+    }
+
+    /// Who to tell about a user's new status, as a snapshot of each room's subscribers, given
+    /// the rooms the user belongs to. For a user who just came online, rooms they already have a
+    /// session in are left out: `user_joined` told those, with the status.
+    pub fn presence_audience(
+        &self,
+        rooms: &[String],
+        user_id: &str,
+        came_online: bool,
+    ) -> Vec<Arc<[Arc<SessionHandle>]>> {
+        rooms
+            .iter()
+            .filter(|room| !(came_online && self.has_sessions(room, user_id)))
+            .map(|room| self.subscribers(room))
+            .filter(|subscribers| !subscribers.is_empty())
+            .collect()
+    }
+
     /// A snapshot of a room's subscribers (empty if none).
     pub fn subscribers(&self, room: &str) -> Arc<[Arc<SessionHandle>]> {
         self.shard(room)
@@ -302,10 +327,36 @@ mod tests {
             "re-subscribing is a no-op"
         );
         assert_eq!(hub.subscribers("r").len(), 2);
+        assert!(hub.has_sessions("r", "ann"));
         assert!(!hub.unsubscribe("r", 1, "ann", Departure::Leave));
+        assert!(hub.has_sessions("r", "ann"));
         assert!(hub.unsubscribe("r", 2, "ann", Departure::Leave));
+        assert!(!hub.has_sessions("r", "ann"));
         assert!(hub.subscribers("r").is_empty());
         assert!(!hub.unsubscribe("r", 2, "ann", Departure::Leave));
+    }
+
+    #[test]
+    fn a_user_coming_online_is_not_announced_where_user_joined_told_it() {
+        let hub = Hub::new();
+        let (ann, bob) = (session(1, "ann"), session(2, "bob"));
+        hub.subscribe("r", &ann);
+        hub.subscribe("q", &ann);
+        hub.subscribe("r", &bob);
+        let rooms = ["r".to_string(), "q".to_string(), "empty".to_string()];
+        let ids = |audience: Vec<Arc<[Arc<SessionHandle>]>>| -> Vec<Vec<SessionId>> {
+            audience
+                .iter()
+                .map(|room| room.iter().map(|s| s.id).collect())
+                .collect()
+        };
+        // Bob came online and is already in r: only q hears it from presence.
+        assert_eq!(ids(hub.presence_audience(&rooms, "bob", true)), [vec![1]]);
+        // Any other change of his goes to every room he belongs to.
+        assert_eq!(
+            ids(hub.presence_audience(&rooms, "bob", false)),
+            [vec![1, 2], vec![1]]
+        );
     }
 
     #[test]

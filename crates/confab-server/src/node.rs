@@ -29,7 +29,7 @@ use crate::error::ChatError;
 use crate::heartbeat::{self, Signal};
 use crate::hub::{Departure, Hub};
 use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, encode};
-use crate::presence::{AfterDisconnect, Presence, TooManyConnections};
+use crate::presence::{AfterDisconnect, Presence, StatusChange, TooManyConnections};
 use crate::store::{
     Appended, HistoryPage, HistoryQuery, NewMessage, RoomMember, RoomRecord, Store, StoreError,
     now_ms,
@@ -74,7 +74,7 @@ pub struct Node {
     /// costs no write. Bounded: cleared when it reaches [`KNOWN_USERS_CAP`].
     known_users: Mutex<HashMap<String, String>>,
     /// Presence changes waiting for the announcer task.
-    presence_changes: mpsc::UnboundedSender<(UserRef, PresenceStatus)>,
+    presence_changes: mpsc::UnboundedSender<(UserRef, StatusChange)>,
     /// REST message sends, per user.
     rest_messages: DefaultKeyedRateLimiter<String>,
     /// Register and login attempts, per client address (password guessing, hashing floods).
@@ -645,8 +645,8 @@ impl Node {
         if self.shutdown.is_cancelled() {
             handle.raise(Signal::Shutdown);
         }
-        if let Some(status) = change {
-            self.announce_presence(handle.user.clone(), status);
+        if let Some(change) = change {
+            self.announce_presence(handle.user.clone(), change);
         }
         Ok(())
     }
@@ -654,7 +654,7 @@ impl Node {
     /// Sets a session's own status.
     pub fn set_status(&self, handle: &SessionHandle, status: SettableStatus) {
         if let Some(status) = self.presence.set_status(handle.id, &handle.user.id, status) {
-            self.announce_presence(handle.user.clone(), status);
+            self.announce_presence(handle.user.clone(), StatusChange::to(status));
         }
     }
 
@@ -673,7 +673,7 @@ impl Node {
         let offline_pending = match self.presence.disconnect(handle.id, &user.id, departure) {
             AfterDisconnect::GracePeriod => true,
             AfterDisconnect::Changed(status) => {
-                self.announce_presence(user.clone(), status);
+                self.announce_presence(user.clone(), StatusChange::to(status));
                 false
             }
             AfterDisconnect::Unchanged => false,
@@ -696,16 +696,18 @@ impl Node {
             }
             if offline_pending && let Some(user) = node.presence.grace_expired(&user.id, departure)
             {
-                node.announce_presence(user, PresenceStatus::Offline);
+                node.announce_presence(user, StatusChange::to(PresenceStatus::Offline));
             }
         });
     }
 
-    /// Tells a room that a user's first session arrived.
+    /// Tells a room that a user's first session arrived, and their status: for a user who
+    /// just came online, this is how the room learns it (see [`StatusChange::came_online`]).
     pub fn announce_user_joined(&self, room: &str, user: &UserRef, session: SessionId) {
         let event = ServerEvent::UserJoined {
             room: room.to_string(),
             user: user.clone(),
+            status: self.presence.status(&user.id),
         };
         self.publish(room, &event, Priority::Reliable, Some(session));
     }
@@ -721,18 +723,19 @@ impl Node {
 
     /// Sends a user's new status to every session subscribed to a room the user belongs to
     /// (once per session, however many rooms they share).
-    fn announce_presence(&self, user: UserRef, status: PresenceStatus) {
+    fn announce_presence(&self, user: UserRef, change: StatusChange) {
         // One announcer task, fed in order: two changes in quick succession (online, then
         // away) can never reach observers in the opposite order.
-        let _ = self.presence_changes.send((user, status));
+        let _ = self.presence_changes.send((user, change));
     }
 
     /// Runs until shutdown, announcing presence changes one after another: each goes to every
     /// session subscribed to a room the user belongs to (once per session, however many rooms
-    /// they share).
+    /// they share), except, for a user who just came online, rooms they already have a session
+    /// in: those had `user_joined`, with the status.
     pub async fn run_presence_announcer(
         self: Arc<Self>,
-        mut changes: mpsc::UnboundedReceiver<(UserRef, PresenceStatus)>,
+        mut changes: mpsc::UnboundedReceiver<(UserRef, StatusChange)>,
     ) {
         let mut batch = Vec::new();
         loop {
@@ -756,11 +759,24 @@ impl Node {
             // entry: a burst of connects must not fill every observer's queue with presence.
             let mut per_session: HashMap<SessionId, (Arc<SessionHandle>, Vec<Utf8Bytes>)> =
                 HashMap::new();
-            for ((user, status), rooms) in batch.drain(..).zip(rooms) {
-                let frame = encode(&ServerEvent::Presence { user, status });
+            for ((user, change), rooms) in batch.drain(..).zip(rooms) {
+                // A room the user is joining may still get this, if the announcer looks
+                // before the join subscribes: then `user_joined` follows with the same status,
+                // or a newer one whose change follows too, so observers end on the current
+                // status either way.
+                let audience = self
+                    .hub
+                    .presence_audience(&rooms, &user.id, change.came_online);
+                if audience.is_empty() {
+                    continue;
+                }
+                let frame = encode(&ServerEvent::Presence {
+                    user,
+                    status: change.status,
+                });
                 let mut told = HashSet::new();
-                for room in rooms {
-                    for session in self.hub.subscribers(&room).iter() {
+                for room_subscribers in audience {
+                    for session in room_subscribers.iter() {
                         if told.insert(session.id) {
                             per_session
                                 .entry(session.id)

@@ -49,6 +49,27 @@ pub enum AfterDisconnect {
     GracePeriod,
 }
 
+/// A change of a user's aggregate status, for the caller to announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusChange {
+    /// The new aggregate.
+    pub status: PresenceStatus,
+    /// The user had been offline. Rooms where they already have a session by the time this is
+    /// announced were told by `user_joined`, which carries the status: a `presence` there as
+    /// well would only repeat it, to every subscriber.
+    pub came_online: bool,
+}
+
+impl StatusChange {
+    /// A change between connected statuses, or to offline.
+    pub fn to(status: PresenceStatus) -> StatusChange {
+        StatusChange {
+            status,
+            came_online: false,
+        }
+    }
+}
+
 /// Too many concurrent connections for one user.
 #[derive(Debug, thiserror::Error)]
 #[error("user already has {0} connections")]
@@ -75,12 +96,12 @@ fn aggregate(sessions: &[Device]) -> Option<PresenceStatus> {
 }
 
 impl Presence {
-    /// Registers a new session. Returns the status to announce if the aggregate changed.
+    /// Registers a new session. Returns the change to announce if the aggregate changed.
     pub fn connect(
         &self,
         session: &Arc<SessionHandle>,
         max_sessions: usize,
-    ) -> Result<Option<PresenceStatus>, TooManyConnections> {
+    ) -> Result<Option<StatusChange>, TooManyConnections> {
         let user = &session.user;
         let mut users = self.users.lock().expect("presence lock");
         let state = users.entry(user.id.clone()).or_insert_with(|| {
@@ -103,7 +124,11 @@ impl Presence {
             handle: Arc::downgrade(session),
         });
         state.departing = None;
-        Ok(Self::update(state))
+        let came_online = state.announced == PresenceStatus::Offline;
+        Ok(Self::update(state).map(|status| StatusChange {
+            status,
+            came_online,
+        }))
     }
 
     /// Removes a session and says what follows for the user's status.
@@ -248,7 +273,10 @@ mod tests {
         let presence = Presence::default();
         assert_eq!(
             presence.connect(&device(1), 5).unwrap(),
-            Some(PresenceStatus::Online)
+            Some(StatusChange {
+                status: PresenceStatus::Online,
+                came_online: true
+            })
         );
         assert_eq!(presence.connect(&device(2), 5).unwrap(), None);
         assert_eq!(presence.set_status(1, "ann", SettableStatus::Away), None);
@@ -285,6 +313,28 @@ mod tests {
         assert_eq!(presence.connect(&device(2), 5).unwrap(), None);
         assert!(presence.grace_expired("ann", 7).is_none());
         assert_eq!(presence.status("ann"), PresenceStatus::Online);
+    }
+
+    #[test]
+    fn only_a_return_from_offline_is_coming_online() {
+        let presence = Presence::default();
+        presence.connect(&device(1), 5).unwrap();
+        presence.set_status(1, "ann", SettableStatus::Away);
+        // A new device of an away user makes them online, but they were connected all along.
+        assert_eq!(
+            presence.connect(&device(2), 5).unwrap(),
+            Some(StatusChange::to(PresenceStatus::Online))
+        );
+        presence.disconnect(1, "ann", 4);
+        presence.disconnect(2, "ann", 5);
+        presence.grace_expired("ann", 5);
+        assert_eq!(
+            presence.connect(&device(3), 5).unwrap(),
+            Some(StatusChange {
+                status: PresenceStatus::Online,
+                came_online: true
+            })
+        );
     }
 
     #[test]

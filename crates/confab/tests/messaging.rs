@@ -15,8 +15,11 @@ async fn two_users_chat_and_an_outsider_sees_nothing() {
     let joined = bob.join("lobby", None).await.unwrap();
     assert!(joined.members.iter().any(|m| m.id == "id-ann" && m.online));
     match next_of_type(&mut ann, "user_joined").await {
-        ServerEvent::UserJoined { room, user } => {
-            assert_eq!((room.as_str(), user), ("lobby", user_ref("bob")));
+        ServerEvent::UserJoined { room, user, status } => {
+            assert_eq!(
+                (room.as_str(), user, status),
+                ("lobby", user_ref("bob"), PresenceStatus::Online)
+            );
         }
         other => panic!("{other:?}"),
     }

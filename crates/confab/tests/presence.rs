@@ -25,7 +25,7 @@ async fn next_presence(conn: &mut confab_client::Connection) -> (String, Presenc
 /// The next `user_joined` (room, user id), skipping other events.
 async fn next_user_joined(conn: &mut confab_client::Connection) -> (String, String) {
     let pick = |e: &ServerEvent| match e {
-        ServerEvent::UserJoined { room, user } => Some((room.clone(), user.id.clone())),
+        ServerEvent::UserJoined { room, user, .. } => Some((room.clone(), user.id.clone())),
         _ => None,
     };
     within(5, conn.wait_for(pick)).await.unwrap()
@@ -47,7 +47,7 @@ async fn next_notices(conn: &mut confab_client::Connection, n: usize) -> Vec<Str
         ServerEvent::Presence { .. } => {
             presence_of(e).map(|(id, status)| format!("presence {id} {status:?}"))
         }
-        ServerEvent::UserJoined { room, user } => Some(format!("joined {room} {}", user.id)),
+        ServerEvent::UserJoined { room, user, .. } => Some(format!("joined {room} {}", user.id)),
         ServerEvent::UserLeft { room, user } => Some(format!("left {room} {}", user.id)),
         _ => None,
     };
@@ -130,13 +130,18 @@ async fn a_quick_reconnect_does_not_flicker() {
     let server = TestServer::start_with(|c| c.presence_grace_ms = 1_000).await;
     let mut watcher = server.connect("watcher").await;
     watcher.join("r", None).await.unwrap();
-    // Ann is a member before she connects, so her coming online is always announced to r.
+    // Ann is a member before she connects, and not subscribed yet: her coming online is
+    // announced to r.
     server.user("ann").join_room("r").await.unwrap();
     let mut ann = server.connect("ann").await;
+    assert_eq!(
+        next_presence(&mut watcher).await,
+        ("id-ann".into(), PresenceStatus::Online)
+    );
     ann.join("r", None).await.unwrap();
     assert_eq!(
-        next_notices(&mut watcher, 2).await,
-        ["joined r id-ann", "presence id-ann Online"]
+        next_user_joined(&mut watcher).await,
+        ("r".into(), "id-ann".into())
     );
 
     ann.abort();
@@ -151,6 +156,28 @@ async fn a_quick_reconnect_does_not_flicker() {
         next_notices(&mut watcher, 2).await,
         ["left r id-ann", "presence id-ann Offline"]
     );
+}
+
+#[tokio::test]
+async fn user_joined_carries_the_status() {
+    let server = TestServer::start().await;
+    let mut watcher = server.connect("watcher").await;
+    watcher.join("r", None).await.unwrap();
+    let pick = |e: &ServerEvent| match e {
+        ServerEvent::UserJoined { user, status, .. } => Some((user.id.clone(), *status)),
+        _ => None,
+    };
+    let mut ann = server.connect("ann").await;
+    ann.join("r", None).await.unwrap();
+    let joined = within(5, watcher.wait_for(pick)).await.unwrap();
+    assert_eq!(joined, ("id-ann".into(), PresenceStatus::Online));
+
+    // Bob is away before he joins: the room learns that, not "online".
+    let mut bob = server.connect("bob").await;
+    bob.set_status(SettableStatus::Away).await.unwrap();
+    bob.join("r", None).await.unwrap();
+    let joined = within(5, watcher.wait_for(pick)).await.unwrap();
+    assert_eq!(joined, ("id-bob".into(), PresenceStatus::Away));
 }
 
 #[tokio::test]

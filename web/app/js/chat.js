@@ -410,7 +410,7 @@ export class Chat {
     if (!room) return;
     if (e.type === "user_joined") {
       if (!room.members.has(e.user.id)) room.members.set(e.user.id, { id: e.user.id, name: e.user.name, readSeq: 0 });
-      if ((this.presence.get(e.user.id) ?? "offline") === "offline") this.presence.set(e.user.id, "online");
+      this.presence.set(e.user.id, e.status);
     } else {
       room.typing.delete(e.user.id);
     }
