@@ -186,8 +186,19 @@ impl WebSocket {
             if reader.read.capacity() - reader.read.len() < READ_CHUNK / 2 {
                 reader.read.reserve(READ_CHUNK);
             }
-            // A `WouldBlock` clears the readiness, so the next poll waits for data again.
-            match self.stream.try_read_buf(&mut reader.read) {
+            let room = reader.read.capacity() - reader.read.len();
+            // A `WouldBlock` clears the readiness, so the next poll waits for data again. A
+            // read that did not fill the room given has emptied the socket's receive queue
+            // (with epoll and kqueue, new data then raises readiness again), so it clears the
+            // readiness too, as tokio's own `poll_read` does: otherwise every message would
+            // cost one more read that only finds nothing.
+            let read = self.stream.try_io(Interest::READABLE, || {
+                match self.stream.try_read_buf(&mut reader.read)? {
+                    n if n > 0 && n < room => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+                    n => Ok(n),
+                }
+            });
+            match read {
                 Ok(0) => return Poll::Ready(Err(ReadError::Closed)),
                 Ok(_) => {}
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
