@@ -1765,7 +1765,9 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         // Closed once, so that the migrations' frames are out of the WAL.
-        SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap().close();
+        SqliteStore::open(dir.path(), SqliteSync::Normal)
+            .unwrap()
+            .close();
         // Passes from 32 frames on.
         let store = SqliteStore::open_with(dir.path(), SqliteSync::Normal, 128).unwrap();
         store.create_room(&room("r"), &["a".into()]).await.unwrap();
@@ -1774,14 +1776,21 @@ mod tests {
             store.append(batch).await.unwrap().pop().unwrap().unwrap();
         }
         tokio::time::sleep(CHECKPOINT_EVERY * 3).await;
-        assert_eq!(checkpointed_messages(dir.path()), 0, "a few frames stay in the WAL");
+        assert_eq!(
+            checkpointed_messages(dir.path()),
+            0,
+            "a few frames stay in the WAL"
+        );
         for n in 3..30 {
             let batch = vec![message("r", "a", &"x".repeat(300), Some(&format!("c{n}")))];
             store.append(batch).await.unwrap().pop().unwrap().unwrap();
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while checkpointed_messages(dir.path()) != 30 {
-            assert!(std::time::Instant::now() < deadline, "the WAL was never copied");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was never copied"
+            );
             tokio::time::sleep(CHECKPOINT_EVERY).await;
         }
         store.close();
