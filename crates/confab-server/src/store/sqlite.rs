@@ -31,16 +31,17 @@ use crate::config::SqliteSync;
 /// Upper bound on jobs folded into one transaction, so one commit never grows without limit.
 const MAX_JOBS_PER_COMMIT: usize = 256;
 
-/// The writer's page cache. SQLite's default (2 MiB) was once smaller than what one busy commit
-/// touched: pages were read back from the file for every commit and dirty ones spilled to the
-/// WAL mid-transaction. It is not made much larger because a bigger cache costs every commit
-/// that splits an index page: SQLite's `balance_nonroot` renumbers pages through the locking
-/// page's number (page 262,145), which marks the cache as holding pages that far out, and the
-/// commit's truncation to the database's size then walks the cache's whole hash table (2.5 %
-/// of W2's server CPU at 32 MiB). W2, 3 interleaved runs: 7.19 µs per delivery with 32 MiB,
-/// 6.93 with 8 MiB, 6.90 with 2 MiB; W4 the same or better with 8 MiB (144k against 140k acked
-/// messages/s). It only grows as pages are used.
-const WRITER_CACHE_KIB: u32 = 8 * 1024;
+/// The writer's page cache: SQLite's default size. A bigger cache costs every commit that
+/// splits an index page: SQLite's `balance_nonroot` renumbers pages through the locking page's
+/// number (page 262,145), which marks the cache as holding pages that far out, and the
+/// commit's truncation to the database's size then walks the cache's whole hash table, a
+/// cache miss per cached page (2.5 % of W2's server CPU at 32 MiB; 9-13 % of the writer
+/// thread's time in W2 at a quarter and half of its load with 8 MiB). The cache also counts
+/// in the process's memory: 8 MiB was 0.27 KiB per connection of W3's 19,000 (2.57 against
+/// 2.30 KiB with 2 MiB). W2 and W4 are no slower with 2 MiB (BENCHMARKS.md, 2026-12-02):
+/// since the writer remembers each room's tail (`TailCache`), a commit reads few pages, and
+/// the OS caches the file anyway. It only grows as pages are used.
+const WRITER_CACHE_KIB: u32 = 2 * 1024;
 
 /// Statements the writer keeps prepared: every write the store does fits, so none is parsed
 /// again after its first use (rusqlite's default of 16 did not hold them all).
@@ -528,7 +529,7 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: Wa
                 Err(_) => break,
             }
         }
-        let begin = conn.execute_batch("BEGIN IMMEDIATE");
+        let begin = run_cached(&conn, "BEGIN IMMEDIATE");
         if let Err(err) = begin {
             let err = db_err(err);
             for job in batch.drain(..) {
@@ -574,13 +575,13 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: Wa
             Some(err) => Some(err),
             // The job's own error is its answer; nothing of it may be committed.
             None if failed_alone => {
-                let _ = conn.execute_batch("ROLLBACK");
+                let _ = run_cached(&conn, "ROLLBACK");
                 None
             }
-            None => conn.execute_batch("COMMIT").err().map(db_err),
+            None => run_cached(&conn, "COMMIT").err().map(db_err),
         };
         if commit_error.is_some() {
-            let _ = conn.execute_batch("ROLLBACK");
+            let _ = run_cached(&conn, "ROLLBACK");
         }
         for deliver in deliveries.drain(..) {
             deliver(commit_error.clone());
@@ -783,8 +784,9 @@ fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> 
 struct RoomTail {
     /// The room's key and last seq; `None` if the room does not exist.
     room: Option<(i64, u64)>,
-    /// Membership of each author seen in this batch.
-    members: HashMap<String, bool>,
+    /// Membership of each author seen in this batch, and whether the tail cache knew it
+    /// already (then there is nothing to teach it).
+    members: HashMap<String, (bool, bool)>,
 }
 
 /// Appends a batch inside the writer's transaction: each room's key and last seq are read
@@ -832,11 +834,11 @@ fn append_batch(
         };
         let member = match (tail.room, tail.members.get(msg.user.id.as_str())) {
             (None, _) => false,
-            (Some(_), Some(&member)) => member,
+            (Some(_), Some(&(member, _))) => member,
             (Some(_), None) => {
-                let member = cached.is_some_and(|c| c.members.contains(&msg.user.id))
-                    || is_member(conn, &msg.room, &msg.user.id)?;
-                tail.members.insert(msg.user.id.clone(), member);
+                let known = cached.is_some_and(|c| c.members.contains(&msg.user.id));
+                let member = known || is_member(conn, &msg.room, &msg.user.id)?;
+                tail.members.insert(msg.user.id.clone(), (member, known));
                 member
             }
         };
@@ -900,7 +902,7 @@ fn append_batch(
             let members = tail
                 .members
                 .into_iter()
-                .filter_map(|(user, member)| member.then_some(user))
+                .filter_map(|(user, (member, known))| (member && !known).then_some(user))
                 .collect();
             Some((
                 room,
