@@ -83,6 +83,17 @@ impl Committer {
         (Committer { queue }, task)
     }
 
+    /// Queues a message if the queue has room, without waiting: `Ok(None)` once queued,
+    /// `Ok(Some(pending))` (given back) when the queue is full and the caller has to
+    /// [`Committer::submit`] it.
+    pub fn try_submit(&self, pending: Pending) -> Result<Option<Pending>, ChatError> {
+        match self.queue.try_send(pending) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(pending)) => Ok(Some(pending)),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(ChatError::ShuttingDown),
+        }
+    }
+
     /// Queues a message; waits only if the committer is far behind (backpressure).
     pub async fn submit(&self, pending: Pending) -> Result<(), ChatError> {
         self.queue

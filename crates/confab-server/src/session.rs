@@ -109,6 +109,21 @@ enum Woken {
     Inbound(Result<Incoming, ReadError>),
 }
 
+/// What is left of a client's message for the general (boxed) path once the synchronous
+/// path for chat messages ([`Session::message_now`]) has done what it can.
+enum Unfinished {
+    /// Anything but a text frame, or a read error.
+    Frame(Result<Incoming, ReadError>),
+    /// A text frame that is not a valid command: its `ref`, if it had one, and what is wrong.
+    Invalid(Option<Ref>, String),
+    /// A command to handle in full.
+    Command(ClientCommand),
+    /// An admitted chat message the committer's queue has no room for yet, and its `ref`.
+    Submit(Pending, Option<Ref>),
+    /// An admitted chat message that was refused: its `ref` and why.
+    Failed(Option<Ref>, ChatError),
+}
+
 /// Why the loop ended and what to tell the peer.
 enum Ending {
     /// The connection broke: nothing more can be sent.
@@ -207,9 +222,19 @@ impl Session {
                 }
                 Woken::Inbound(inbound) => {
                     self.handle.heard();
+                    let unfinished = match inbound {
+                        Ok(Incoming::Text(text)) => match parse_command(&text) {
+                            Ok(command) => match self.message_now(command) {
+                                None => continue,
+                                Some(unfinished) => unfinished,
+                            },
+                            Err((reference, message)) => Unfinished::Invalid(reference, message),
+                        },
+                        other => Unfinished::Frame(other),
+                    };
                     // Boxed, like every path an idle session is not waiting in: the task's
                     // future is as large as its largest state.
-                    if let Err(ending) = Box::pin(self.on_inbound(inbound)).await {
+                    if let Err(ending) = Box::pin(self.finish_inbound(unfinished)).await {
                         break ending;
                     }
                 }
@@ -218,9 +243,25 @@ impl Session {
         Box::pin(self.end(ending)).await;
     }
 
-    /// Handles one message from the client. `Err` ends the connection.
-    async fn on_inbound(&mut self, inbound: Result<Incoming, ReadError>) -> Result<(), Ending> {
+    /// Handles what [`Session::message_now`] left of one message from the client. `Err` ends
+    /// the connection.
+    async fn finish_inbound(&mut self, unfinished: Unfinished) -> Result<(), Ending> {
+        let inbound = match unfinished {
+            Unfinished::Frame(inbound) => inbound,
+            Unfinished::Invalid(reference, message) => {
+                return self.on_invalid(reference, message).await;
+            }
+            Unfinished::Command(command) => return self.on_command(command).await,
+            Unfinished::Submit(pending, reference) => {
+                return match self.node.committer.submit(pending).await {
+                    Ok(()) => Ok(()),
+                    Err(err) => self.refuse_with(reference, &err).await,
+                };
+            }
+            Unfinished::Failed(reference, err) => return self.refuse_with(reference, &err).await,
+        };
         let sent = match inbound {
+            // Text frames were parsed before they got here.
             Ok(Incoming::Text(text)) => return self.on_text(&text).await,
             Ok(Incoming::Binary) => {
                 let error = error_event(
@@ -337,16 +378,69 @@ impl Session {
 
     /// Handles one text frame. `Err` ends the connection.
     async fn on_text(&mut self, text: &str) -> Result<(), Ending> {
-        let command = match parse_command(text) {
-            Ok(command) => command,
-            Err((reference, message)) => {
-                if !self.admit(false) {
-                    return self.refuse(reference).await;
-                }
-                let error = error_event(reference, ErrorCode::BadRequest, message);
-                return self.send(&error).await.map_err(|()| Ending::Gone);
-            }
+        match parse_command(text) {
+            Ok(command) => self.on_command(command).await,
+            Err((reference, message)) => self.on_invalid(reference, message).await,
+        }
+    }
+
+    /// Answers a text frame that is not a valid command.
+    async fn on_invalid(&mut self, reference: Option<Ref>, message: String) -> Result<(), Ending> {
+        if !self.admit(false) {
+            return self.refuse(reference).await;
+        }
+        let error = error_event(reference, ErrorCode::BadRequest, message);
+        self.send(&error).await.map_err(|()| Ending::Gone)
+    }
+
+    /// Answers a command's failure.
+    async fn refuse_with(&mut self, reference: Option<Ref>, err: &ChatError) -> Result<(), Ending> {
+        let error = error_event(reference, err.code(), err.public_message());
+        self.send(&error).await.map_err(|()| Ending::Gone)
+    }
+
+    /// The usual command, a chat message to a room this session has joined, handled on the
+    /// spot: nothing in it waits unless the committer's queue is full, so it needs none of
+    /// the general path's (boxed) futures. `None` when it is done; otherwise what is left for
+    /// [`Session::finish_inbound`]: any other command, a message to a room the session has
+    /// not joined or one over the rate limit (neither admitted yet), a refusal to answer or
+    /// a submission that has to wait.
+    fn message_now(&mut self, command: ClientCommand) -> Option<Unfinished> {
+        let joined = matches!(&command, ClientCommand::Message { room, .. } if self.queue.room(room).is_some());
+        if !joined || !self.admit(true) {
+            return Some(Unfinished::Command(command));
+        }
+        let ClientCommand::Message {
+            reference,
+            room,
+            content,
+            client_id,
+        } = command
+        else {
+            unreachable!("checked to be a message above");
         };
+        if let Err(err) = self.node.validate_content(&content, client_id.as_deref()) {
+            return Some(Unfinished::Failed(reference, err));
+        }
+        let message = self
+            .node
+            .new_message(&self.handle.user, &room, content, client_id);
+        let pending = Pending {
+            message,
+            reply: Reply::Session {
+                handle: Arc::clone(&self.handle),
+                reference: reference.clone(),
+            },
+        };
+        match self.node.committer.try_submit(pending) {
+            Ok(None) => None,
+            Ok(Some(pending)) => Some(Unfinished::Submit(pending, reference)),
+            Err(err) => Some(Unfinished::Failed(reference, err)),
+        }
+    }
+
+    /// Handles one command. `Err` ends the connection.
+    async fn on_command(&mut self, command: ClientCommand) -> Result<(), Ending> {
         let is_message = matches!(command, ClientCommand::Message { .. });
         if !self.admit(is_message) {
             return self.refuse(command.reference().cloned()).await;
@@ -363,10 +457,7 @@ impl Session {
                     .map_err(|()| Ending::Gone)
             }
             Ok(Answer::Nothing) => Ok(()),
-            Err(err) => {
-                let error = error_event(reference, err.code(), err.public_message());
-                self.send(&error).await.map_err(|()| Ending::Gone)
-            }
+            Err(err) => self.refuse_with(reference, &err).await,
         }
     }
 
