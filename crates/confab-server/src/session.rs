@@ -222,15 +222,8 @@ impl Session {
                 }
                 Woken::Inbound(inbound) => {
                     self.handle.heard();
-                    let unfinished = match inbound {
-                        Ok(Incoming::Text(text)) => match parse_command(&text) {
-                            Ok(command) => match self.message_now(command) {
-                                None => continue,
-                                Some(unfinished) => unfinished,
-                            },
-                            Err((reference, message)) => Unfinished::Invalid(reference, message),
-                        },
-                        other => Unfinished::Frame(other),
+                    let Some(unfinished) = self.message_now(inbound) else {
+                        continue;
                     };
                     // Boxed, like every path an idle session is not waiting in: the task's
                     // future is as large as its largest state.
@@ -255,13 +248,14 @@ impl Session {
             Unfinished::Submit(pending, reference) => {
                 return match self.node.committer.submit(pending).await {
                     Ok(()) => Ok(()),
-                    Err(err) => self.refuse_with(reference, &err).await,
+                    Err(err) => self.send_error(reference, &err).await,
                 };
             }
-            Unfinished::Failed(reference, err) => return self.refuse_with(reference, &err).await,
+            Unfinished::Failed(reference, err) => return self.send_error(reference, &err).await,
         };
         let sent = match inbound {
-            // Text frames were parsed before they got here.
+            // `message_now` takes text frames apart; one that came here whole is handled in
+            // full all the same.
             Ok(Incoming::Text(text)) => return self.on_text(&text).await,
             Ok(Incoming::Binary) => {
                 let error = error_event(
@@ -393,8 +387,8 @@ impl Session {
         self.send(&error).await.map_err(|()| Ending::Gone)
     }
 
-    /// Answers a command's failure.
-    async fn refuse_with(&mut self, reference: Option<Ref>, err: &ChatError) -> Result<(), Ending> {
+    /// Answers a command with its error.
+    async fn send_error(&mut self, reference: Option<Ref>, err: &ChatError) -> Result<(), Ending> {
         let error = error_event(reference, err.code(), err.public_message());
         self.send(&error).await.map_err(|()| Ending::Gone)
     }
@@ -402,14 +396,18 @@ impl Session {
     /// The usual command, a chat message to a room this session has joined, handled on the
     /// spot: nothing in it waits unless the committer's queue is full, so it needs none of
     /// the general path's (boxed) futures. `None` when it is done; otherwise what is left for
-    /// [`Session::finish_inbound`]: any other command, a message to a room the session has
-    /// not joined or one over the rate limit (neither admitted yet), a refusal to answer or
-    /// a submission that has to wait.
-    fn message_now(&mut self, command: ClientCommand) -> Option<Unfinished> {
-        let joined = matches!(&command, ClientCommand::Message { room, .. } if self.queue.room(room).is_some());
-        if !joined || !self.admit(true) {
-            return Some(Unfinished::Command(command));
-        }
+    /// [`Session::finish_inbound`]: any other frame or command, a message to a room the
+    /// session has not joined or one over the rate limit (neither admitted yet), a refusal
+    /// to answer or a submission that has to wait.
+    fn message_now(&mut self, inbound: Result<Incoming, ReadError>) -> Option<Unfinished> {
+        let text = match inbound {
+            Ok(Incoming::Text(text)) => text,
+            other => return Some(Unfinished::Frame(other)),
+        };
+        let command = match parse_command(&text) {
+            Ok(command) => command,
+            Err((reference, message)) => return Some(Unfinished::Invalid(reference, message)),
+        };
         let ClientCommand::Message {
             reference,
             room,
@@ -417,8 +415,16 @@ impl Session {
             client_id,
         } = command
         else {
-            unreachable!("checked to be a message above");
+            return Some(Unfinished::Command(command));
         };
+        if self.queue.room(&room).is_none() || !self.admit(true) {
+            return Some(Unfinished::Command(ClientCommand::Message {
+                reference,
+                room,
+                content,
+                client_id,
+            }));
+        }
         if let Err(err) = self.node.validate_content(&content, client_id.as_deref()) {
             return Some(Unfinished::Failed(reference, err));
         }
@@ -457,7 +463,7 @@ impl Session {
                     .map_err(|()| Ending::Gone)
             }
             Ok(Answer::Nothing) => Ok(()),
-            Err(err) => self.refuse_with(reference, &err).await,
+            Err(err) => self.send_error(reference, &err).await,
         }
     }
 
