@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
+use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -50,7 +51,9 @@ struct UserInRoom {
     /// Sessions of this user subscribed to the room.
     sessions: u32,
     /// Set while the user has no session here but may still come back (disconnect grace).
-    departing: Option<u64>,
+    /// Departure ids start at 1: `NonZero` keeps the option, and each room's user entry, 8
+    /// bytes smaller.
+    departing: Option<NonZeroU64>,
 }
 
 #[derive(Debug, Default)]
@@ -94,7 +97,7 @@ impl Hub {
         self.shards[index].lock().expect("hub shard lock poisoned")
     }
 
-    /// A fresh id for a [`Departure::Disconnect`].
+    /// A fresh id for a [`Departure::Disconnect`]; never 0.
     pub fn next_departure_id(&self) -> u64 {
         self.next_departure.fetch_add(1, Ordering::Relaxed)
     }
@@ -131,7 +134,7 @@ impl Hub {
             room: key,
             announce,
             fresh: true,
-            cancelled_departure: user.departing.take(),
+            cancelled_departure: user.departing.take().map(NonZeroU64::get),
         }
     }
 
@@ -167,8 +170,8 @@ impl Hub {
                         entry.users.remove(user_id);
                         announce = true;
                     }
-                    Departure::Disconnect(id) => user.departing = Some(id),
-                    Departure::Undo(Some(id)) => user.departing = Some(id),
+                    Departure::Disconnect(id) => user.departing = NonZeroU64::new(id),
+                    Departure::Undo(Some(id)) => user.departing = NonZeroU64::new(id),
                     Departure::Undo(None) => {
                         entry.users.remove(user_id);
                     }
@@ -186,10 +189,9 @@ impl Hub {
         let Some(entry) = shard.get_mut(room) else {
             return false;
         };
-        let expired = entry
-            .users
-            .get(user_id)
-            .is_some_and(|u| u.sessions == 0 && u.departing == Some(departure));
+        let expired = entry.users.get(user_id).is_some_and(|u| {
+            u.sessions == 0 && u.departing.map(NonZeroU64::get) == Some(departure)
+        });
         if expired {
             entry.users.remove(user_id);
             Self::drop_if_empty(&mut shard, room);

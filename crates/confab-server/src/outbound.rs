@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -106,17 +106,17 @@ pub struct SessionHandle {
     slow: AtomicBool,
     /// [`Signal`] bits raised by the node (heartbeat timeout, shutdown) for the task to act on.
     signals: AtomicU8,
+    /// Droppable frames refused so far (for metrics and tests). Here, in what would be the
+    /// flags' padding: each field of the handle counts once per connection.
+    dropped: AtomicU32,
     /// Everything about writing to this connection, under one lock: pushers and the session's
     /// task take turns, so frames go out whole and in order.
     outlet: Mutex<Outlet>,
     /// Wakes the session task when something was queued (or the session became slow).
     ready: AtomicWaker,
-    /// Most entries the queue holds.
-    capacity: usize,
-    /// Free slots below which droppable frames are refused.
-    droppable_floor: usize,
-    /// Droppable frames refused so far (for metrics and tests).
-    dropped: AtomicU64,
+    /// Most entries the queue holds; droppable frames are refused once a quarter of it is
+    /// left.
+    capacity: u32,
     /// When the peer was last heard from ([`heartbeat::now_ms`]): the timeout counts from here.
     heard_ms: AtomicU64,
     /// When the node's heartbeat last pinged this session (or when it started).
@@ -353,11 +353,10 @@ impl SessionHandle {
             user,
             outlet: Mutex::new(Outlet::default()),
             ready: AtomicWaker::new(),
-            capacity,
-            droppable_floor: capacity / 4,
+            capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
             slow: AtomicBool::new(false),
             signals: AtomicU8::new(0),
-            dropped: AtomicU64::new(0),
+            dropped: AtomicU32::new(0),
             heard_ms: AtomicU64::new(heartbeat::now_ms()),
             pinged_ms: AtomicU64::new(heartbeat::now_ms()),
         });
@@ -413,8 +412,9 @@ impl SessionHandle {
             // Acks are reliable: queued even past the capacity (by one entry).
             outlet.queue.push_back(*held);
         }
-        let free = self.capacity.saturating_sub(outlet.queue.len());
-        if free == 0 || (priority == Priority::Droppable && free <= self.droppable_floor) {
+        let capacity = self.capacity as usize;
+        let free = capacity.saturating_sub(outlet.queue.len());
+        if free == 0 || (priority == Priority::Droppable && free <= capacity / 4) {
             drop(outlet);
             if priority == Priority::Reliable {
                 self.slow.store(true, Ordering::Release);
@@ -514,7 +514,7 @@ impl SessionHandle {
     }
 
     /// Droppable frames refused so far.
-    pub fn dropped(&self) -> u64 {
+    pub fn dropped(&self) -> u32 {
         self.dropped.load(Ordering::Relaxed)
     }
 }

@@ -6,9 +6,11 @@
 //! reported; the caller announces them.
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, Weak};
 
 use confab_proto::{PresenceStatus, SettableStatus, UserRef};
+use smallvec::SmallVec;
 
 use crate::heartbeat::Signal;
 use crate::outbound::{SessionHandle, SessionId};
@@ -30,12 +32,15 @@ struct UserState {
     /// The user's display name (the id is the map's key: not stored twice).
     name: String,
     /// Each connected session. A list, not a map: a user has a handful at most (the
-    /// connection cap), and with one entry per connected user its size adds up.
-    sessions: Vec<Device>,
+    /// connection cap), and with one entry per connected user its size adds up. The usual
+    /// one is kept inline: a `Vec`'s first push allocates room for four (112 bytes per
+    /// connected user).
+    sessions: SmallVec<[Device; 1]>,
     /// The status last announced to others.
     announced: PresenceStatus,
-    /// Set while the user has no session but is inside the grace period.
-    departing: Option<u64>,
+    /// Set while the user has no session but is inside the grace period (departure ids start
+    /// at 1, and `NonZero` keeps the option 8 bytes).
+    departing: Option<NonZeroU64>,
 }
 
 /// What a session's disconnect means for its user's status.
@@ -107,7 +112,7 @@ impl Presence {
         let state = users.entry(user.id.clone()).or_insert_with(|| {
             Box::new(UserState {
                 name: user.name.clone(),
-                sessions: Vec::new(),
+                sessions: SmallVec::new(),
                 announced: PresenceStatus::Offline,
                 departing: None,
             })
@@ -139,7 +144,7 @@ impl Presence {
         };
         state.sessions.retain(|d| d.id != session);
         if state.sessions.is_empty() {
-            state.departing = Some(departure);
+            state.departing = NonZeroU64::new(departure);
             AfterDisconnect::GracePeriod
         } else {
             // The sessions left may all be away.
@@ -154,7 +159,7 @@ impl Presence {
     pub fn grace_expired(&self, user_id: &str, departure: u64) -> Option<UserRef> {
         let mut users = self.users.lock().expect("presence lock");
         let state = users.get(user_id)?;
-        if !state.sessions.is_empty() || state.departing != Some(departure) {
+        if !state.sessions.is_empty() || state.departing.map(NonZeroU64::get) != Some(departure) {
             return None;
         }
         let (id, state) = users.remove_entry(user_id)?;
