@@ -15,7 +15,7 @@ use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::outbound::{Outbound, Priority, SessionHandle, SessionId};
+use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, UserKey};
 
 /// Number of independently locked room maps.
 const SHARDS: usize = 64;
@@ -61,7 +61,7 @@ struct Room {
     /// Current subscribers; replaced, never mutated, so fan-out can work on a snapshot.
     subscribers: Arc<[Arc<SessionHandle>]>,
     /// Per-user session counts.
-    users: HashMap<String, UserInRoom>,
+    users: HashMap<UserKey, UserInRoom>,
 }
 
 /// One shard of rooms, keyed by the interned room name.
@@ -123,7 +123,7 @@ impl Hub {
         entry.subscribers = subscribers.into();
         let user = entry
             .users
-            .entry(handle.user.id.clone())
+            .entry(UserKey(Arc::clone(&handle.user)))
             .or_insert(UserInRoom {
                 sessions: 0,
                 departing: None,

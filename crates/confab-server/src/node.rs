@@ -6,6 +6,7 @@
 //! the shutdown token and task tracker every background task is registered with.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,6 +44,25 @@ const AUTH_BURST: u32 = 20;
 /// Entries in the known-users cache before it starts over.
 const KNOWN_USERS_CAP: usize = 100_000;
 
+/// Which (user id, name) pairs are in the store already, as 128-bit fingerprints rather than
+/// copies of the strings: one entry per connected user adds up, and the strings cost about
+/// 150 bytes per connection (W3) where a fingerprint costs 17 plus the table's slack. The keys
+/// are random per process, so nobody can aim a collision; by chance one is about as likely as
+/// guessing two 64-bit secrets.
+#[derive(Debug, Default)]
+struct KnownUsers {
+    keys: [RandomState; 2],
+    seen: HashSet<u128>,
+}
+
+impl KnownUsers {
+    fn fingerprint(&self, user: &UserRef) -> u128 {
+        let [high, low] = &self.keys;
+        let pair = (&user.id, &user.name);
+        (u128::from(high.hash_one(pair)) << 64) | u128::from(low.hash_one(pair))
+    }
+}
+
 /// How often expired typing indicators are swept.
 const TYPING_SWEEP: Duration = Duration::from_millis(250);
 
@@ -70,9 +90,9 @@ pub struct Node {
     /// Every session and timer task, so shutdown can wait for all of them.
     pub tasks: TaskTracker,
     next_session: AtomicU64,
-    /// Token users already written to the store (id to the name written), so a reconnect
+    /// Token users already written to the store with their current name, so a reconnect
     /// costs no write. Bounded: cleared when it reaches [`KNOWN_USERS_CAP`].
-    known_users: Mutex<HashMap<String, String>>,
+    known_users: Mutex<KnownUsers>,
     /// Presence changes waiting for the announcer task.
     presence_changes: mpsc::UnboundedSender<(UserRef, StatusChange)>,
     /// REST message sends, per user.
@@ -115,7 +135,7 @@ impl Node {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
             next_session: AtomicU64::new(1),
-            known_users: Mutex::new(HashMap::new()),
+            known_users: Mutex::new(KnownUsers::default()),
             presence_changes,
             rest_messages: RateLimiter::keyed(rest_quota),
             auth_attempts: RateLimiter::keyed(quota(AUTH_RATE, AUTH_BURST)),
@@ -132,19 +152,18 @@ impl Node {
     /// Verifies a token and makes sure its user exists in the store.
     pub async fn authenticate(&self, token: &str) -> Result<UserRef, ChatError> {
         let user = self.tokens.verify(token)?;
-        let known = self
-            .known_users
-            .lock()
-            .expect("known users")
-            .get(&user.id)
-            .is_some_and(|name| *name == user.name);
-        if !known {
+        let fingerprint = {
+            let known_users = self.known_users.lock().expect("known users");
+            let fingerprint = known_users.fingerprint(&user);
+            (!known_users.seen.contains(&fingerprint)).then_some(fingerprint)
+        };
+        if let Some(fingerprint) = fingerprint {
             self.store.ensure_user(&user).await?;
             let mut known_users = self.known_users.lock().expect("known users");
-            if known_users.len() >= KNOWN_USERS_CAP {
-                known_users.clear();
+            if known_users.seen.len() >= KNOWN_USERS_CAP {
+                known_users.seen.clear();
             }
-            known_users.insert(user.id.clone(), user.name.clone());
+            known_users.seen.insert(fingerprint);
         }
         Ok(user)
     }
@@ -646,7 +665,7 @@ impl Node {
             handle.raise(Signal::Shutdown);
         }
         if let Some(change) = change {
-            self.announce_presence(handle.user.clone(), change);
+            self.announce_presence(UserRef::clone(&handle.user), change);
         }
         Ok(())
     }
@@ -654,7 +673,7 @@ impl Node {
     /// Sets a session's own status.
     pub fn set_status(&self, handle: &SessionHandle, status: SettableStatus) {
         if let Some(status) = self.presence.set_status(handle.id, &handle.user.id, status) {
-            self.announce_presence(handle.user.clone(), StatusChange::to(status));
+            self.announce_presence(UserRef::clone(&handle.user), StatusChange::to(status));
         }
     }
 
@@ -673,7 +692,7 @@ impl Node {
         let offline_pending = match self.presence.disconnect(handle.id, &user.id, departure) {
             AfterDisconnect::GracePeriod => true,
             AfterDisconnect::Changed(status) => {
-                self.announce_presence(user.clone(), StatusChange::to(status));
+                self.announce_presence(UserRef::clone(user), StatusChange::to(status));
                 false
             }
             AfterDisconnect::Unchanged => false,

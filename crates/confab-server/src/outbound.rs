@@ -123,8 +123,35 @@ pub struct SessionHandle {
     pinged_ms: AtomicU64,
     /// This connection's id.
     pub id: SessionId,
-    /// Who is connected.
-    pub user: UserRef,
+    /// Who is connected. Shared: presence and the hub key their entries by it (see
+    /// [`UserKey`]) instead of keeping copies of the id and name per connection.
+    pub user: Arc<UserRef>,
+}
+
+/// A map key that is a user's id, held through the session's shared [`UserRef`] rather than as
+/// a copy of the string. Hashes and compares as the id, so maps keyed by it are looked up with
+/// a `&str`.
+#[derive(Debug, Clone)]
+pub struct UserKey(pub Arc<UserRef>);
+
+impl std::hash::Hash for UserKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.id.as_str().hash(state);
+    }
+}
+
+impl PartialEq for UserKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for UserKey {}
+
+impl std::borrow::Borrow<str> for UserKey {
+    fn borrow(&self) -> &str {
+        &self.0.id
+    }
 }
 
 /// The writing state of one connection. `repr(C)`: the fields a delivery reads come first
@@ -350,7 +377,7 @@ impl SessionHandle {
     pub fn new(id: SessionId, user: UserRef, capacity: usize) -> (Arc<Self>, OutboundReceiver) {
         let handle = Arc::new(SessionHandle {
             id,
-            user,
+            user: Arc::new(user),
             outlet: Mutex::new(Outlet::default()),
             ready: AtomicWaker::new(),
             capacity: u32::try_from(capacity).unwrap_or(u32::MAX),

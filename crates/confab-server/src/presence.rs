@@ -13,7 +13,7 @@ use confab_proto::{PresenceStatus, SettableStatus, UserRef};
 use smallvec::SmallVec;
 
 use crate::heartbeat::Signal;
-use crate::outbound::{SessionHandle, SessionId};
+use crate::outbound::{SessionHandle, SessionId, UserKey};
 
 /// One connected session of a user.
 #[derive(Debug)]
@@ -29,8 +29,8 @@ struct Device {
 
 #[derive(Debug)]
 struct UserState {
-    /// The user's display name (the id is the map's key: not stored twice).
-    name: String,
+    /// The user, shared with its newest session (the map's key shares it too).
+    user: Arc<UserRef>,
     /// Each connected session. A list, not a map: a user has a handful at most (the
     /// connection cap), and with one entry per connected user its size adds up. The usual
     /// one is kept inline: a `Vec`'s first push allocates room for four (112 bytes per
@@ -87,7 +87,7 @@ pub struct Presence {
     // rare next to chat traffic, which never touches this map.
     // Entries boxed: the table is a power of two and at most 7/8 full, so its empty slots
     // would otherwise each cost a whole entry (about 100 bytes per connected user in W3).
-    users: Mutex<HashMap<String, Box<UserState>>>,
+    users: Mutex<HashMap<UserKey, Box<UserState>>>,
 }
 
 fn aggregate(sessions: &[Device]) -> Option<PresenceStatus> {
@@ -109,9 +109,9 @@ impl Presence {
     ) -> Result<Option<StatusChange>, TooManyConnections> {
         let user = &session.user;
         let mut users = self.users.lock().expect("presence lock");
-        let state = users.entry(user.id.clone()).or_insert_with(|| {
+        let state = users.entry(UserKey(Arc::clone(user))).or_insert_with(|| {
             Box::new(UserState {
-                name: user.name.clone(),
+                user: Arc::clone(user),
                 sessions: SmallVec::new(),
                 announced: PresenceStatus::Offline,
                 departing: None,
@@ -120,8 +120,8 @@ impl Presence {
         if state.sessions.len() >= max_sessions {
             return Err(TooManyConnections(state.sessions.len()));
         }
-        if state.name != user.name {
-            state.name.clone_from(&user.name);
+        if state.user.name != user.name {
+            state.user = Arc::clone(user);
         }
         state.sessions.push(Device {
             id: session.id,
@@ -162,11 +162,8 @@ impl Presence {
         if !state.sessions.is_empty() || state.departing.map(NonZeroU64::get) != Some(departure) {
             return None;
         }
-        let (id, state) = users.remove_entry(user_id)?;
-        (state.announced != PresenceStatus::Offline).then_some(UserRef {
-            id,
-            name: state.name,
-        })
+        let (_, state) = users.remove_entry(user_id)?;
+        (state.announced != PresenceStatus::Offline).then(|| UserRef::clone(&state.user))
     }
 
     /// Sets one session's status. Returns the status to announce if the aggregate changed.

@@ -156,7 +156,7 @@ impl Session {
         // Encoded in a statement of its own: a value alive across an await (even a temporary of
         // the awaiting statement) is stored in the future, whose size every connection pays.
         let connected = Frame::Text(encode(&ServerEvent::Connected {
-            user: self.handle.user.clone(),
+            user: UserRef::clone(&self.handle.user),
             session: self.handle.id.to_string(),
             heartbeat_ms: self.node.config.heartbeat_interval_ms,
         }));
