@@ -23,7 +23,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
@@ -117,10 +117,10 @@ pub struct SessionHandle {
     /// Most entries the queue holds; droppable frames are refused once a quarter of it is
     /// left.
     capacity: u32,
-    /// When the peer was last heard from ([`heartbeat::now_ms`]): the timeout counts from here.
-    heard_ms: AtomicU64,
-    /// When the node's heartbeat last pinged this session (or when it started).
-    pinged_ms: AtomicU64,
+    /// When the peer was last heard from ([`clock32`]): the timeout counts from here.
+    heard_ms: AtomicU32,
+    /// When the node's heartbeat last pinged this session (or when it started), [`clock32`].
+    pinged_ms: AtomicU32,
     /// This connection's id.
     pub id: SessionId,
     /// Who is connected. Shared: presence and the hub key their entries by it (see
@@ -255,6 +255,26 @@ impl RoomMarks {
     }
 }
 
+/// The low 32 bits of a [`heartbeat::now_ms`] reading, as sessions keep them: two full
+/// readings would cost every connection 8 bytes more, and the heartbeat only ever needs
+/// differences of seconds to minutes (see [`ms_since`]).
+fn clock32(now_ms: u64) -> u32 {
+    // Truncation intended: the clock wraps every 49.7 days and `ms_since` allows for it.
+    now_ms as u32
+}
+
+/// Milliseconds from `then` to `now`, both [`clock32`] readings: right across the clock's
+/// wrap, and 0 for a `then` a little after `now` (a peer heard while the heartbeat was
+/// sweeping with an older `now`).
+fn ms_since(now: u32, then: u32) -> u64 {
+    let elapsed = now.wrapping_sub(then);
+    if elapsed > u32::MAX / 2 {
+        0
+    } else {
+        u64::from(elapsed)
+    }
+}
+
 /// What a direct write did with a frame.
 enum Direct {
     /// Written, or nothing to write (already delivered, or for a room left since).
@@ -384,8 +404,8 @@ impl SessionHandle {
             slow: AtomicBool::new(false),
             signals: AtomicU8::new(0),
             dropped: AtomicU32::new(0),
-            heard_ms: AtomicU64::new(heartbeat::now_ms()),
-            pinged_ms: AtomicU64::new(heartbeat::now_ms()),
+            heard_ms: AtomicU32::new(clock32(heartbeat::now_ms())),
+            pinged_ms: AtomicU32::new(clock32(heartbeat::now_ms())),
         });
         let receiver = OutboundReceiver {
             handle: Arc::clone(&handle),
@@ -506,15 +526,17 @@ impl SessionHandle {
 
     /// Notes that the peer was heard from (any frame).
     pub(crate) fn heard(&self) {
-        self.heard_ms.store(heartbeat::now_ms(), Ordering::Relaxed);
+        self.heard_ms
+            .store(clock32(heartbeat::now_ms()), Ordering::Relaxed);
     }
 
     /// What the heartbeat owes this session at `now`: a timeout if the peer has been silent
     /// for `timeout_ms`, else a ping every `interval_ms`.
     fn beat_owed(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> Option<Beat> {
-        if now.saturating_sub(self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms {
+        let now = clock32(now);
+        if ms_since(now, self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms {
             Some(Beat::TimedOut)
-        } else if now.saturating_sub(self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms {
+        } else if ms_since(now, self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms {
             Some(Beat::Ping)
         } else {
             None
@@ -533,7 +555,7 @@ impl SessionHandle {
         match self.beat_owed(now, interval_ms, timeout_ms) {
             Some(Beat::TimedOut) => self.raise(Signal::TimedOut),
             Some(Beat::Ping) => {
-                self.pinged_ms.store(now, Ordering::Relaxed);
+                self.pinged_ms.store(clock32(now), Ordering::Relaxed);
                 self.push(&Outbound::Ping, Priority::Droppable);
             }
             None => {}
@@ -755,6 +777,19 @@ mod tests {
             },
             capacity,
         )
+    }
+
+    #[test]
+    fn heartbeat_clock_differences_survive_the_wrap() {
+        assert_eq!(ms_since(clock32(5_000), clock32(1_000)), 4_000);
+        // Across the 32-bit wrap (every 49.7 days).
+        let before_wrap = (1u64 << 32) - 1_000;
+        assert_eq!(
+            ms_since(clock32(before_wrap + 3_000), clock32(before_wrap)),
+            3_000
+        );
+        // Heard just after the heartbeat read its clock: no time has passed, not 49 days.
+        assert_eq!(ms_since(clock32(10_000), clock32(10_005)), 0);
     }
 
     #[test]

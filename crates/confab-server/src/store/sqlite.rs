@@ -50,8 +50,10 @@ const WRITER_STATEMENT_CACHE: usize = 64;
 /// Page cache of each read connection, in KiB. Small on purpose: there are up to
 /// [`READ_POOL_SIZE`] of them, each would otherwise grow to SQLite's default 2 MiB (most of
 /// it a copy of pages the OS caches anyway), and that memory is counted per connection in
-/// the idle-capacity benchmark.
-const READER_CACHE_KIB: u32 = 256;
+/// the idle-capacity benchmark. 128 KiB holds the upper levels of the member and history
+/// indexes a join reads; 256 cost W3 about 0.03 KiB more per connection (BENCHMARKS.md,
+/// 2026-12-02 midday).
+const READER_CACHE_KIB: u32 = 128;
 
 /// Read connections kept open for reuse.
 const READ_POOL_SIZE: usize = 8;
