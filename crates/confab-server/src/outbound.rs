@@ -130,7 +130,8 @@ pub struct SessionHandle {
 
 /// A map key that is a user's id, held through the session's shared [`UserRef`] rather than as
 /// a copy of the string. Hashes and compares as the id, so maps keyed by it are looked up with
-/// a `&str`.
+/// a `&str`. Only the id of a key is ever read: a user who comes back under a new name keeps
+/// the key made from the old one.
 #[derive(Debug, Clone)]
 pub struct UserKey(pub Arc<UserRef>);
 
