@@ -162,6 +162,10 @@ test("keyboard only: create a room and write in it without the mouse", async () 
   await page.keyboard.type("keys");
   await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "# keys" }).waitFor({ timeout: WAIT });
+  // The room is shown as soon as it exists, while its join is still on the way; the dialog
+  // closes (and focus moves to the composer) once the join is done. Typing before that goes
+  // into the dialog, as it would for a person.
+  await page.locator("#room-dialog[open]").waitFor({ state: "detached", timeout: WAIT });
   await page.keyboard.type("typed without a mouse");
   await page.keyboard.press("Enter");
   await page.locator("#messages .msg[data-seq]", { hasText: "typed without a mouse" }).waitFor({ timeout: WAIT });
