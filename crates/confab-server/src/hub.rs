@@ -20,6 +20,11 @@ use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, UserKey};
 /// Number of independently locked room maps.
 const SHARDS: usize = 64;
 
+/// Identifies one disconnect, so a grace period that ends after the user came back (and
+/// perhaps left again) is told apart from the current one. Never 0, which keeps an
+/// `Option<DepartureId>` 8 bytes in every room's user entry and in presence.
+pub type DepartureId = NonZeroU64;
+
 /// How a session stopped being subscribed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Departure {
@@ -27,10 +32,10 @@ pub enum Departure {
     Leave,
     /// Its connection dropped: if it was the user's last session, `user_left` only if no session
     /// of theirs re-joins within the grace period. The value identifies this departure.
-    Disconnect(u64),
+    Disconnect(DepartureId),
     /// Its join failed after subscribing: put things back as [`Subscribed`] found them, with
     /// no notice either way.
-    Undo(Option<u64>),
+    Undo(Option<DepartureId>),
 }
 
 /// What [`Hub::subscribe`] did.
@@ -43,7 +48,7 @@ pub struct Subscribed {
     /// False if the session was already subscribed (nothing changed).
     pub fresh: bool,
     /// The pending disconnect this subscribe cancelled, for [`Departure::Undo`].
-    pub cancelled_departure: Option<u64>,
+    pub cancelled_departure: Option<DepartureId>,
 }
 
 #[derive(Debug)]
@@ -51,9 +56,7 @@ struct UserInRoom {
     /// Sessions of this user subscribed to the room.
     sessions: u32,
     /// Set while the user has no session here but may still come back (disconnect grace).
-    /// Departure ids start at 1: `NonZero` keeps the option, and each room's user entry, 8
-    /// bytes smaller.
-    departing: Option<NonZeroU64>,
+    departing: Option<DepartureId>,
 }
 
 #[derive(Debug, Default)]
@@ -97,9 +100,11 @@ impl Hub {
         self.shards[index].lock().expect("hub shard lock poisoned")
     }
 
-    /// A fresh id for a [`Departure::Disconnect`]; never 0.
-    pub fn next_departure_id(&self) -> u64 {
-        self.next_departure.fetch_add(1, Ordering::Relaxed)
+    /// A fresh id for a [`Departure::Disconnect`].
+    pub fn next_departure_id(&self) -> DepartureId {
+        // Counts up from 1; a u64 does not wrap in the life of a process.
+        DepartureId::new(self.next_departure.fetch_add(1, Ordering::Relaxed))
+            .expect("departure ids start at 1")
     }
 
     /// Adds a session to a room.
@@ -134,7 +139,7 @@ impl Hub {
             room: key,
             announce,
             fresh: true,
-            cancelled_departure: user.departing.take().map(NonZeroU64::get),
+            cancelled_departure: user.departing.take(),
         }
     }
 
@@ -170,8 +175,8 @@ impl Hub {
                         entry.users.remove(user_id);
                         announce = true;
                     }
-                    Departure::Disconnect(id) => user.departing = NonZeroU64::new(id),
-                    Departure::Undo(Some(id)) => user.departing = NonZeroU64::new(id),
+                    Departure::Disconnect(id) => user.departing = Some(id),
+                    Departure::Undo(Some(id)) => user.departing = Some(id),
                     Departure::Undo(None) => {
                         entry.users.remove(user_id);
                     }
@@ -184,14 +189,15 @@ impl Hub {
 
     /// Called when a disconnect's grace period ends. Returns true if the user never came back to
     /// the room and others should now be told `user_left`.
-    pub fn departure_expired(&self, room: &str, user_id: &str, departure: u64) -> bool {
+    pub fn departure_expired(&self, room: &str, user_id: &str, departure: DepartureId) -> bool {
         let mut shard = self.shard(room);
         let Some(entry) = shard.get_mut(room) else {
             return false;
         };
-        let expired = entry.users.get(user_id).is_some_and(|u| {
-            u.sessions == 0 && u.departing.map(NonZeroU64::get) == Some(departure)
-        });
+        let expired = entry
+            .users
+            .get(user_id)
+            .is_some_and(|u| u.sessions == 0 && u.departing == Some(departure));
         if expired {
             entry.users.remove(user_id);
             Self::drop_if_empty(&mut shard, room);

@@ -6,13 +6,13 @@
 //! reported; the caller announces them.
 
 use std::collections::HashMap;
-use std::num::NonZeroU64;
 use std::sync::{Arc, Mutex, Weak};
 
 use confab_proto::{PresenceStatus, SettableStatus, UserRef};
 use smallvec::SmallVec;
 
 use crate::heartbeat::Signal;
+use crate::hub::DepartureId;
 use crate::outbound::{SessionHandle, SessionId, UserKey};
 
 /// One connected session of a user.
@@ -38,9 +38,8 @@ struct UserState {
     sessions: SmallVec<[Device; 1]>,
     /// The status last announced to others.
     announced: PresenceStatus,
-    /// Set while the user has no session but is inside the grace period (departure ids start
-    /// at 1, and `NonZero` keeps the option 8 bytes).
-    departing: Option<NonZeroU64>,
+    /// Set while the user has no session but is inside the grace period.
+    departing: Option<DepartureId>,
 }
 
 /// What a session's disconnect means for its user's status.
@@ -137,14 +136,19 @@ impl Presence {
     }
 
     /// Removes a session and says what follows for the user's status.
-    pub fn disconnect(&self, session: SessionId, user_id: &str, departure: u64) -> AfterDisconnect {
+    pub fn disconnect(
+        &self,
+        session: SessionId,
+        user_id: &str,
+        departure: DepartureId,
+    ) -> AfterDisconnect {
         let mut users = self.users.lock().expect("presence lock");
         let Some(state) = users.get_mut(user_id) else {
             return AfterDisconnect::Unchanged;
         };
         state.sessions.retain(|d| d.id != session);
         if state.sessions.is_empty() {
-            state.departing = NonZeroU64::new(departure);
+            state.departing = Some(departure);
             AfterDisconnect::GracePeriod
         } else {
             // The sessions left may all be away.
@@ -156,10 +160,10 @@ impl Presence {
     }
 
     /// Ends a grace period: returns the user if they are now offline (nobody came back).
-    pub fn grace_expired(&self, user_id: &str, departure: u64) -> Option<UserRef> {
+    pub fn grace_expired(&self, user_id: &str, departure: DepartureId) -> Option<UserRef> {
         let mut users = self.users.lock().expect("presence lock");
         let state = users.get(user_id)?;
-        if !state.sessions.is_empty() || state.departing.map(NonZeroU64::get) != Some(departure) {
+        if !state.sessions.is_empty() || state.departing != Some(departure) {
             return None;
         }
         let (_, state) = users.remove_entry(user_id)?;
@@ -265,6 +269,10 @@ mod tests {
         }
     }
 
+    fn departure(id: u64) -> DepartureId {
+        DepartureId::new(id).expect("test departure ids are not 0")
+    }
+
     /// A session of ann's (its queue receiver is dropped: these tests never deliver).
     fn device(id: SessionId) -> Arc<SessionHandle> {
         SessionHandle::new(id, ann(), 8).0
@@ -288,17 +296,17 @@ mod tests {
         );
         assert_eq!(presence.status("ann"), PresenceStatus::Away);
         assert_eq!(
-            presence.disconnect(1, "ann", 10),
+            presence.disconnect(1, "ann", departure(10)),
             AfterDisconnect::Unchanged
         );
         assert_eq!(
-            presence.disconnect(2, "ann", 11),
+            presence.disconnect(2, "ann", departure(11)),
             AfterDisconnect::GracePeriod
         );
         // Still away (not offline) during the grace period.
         assert_eq!(presence.status("ann"), PresenceStatus::Away);
         assert_eq!(
-            presence.grace_expired("ann", 11).map(|u| u.id),
+            presence.grace_expired("ann", departure(11)).map(|u| u.id),
             Some("ann".into())
         );
         assert_eq!(presence.status("ann"), PresenceStatus::Offline);
@@ -309,11 +317,11 @@ mod tests {
         let presence = Presence::default();
         presence.connect(&device(1), 5).unwrap();
         assert_eq!(
-            presence.disconnect(1, "ann", 7),
+            presence.disconnect(1, "ann", departure(7)),
             AfterDisconnect::GracePeriod
         );
         assert_eq!(presence.connect(&device(2), 5).unwrap(), None);
-        assert!(presence.grace_expired("ann", 7).is_none());
+        assert!(presence.grace_expired("ann", departure(7)).is_none());
         assert_eq!(presence.status("ann"), PresenceStatus::Online);
     }
 
@@ -327,9 +335,9 @@ mod tests {
             presence.connect(&device(2), 5).unwrap(),
             Some(StatusChange::to(PresenceStatus::Online))
         );
-        presence.disconnect(1, "ann", 4);
-        presence.disconnect(2, "ann", 5);
-        presence.grace_expired("ann", 5);
+        presence.disconnect(1, "ann", departure(4));
+        presence.disconnect(2, "ann", departure(5));
+        presence.grace_expired("ann", departure(5));
         assert_eq!(
             presence.connect(&device(3), 5).unwrap(),
             Some(StatusChange {
@@ -346,7 +354,7 @@ mod tests {
         presence.connect(&device(2), 5).unwrap();
         presence.set_status(2, "ann", SettableStatus::Away);
         assert_eq!(
-            presence.disconnect(1, "ann", 3),
+            presence.disconnect(1, "ann", departure(3)),
             AfterDisconnect::Changed(PresenceStatus::Away)
         );
     }
@@ -369,7 +377,7 @@ mod tests {
         let mut ids: Vec<_> = presence.sessions_of("ann").iter().map(|h| h.id).collect();
         ids.sort();
         assert_eq!(ids, [1, 2]);
-        presence.disconnect(1, "ann", 1);
+        presence.disconnect(1, "ann", departure(1));
         drop(phone);
         assert_eq!(presence.sessions_of("ann").len(), 1);
         assert!(presence.sessions_of("bob").is_empty());
