@@ -56,10 +56,21 @@ struct KnownUsers {
 }
 
 impl KnownUsers {
-    fn fingerprint(&self, user: &UserRef) -> u128 {
+    /// The user's fingerprint if it is not known yet (to [`KnownUsers::remember`] once the
+    /// store has it).
+    fn unknown(&self, user: &UserRef) -> Option<u128> {
         let [high, low] = &self.keys;
         let pair = (&user.id, &user.name);
-        (u128::from(high.hash_one(pair)) << 64) | u128::from(low.hash_one(pair))
+        let fingerprint = (u128::from(high.hash_one(pair)) << 64) | u128::from(low.hash_one(pair));
+        (!self.seen.contains(&fingerprint)).then_some(fingerprint)
+    }
+
+    /// Notes a user the store has; starts over at [`KNOWN_USERS_CAP`].
+    fn remember(&mut self, fingerprint: u128) {
+        if self.seen.len() >= KNOWN_USERS_CAP {
+            self.seen.clear();
+        }
+        self.seen.insert(fingerprint);
     }
 }
 
@@ -152,18 +163,13 @@ impl Node {
     /// Verifies a token and makes sure its user exists in the store.
     pub async fn authenticate(&self, token: &str) -> Result<UserRef, ChatError> {
         let user = self.tokens.verify(token)?;
-        let fingerprint = {
-            let known_users = self.known_users.lock().expect("known users");
-            let fingerprint = known_users.fingerprint(&user);
-            (!known_users.seen.contains(&fingerprint)).then_some(fingerprint)
-        };
-        if let Some(fingerprint) = fingerprint {
+        let unknown = self.known_users.lock().expect("known users").unknown(&user);
+        if let Some(fingerprint) = unknown {
             self.store.ensure_user(&user).await?;
-            let mut known_users = self.known_users.lock().expect("known users");
-            if known_users.seen.len() >= KNOWN_USERS_CAP {
-                known_users.seen.clear();
-            }
-            known_users.seen.insert(fingerprint);
+            self.known_users
+                .lock()
+                .expect("known users")
+                .remember(fingerprint);
         }
         Ok(user)
     }
