@@ -443,19 +443,39 @@ fn rewind(conn: &Connection) -> bool {
     }
 }
 
-/// A PASSIVE checkpoint, which never waits for the writer or readers.
-fn checkpoint(conn: &Connection) {
+/// A PASSIVE checkpoint, which never waits for the writer or readers. Returns how many of the
+/// WAL's frames are now in the database file, if it ran.
+fn checkpoint(conn: &Connection) -> Option<u32> {
     match conn.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE) {
-        Ok(_) => {}
+        Ok((_, copied)) => u32::try_from(copied).ok(),
         // Another checkpoint is running: nothing to do.
-        Err(err) if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => {}
-        Err(err) => tracing::warn!(error = %err, "WAL checkpoint failed"),
+        Err(err) if err.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) => None,
+        Err(err) => {
+            tracing::warn!(error = %err, "WAL checkpoint failed");
+            None
+        }
     }
 }
 
-/// The checkpointer thread: a PASSIVE checkpoint whenever the writer asks for one, and now and
-/// then once the WAL holds `from_frames` frames, until the store closes. It never blocks the
-/// writer or readers.
+/// Frames the checkpointer leaves for the writer's rewind to copy: it passes over the WAL
+/// again while more than this many were committed during its last pass.
+///
+/// The rewind stalls every commit for its copy and two fsyncs, and a pass takes long enough
+/// (tens of milliseconds at W2's 10,000 messages a second, more as the database grows) that
+/// the writer commits hundreds or thousands of frames meanwhile; the rewind used to copy all
+/// of them. Each further pass copies only what came during the one before, so the remainder
+/// shrinks quickly. W2 over 45 s: the rewinds' stalls 16-129 ms -> 3-90 ms, p99 112 -> 66 ms
+/// (BENCHMARKS.md, 2026-12-02 afternoon).
+const CATCH_UP_FRAMES: u32 = 64;
+
+/// Passes per request at most, so a writer that commits faster than a pass copies cannot
+/// keep the checkpointer from answering (the writer then copies the rest itself).
+const CATCH_UP_PASSES: u32 = 8;
+
+/// The checkpointer thread: PASSIVE checkpoints whenever the writer asks for them (repeated
+/// until little is left for the writer's rewind, see [`CATCH_UP_FRAMES`]), and now and then
+/// once the WAL holds `from_frames` frames, until the store closes. It never blocks the writer
+/// or readers.
 fn run_checkpointer(
     conn: Connection,
     commands: mpsc::Receiver<Checkpoint>,
@@ -471,8 +491,16 @@ fn run_checkpointer(
         if !requested && wal.frames.load(Ordering::Relaxed) < from_frames {
             continue;
         }
-        checkpoint(&conn);
+        let mut copied = checkpoint(&conn);
         if requested {
+            let mut passes = 1;
+            while let Some(done) = copied
+                && passes < CATCH_UP_PASSES
+                && wal.frames.load(Ordering::Relaxed).saturating_sub(done) > CATCH_UP_FRAMES
+            {
+                copied = checkpoint(&conn);
+                passes += 1;
+            }
             wal.pass_done.store(true, Ordering::Release);
         }
     }
