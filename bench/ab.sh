@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Compares builds of confab (and peers) on one workload: interleaved runs of bench/run.sh, one
+# results folder per label, then one line per label with the medians.
+#
+# Usage: bench/ab.sh WORKLOAD OUT RUNS LABEL=WHAT... [-- bench/run.sh options]
+#   WHAT is a confab binary with the `bench` subcommand (a release build of some commit, or a
+#   script that sets CONFAB_* variables and execs one), or peer:TARGET for a bench/run.sh
+#   target such as peer:floor or peer:axum-broadcast:tuned.
+# Example, this tree's build against an older one and the floor at W2's half load:
+#   bench/ab.sh w2 /tmp/ab 3 new=target/release/confab old=/tmp/confab-old peer:floor \
+#     -- --connections 5000 --rooms 500
+# A LABEL without `=` is taken as peer:LABEL's label (`floor` above). Runs are interleaved (run
+# 1 of every label, then run 2, ...) so that a noisy period of the machine does not fall on one
+# build, and each takes the lock /tmp/confab-bench.lock, so two comparisons never overlap.
+# Prints, per label: CPU per delivery (median and each run), p99 per run, lost deliveries, and
+# RSS per connection (W3), acked/s (W4) or time until all caught up (W5) where they apply, and
+# whether the generator was saturated in any run (its figures are then lower bounds).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+[ $# -ge 4 ] || { sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//' >&2; exit 2; }
+WORKLOAD=$1 OUT=$2 RUNS=$3
+shift 3
+LABELS=()
+while [ $# -gt 0 ] && [ "$1" != "--" ]; do LABELS+=("$1"); shift; done
+[ "${1:-}" = "--" ] && shift
+command -v jq >/dev/null || { echo "ab.sh: needs jq" >&2; exit 2; }
+
+for run in $(seq 1 "$RUNS"); do
+    for entry in "${LABELS[@]}"; do
+        case $entry in
+            *=*) label=${entry%%=*} what=${entry#*=} ;;
+            peer:*) what=$entry label=${entry#peer:} label=${label//:/-} ;;
+            *) what=peer:$entry label=${entry//:/-} ;;
+        esac
+        status=0
+        if [[ $what == peer:* ]]; then
+            flock /tmp/confab-bench.lock "$ROOT/bench/run.sh" "$WORKLOAD" "${what#peer:}" \
+                --run "$run" --out "$OUT/$label" "$@" >/dev/null 2>&1 || status=$?
+        else
+            CONFAB_BIN=$(realpath "$what") flock /tmp/confab-bench.lock "$ROOT/bench/run.sh" \
+                "$WORKLOAD" confab --run "$run" --out "$OUT/$label" "$@" >/dev/null 2>&1 || status=$?
+        fi
+        echo "run $run of $label: exit $status" >&2
+    done
+done
+
+median='sort_by(.) | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
+        else (.[length / 2 - 1] + .[length / 2]) / 2 end'
+for entry in "${LABELS[@]}"; do
+    case $entry in
+        *=*) label=${entry%%=*} ;;
+        peer:*) label=${entry#peer:} label=${label//:/-} ;;
+        *) label=${entry//:/-} ;;
+    esac
+    shopt -s nullglob
+    files=("$OUT/$label/$WORKLOAD"-*.json)
+    shopt -u nullglob
+    [ ${#files[@]} -gt 0 ] || { echo "$label: no results"; continue; }
+    jq -rs --arg name "$label" "
+        def median: $median;
+        def r(n): if . == null then \"-\" else (. * pow(10; n) | round / pow(10; n) | tostring) end;
+        [.[] | .server.cpu_us_per_delivery | select(. != null)] as \$cpu
+        | \"\(\$name): \(length) runs\"
+          + (if (\$cpu | length) > 0 then
+               \", µs/delivery \(\$cpu | median | r(2)) [\(\$cpu | map(r(2)) | join(\" \"))]\" else \"\" end)
+          + (if .[0].mode != \"idle\" then
+               \", p99 ms [\(map(.latency_us.p99 / 1000 | r(1)) | join(\" \"))]\" else \"\" end)
+          + \", lost [\(map(.lost | tostring) | join(\" \"))]\"
+          + (if .[0].mode == \"idle\" then
+               \", KiB/conn \(map(.server.rss_kib_per_connection) | median | r(2)), handshakes/s \(map(.handshakes_per_s) | median | r(0))\"
+             else \"\" end)
+          + (if .[0].durable != null then
+               \", acked/s \(map(.durable.acked_per_s) | median | r(0)) [\(map(.durable.acked_per_s | r(0)) | join(\" \"))]\" else \"\" end)
+          + (if .[0].resume != null then
+               \", all caught up ms [\(map(.resume.all_caught_up_ms | r(0)) | join(\" \"))], gaps \(map(.resume.gaps) | add), duplicates \(map(.resume.duplicates) | add)\" else \"\" end)
+          + (if any(.[]; .generator.saturated) then \", generator saturated\" else \"\" end)
+    " "${files[@]}"
+done
