@@ -12,6 +12,7 @@
 //! - `(user, client_id)` is unique: appending a known pair returns the original message with
 //!   `duplicate = true` and stores nothing.
 
+mod retry_keys;
 mod sqlite;
 
 pub use sqlite::SqliteStore;

@@ -22,6 +22,7 @@ use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::retry_keys::RetryKeys;
 use super::{
     Appended, HistoryPage, HistoryQuery, JoinSnapshot, NewMessage, RoomListing, RoomMember,
     RoomRecord, Store, StoreError, format_timestamp, now_ms,
@@ -64,6 +65,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_messages_rowid.sql"),
     include_str!("../../migrations/sqlite/0003_room_keys.sql"),
     include_str!("../../migrations/sqlite/0004_member_names.sql"),
+    include_str!("../../migrations/sqlite/0005_client_keys.sql"),
 ];
 
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
@@ -747,6 +749,9 @@ struct TailCache {
     members: usize,
     /// What the append waiting for its commit learned, with `total_changes` after it.
     pending: Option<(u64, Vec<(String, CachedRoom)>)>,
+    /// Retry keys not yet in `client_keys`. Unlike the rest, other writes leave them true
+    /// (each is checked against its message when found); only a failed append empties them.
+    retry: RetryKeys,
 }
 
 #[derive(Debug, Default)]
@@ -779,6 +784,7 @@ impl TailCache {
         let (Some((changes, learned)), true) = (pending, committed) else {
             if !committed {
                 self.forget();
+                self.retry.forget();
             }
             return;
         };
@@ -832,19 +838,19 @@ fn append_batch(
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
     let mut cache = lock_tails(tails);
     cache.check(conn);
+    cache.retry.load(conn)?;
     let mut rooms: HashMap<String, RoomTail> = HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
+    // The last rowid inserted, for the retry keys' low mark.
+    let mut newest = None;
     // `OR FAIL`: nothing in this single-row statement can fail half-way, and without it
     // SQLite keeps a statement journal for each execution, copying
-    // every page the transaction already dirtied. The upsert clause makes a known
-    // (user, client_id) a no-op instead of an error: the first lookup of a retry is the
-    // insert itself, and a fresh message costs no extra SELECT.
+    // every page the transaction already dirtied.
     let mut insert = conn
         .prepare_cached(
             "INSERT OR FAIL INTO messages
                  (room_key, seq, id, user_id, user_name, content, client_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT (user_id, client_id) WHERE client_id IS NOT NULL DO NOTHING",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )
         .map_err(db_err)?;
     for msg in batch {
@@ -875,7 +881,7 @@ fn append_batch(
         let Some((key, last_seq)) = tail.room.filter(|_| member) else {
             // A retry of a message stored before its author left (or the room went) is still
             // answered with the original.
-            if let Some(original) = select_by_client_id(conn, &msg)? {
+            if let Some(original) = select_retried(conn, &cache.retry, &msg)? {
                 results.push(Ok(original));
                 continue;
             }
@@ -889,8 +895,12 @@ fn append_batch(
             }));
             continue;
         };
+        if let Some(original) = select_retried(conn, &cache.retry, &msg)? {
+            results.push(Ok(original));
+            continue;
+        }
         let seq = last_seq + 1;
-        let inserted = insert
+        insert
             .execute(params![
                 key,
                 seq,
@@ -902,13 +912,10 @@ fn append_batch(
                 msg.timestamp_ms
             ])
             .map_err(db_err)?;
-        if inserted == 0 {
-            // Only the (user, client_id) upsert target can turn an insert into a no-op.
-            let original = select_by_client_id(conn, &msg)?.ok_or_else(|| {
-                StoreError::Database("a message insert was skipped with no row to match".into())
-            })?;
-            results.push(Ok(original));
-            continue;
+        let rowid = conn.last_insert_rowid();
+        newest = Some(rowid);
+        if let Some(client_id) = &msg.client_id {
+            cache.retry.add(&msg.user.id, client_id.clone(), rowid);
         }
         tail.room = Some((key, seq));
         results.push(Ok(Appended {
@@ -925,6 +932,7 @@ fn append_batch(
         }));
     }
     drop(insert);
+    cache.retry.write_due(conn, newest)?;
     let learned = rooms
         .into_iter()
         .filter_map(|(room, tail)| {
@@ -968,28 +976,35 @@ fn is_member(conn: &Connection, room: &str, user_id: &str) -> Result<bool, Store
         .map_err(db_err)
 }
 
-/// The stored message with the same author and `client_id`, marked duplicate.
-fn select_by_client_id(
+/// The stored message with the same author and `client_id`, marked duplicate. The key found
+/// is checked against the row it names, which a deleted room may have emptied (or a later
+/// message taken over).
+fn select_retried(
     conn: &Connection,
+    keys: &RetryKeys,
     msg: &NewMessage,
 ) -> Result<Option<Appended>, StoreError> {
     let Some(client_id) = &msg.client_id else {
         return Ok(None);
     };
+    let Some(rowid) = keys.find(conn, &msg.user.id, client_id)? else {
+        return Ok(None);
+    };
     let message = conn
         .prepare_cached(&format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN rooms r ON r.key = m.room_key
-             WHERE m.user_id = ?1 AND m.client_id = ?2"
+             WHERE m.rowid = ?1"
         ))
-        .and_then(|mut stmt| {
-            stmt.query_row(params![msg.user.id, client_id], message_from_row)
-                .optional()
-        })
+        .and_then(|mut stmt| stmt.query_row([rowid], message_from_row).optional())
         .map_err(db_err)?;
-    Ok(message.map(|message| Appended {
-        message,
-        duplicate: true,
-    }))
+    Ok(message
+        .filter(|message| {
+            message.user.id == msg.user.id && message.client_id.as_deref() == Some(client_id)
+        })
+        .map(|message| Appended {
+            message,
+            duplicate: true,
+        }))
 }
 
 #[async_trait]
@@ -1164,6 +1179,14 @@ impl Store for SqliteStore {
     async fn delete_room(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
         self.write(move |conn| {
+            conn.execute(
+                "DELETE FROM client_keys WHERE (user_id, client_id) IN (
+                     SELECT user_id, client_id FROM messages
+                     WHERE room_key = (SELECT key FROM rooms WHERE id = ?1)
+                       AND client_id IS NOT NULL)",
+                [&id],
+            )
+            .map_err(db_err)?;
             conn.execute(
                 "DELETE FROM messages WHERE room_key = (SELECT key FROM rooms WHERE id = ?1)",
                 [&id],
@@ -1572,12 +1595,119 @@ mod tests {
         assert!(cache.rooms.is_empty());
     }
 
+    /// A store in `dir` with user `a`, member of room `r`.
+    async fn store_with_a_in_r(dir: &Path) -> SqliteStore {
+        let store = SqliteStore::open(dir, SqliteSync::Normal).unwrap();
+        store.ensure_user(&user("a")).await.unwrap();
+        store.create_room(&room("r"), &["a".into()]).await.unwrap();
+        store
+    }
+
+    /// Appends one message alone and returns how it was stored.
+    async fn append_one(store: &SqliteStore, msg: NewMessage) -> Appended {
+        store.append(vec![msg]).await.unwrap().remove(0).unwrap()
+    }
+
+    /// Sends `count` messages from `a` to `r` with client ids `c{from}`.. one append each,
+    /// and returns whether each was a duplicate.
+    async fn send_keyed(store: &SqliteStore, from: usize, count: usize) -> Vec<bool> {
+        let mut duplicates = Vec::new();
+        for i in from..from + count {
+            let key = format!("c{i}");
+            let appended = append_one(store, message("r", "a", &key, Some(&key))).await;
+            duplicates.push(appended.duplicate);
+        }
+        duplicates
+    }
+
+    fn client_keys_rows(dir: &Path) -> i64 {
+        Connection::open(dir.join("confab.db"))
+            .unwrap()
+            .query_row("SELECT count(*) FROM client_keys", [], |row| row.get(0))
+            .unwrap()
+    }
+
+    /// Retries are recognised whether their key still waits in memory, was written to
+    /// `client_keys` with the author's next ones, or was read back after a restart.
     #[tokio::test]
-    async fn seqs_are_gap_free_and_client_ids_dedupe() {
+    async fn retries_are_recognised_wherever_their_key_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_a_in_r(dir.path()).await;
+        assert_eq!(send_keyed(&store, 0, 40).await, vec![false; 40]);
+        // The first 32 were written together; 8 wait.
+        assert_eq!(client_keys_rows(dir.path()), 32);
+        assert_eq!(lock_tails(&store.tails).retry.waiting(), 8);
+        // A written key and a waiting one.
+        assert_eq!(send_keyed(&store, 3, 1).await, vec![true]);
+        assert_eq!(send_keyed(&store, 37, 1).await, vec![true]);
+        let retried = append_one(&store, message("r", "a", "again", Some("c37"))).await;
+        assert_eq!(
+            (retried.message.seq, retried.message.content.as_str()),
+            (38, "c37")
+        );
+        store.close();
+        drop(store);
+
+        // The waiting keys are read back from the messages after the low mark.
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        assert_eq!(send_keyed(&store, 39, 2).await, vec![true, false]);
+        assert_eq!(send_keyed(&store, 0, 1).await, vec![true]);
+        let page = store
+            .history("r", HistoryQuery::Latest { limit: 100 })
+            .await
+            .unwrap();
+        assert_eq!(page.last_seq, 41, "each key stored once");
+    }
+
+    /// A quiet author's keys are written once the newest message is far enough ahead (50 rows
+    /// in tests), so the low mark, and what a restart reads back, does not stay behind.
+    #[tokio::test]
+    async fn a_quiet_authors_keys_are_written_when_left_behind() {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
         store.ensure_user(&user("a")).await.unwrap();
+        store.ensure_user(&user("b")).await.unwrap();
+        store
+            .create_room(&room("r"), &["a".into(), "b".into()])
+            .await
+            .unwrap();
+        store
+            .append(vec![message("r", "b", "quiet", Some("q"))])
+            .await
+            .unwrap();
+        // 31 of a's keys wait with b's; the 51st message leaves b's key 50 rows behind.
+        assert_eq!(send_keyed(&store, 0, 31).await, vec![false; 31]);
+        assert_eq!(lock_tails(&store.tails).retry.waiting(), 32);
+        assert_eq!(send_keyed(&store, 31, 20).await, vec![false; 20]);
+        let rows = client_keys_rows(dir.path());
+        assert_eq!(rows, 32 + 1, "a's first 32 and b's one");
+        let low: i64 = Connection::open(dir.path().join("confab.db"))
+            .unwrap()
+            .query_row("SELECT low FROM client_keys_pending", [], |row| row.get(0))
+            .unwrap();
+        assert!(low > 1, "the low mark moved past b's message");
+        let retried = append_one(&store, message("r", "b", "quiet again", Some("q"))).await;
+        assert!(retried.duplicate);
+    }
+
+    /// A deleted room takes its messages' keys with it: they can be used again.
+    #[tokio::test]
+    async fn a_deleted_rooms_keys_can_be_used_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_a_in_r(dir.path()).await;
+        // 33 keys: 32 written to client_keys, one waiting in memory.
+        assert_eq!(send_keyed(&store, 0, 33).await, vec![false; 33]);
+        store.delete_room("r").await.unwrap();
+        assert_eq!(client_keys_rows(dir.path()), 0);
         store.create_room(&room("r"), &["a".into()]).await.unwrap();
+        assert_eq!(send_keyed(&store, 31, 2).await, vec![false, false]);
+        assert_eq!(send_keyed(&store, 31, 2).await, vec![true, true]);
+    }
+
+    #[tokio::test]
+    async fn seqs_are_gap_free_and_client_ids_dedupe() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_a_in_r(dir.path()).await;
         let results = store
             .append(vec![
                 message("r", "a", "one", Some("c1")),

@@ -1,0 +1,195 @@
+//! The SQLite store's retry keys: which `client_id`s each user has already stored, so that a
+//! retry is answered with the original message instead of being stored twice.
+//!
+//! The keys are not an index of the messages table. There, a user's entries share a page of
+//! the index, so every message dirtied a page of its own, and each checkpoint wrote as many
+//! scattered pages as messages had come in: W2's WAL rewinds grew from 8 to 120 ms over a
+//! minute (BENCHMARKS.md, 2026-12-02 afternoon). Instead a message's key waits in memory and
+//! is written to the `client_keys` table together with the same author's next ones: once the
+//! author has [`MERGE_AT`] waiting, or once the oldest has fallen [`MERGE_BEHIND`] rows behind
+//! the newest message. A few keys then share each page written.
+//!
+//! Nothing is lost in a crash: `client_keys_pending.low` is kept at or below the rowid of
+//! every waiting key, in the same transactions, and at start the keys of the messages from
+//! there on are read back. Every key found, in memory or in `client_keys`, is checked against
+//! the message it names, so one left behind by a rolled-back insert or a deleted room is
+//! ignored (and overwritten when its key is stored again).
+
+use std::collections::{BTreeMap, HashMap};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::StoreError;
+
+/// An author's waiting keys are written together once there are this many.
+const MERGE_AT: usize = 32;
+
+/// An author's waiting keys are written, whatever their number, once the oldest is this many
+/// messages behind the newest: this bounds the memory they take and the messages read at start.
+const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
+
+/// Authors whose keys are written because they fell behind, at most, per append: the work is
+/// spread over commits instead of falling on one.
+const MERGE_BEHIND_PER_APPEND: usize = 64;
+
+fn db_err(err: rusqlite::Error) -> StoreError {
+    StoreError::Database(err.to_string())
+}
+
+/// The keys not yet in `client_keys`. Owned by the writer thread (through the tail cache's
+/// lock); after a failed commit it is emptied and read back from the database.
+#[derive(Debug, Default)]
+pub(super) struct RetryKeys {
+    /// Whether this holds what the database says; false at first and after a failed commit.
+    loaded: bool,
+    /// Each author's waiting keys: `client_id` and the message's rowid, oldest first.
+    waiting: HashMap<String, Vec<(String, i64)>>,
+    /// Each author with waiting keys, under the rowid of their oldest.
+    oldest: BTreeMap<i64, String>,
+    /// Authors who reached [`MERGE_AT`] in the current append.
+    full: Vec<String>,
+    /// `client_keys_pending.low` as stored.
+    low: i64,
+}
+
+impl RetryKeys {
+    /// Forgets everything, to be read back from the database before the next use (after a
+    /// commit that failed: the waiting keys may name rows that were rolled back, and keys
+    /// moved to `client_keys` in it are not there).
+    pub(super) fn forget(&mut self) {
+        *self = RetryKeys::default();
+    }
+
+    /// Reads the waiting keys back from the messages at or after the stored low mark, if they
+    /// are not loaded.
+    pub(super) fn load(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.loaded {
+            return Ok(());
+        }
+        self.forget();
+        self.low = conn
+            .query_row("SELECT low FROM client_keys_pending", [], |row| row.get(0))
+            .map_err(db_err)?;
+        let mut stmt = conn
+            .prepare(
+                "SELECT rowid, user_id, client_id FROM messages
+                 WHERE rowid >= ?1 AND client_id IS NOT NULL ORDER BY rowid",
+            )
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([self.low], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get(2)?))
+            })
+            .map_err(db_err)?;
+        for row in rows {
+            let (rowid, user, client_id): (i64, String, String) = row.map_err(db_err)?;
+            self.add(&user, client_id, rowid);
+        }
+        self.full.clear();
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// The rowid of the message `user` stored with `client_id`, if any. It may name a row that
+    /// no longer holds that message: check it (see [`RetryKeys`]).
+    pub(super) fn find(
+        &self,
+        conn: &Connection,
+        user: &str,
+        client_id: &str,
+    ) -> Result<Option<i64>, StoreError> {
+        let waiting = self.waiting.get(user).and_then(|keys| {
+            keys.iter()
+                .rev()
+                .find(|(key, _)| key == client_id)
+                .map(|&(_, rowid)| rowid)
+        });
+        if waiting.is_some() {
+            return Ok(waiting);
+        }
+        conn.prepare_cached("SELECT message FROM client_keys WHERE user_id = ?1 AND client_id = ?2")
+            .and_then(|mut stmt| {
+                stmt.query_row([user, client_id], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(db_err)
+    }
+
+    /// Records the key of a message just inserted as `rowid`.
+    pub(super) fn add(&mut self, user: &str, client_id: String, rowid: i64) {
+        match self.waiting.get_mut(user) {
+            Some(keys) => {
+                keys.push((client_id, rowid));
+                if keys.len() == MERGE_AT {
+                    self.full.push(user.to_owned());
+                }
+            }
+            None => {
+                self.oldest.insert(rowid, user.to_owned());
+                self.waiting
+                    .insert(user.to_owned(), vec![(client_id, rowid)]);
+            }
+        }
+    }
+
+    /// At the end of an append, in its transaction: writes the keys that are due to
+    /// `client_keys` (authors with [`MERGE_AT`] waiting, and a few of those whose oldest fell
+    /// [`MERGE_BEHIND`] behind `newest`, the append's last rowid) and moves the low mark.
+    pub(super) fn write_due(
+        &mut self,
+        conn: &Connection,
+        newest: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut due = std::mem::take(&mut self.full);
+        if let Some(newest) = newest {
+            due.extend(
+                self.oldest
+                    .iter()
+                    .take_while(|&(&rowid, _)| rowid <= newest - MERGE_BEHIND)
+                    .take(MERGE_BEHIND_PER_APPEND)
+                    .map(|(_, user)| user.clone()),
+            );
+        }
+        if !due.is_empty() {
+            let mut insert = conn
+                .prepare_cached(
+                    "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
+                     VALUES (?1, ?2, ?3)",
+                )
+                .map_err(db_err)?;
+            for user in due {
+                // An author can be due twice (full and behind); the first write took them.
+                let Some(mut keys) = self.waiting.remove(&user) else {
+                    continue;
+                };
+                self.oldest.remove(&keys[0].1);
+                // Stable: of two entries for one key (the first naming a deleted message),
+                // the later is written last and stays.
+                keys.sort_by(|a, b| a.0.cmp(&b.0));
+                for (client_id, rowid) in &keys {
+                    insert
+                        .execute(params![user, client_id, rowid])
+                        .map_err(db_err)?;
+                }
+            }
+        }
+        let low = match (self.oldest.first_key_value(), newest) {
+            (Some((&oldest, _)), _) => oldest,
+            (None, Some(newest)) => newest + 1,
+            (None, None) => return Ok(()),
+        };
+        if low != self.low {
+            conn.prepare_cached("UPDATE client_keys_pending SET low = ?1")
+                .and_then(|mut stmt| stmt.execute([low]))
+                .map_err(db_err)?;
+            self.low = low;
+        }
+        Ok(())
+    }
+
+    /// Keys waiting in memory, for tests.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.waiting.values().map(Vec::len).sum()
+    }
+}
