@@ -15,7 +15,7 @@
 //! the message it names, so one left behind by a rolled-back insert or a deleted room is
 //! ignored (and overwritten when its key is stored again).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -42,10 +42,10 @@ fn db_err(err: rusqlite::Error) -> StoreError {
 pub(super) struct RetryKeys {
     /// Whether this holds what the database says; false at first and after a failed commit.
     loaded: bool,
-    /// Each author's waiting keys: `client_id` and the message's rowid, oldest first.
+    /// Each author's waiting keys: `client_id` and the message's rowid, in insert order.
     waiting: HashMap<String, Vec<(String, i64)>>,
-    /// Each author with waiting keys, under the rowid of their oldest.
-    oldest: BTreeMap<i64, String>,
+    /// Each author with waiting keys, with the lowest rowid among them.
+    oldest: BTreeSet<(i64, String)>,
     /// Authors who reached [`MERGE_AT`] in the current append.
     full: Vec<String>,
     /// `client_keys_pending.low` as stored.
@@ -119,13 +119,19 @@ impl RetryKeys {
     pub(super) fn add(&mut self, user: &str, client_id: String, rowid: i64) {
         match self.waiting.get_mut(user) {
             Some(keys) => {
+                // Rowids only grow, unless a deleted room took the newest messages: then the
+                // author's entry in `oldest` moves down to this one.
+                let first = first_rowid(keys);
+                if rowid < first && self.oldest.remove(&(first, user.to_owned())) {
+                    self.oldest.insert((rowid, user.to_owned()));
+                }
                 keys.push((client_id, rowid));
                 if keys.len() == MERGE_AT {
                     self.full.push(user.to_owned());
                 }
             }
             None => {
-                self.oldest.insert(rowid, user.to_owned());
+                self.oldest.insert((rowid, user.to_owned()));
                 self.waiting
                     .insert(user.to_owned(), vec![(client_id, rowid)]);
             }
@@ -145,7 +151,7 @@ impl RetryKeys {
             due.extend(
                 self.oldest
                     .iter()
-                    .take_while(|&(&rowid, _)| rowid <= newest - MERGE_BEHIND)
+                    .take_while(|&&(rowid, _)| rowid <= newest - MERGE_BEHIND)
                     .take(MERGE_BEHIND_PER_APPEND)
                     .map(|(_, user)| user.clone()),
             );
@@ -162,7 +168,7 @@ impl RetryKeys {
                 let Some(mut keys) = self.waiting.remove(&user) else {
                     continue;
                 };
-                self.oldest.remove(&keys[0].1);
+                let first = first_rowid(&keys);
                 // Stable: of two entries for one key (the first naming a deleted message),
                 // the later is written last and stays.
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
@@ -171,10 +177,11 @@ impl RetryKeys {
                         .execute(params![user, client_id, rowid])
                         .map_err(db_err)?;
                 }
+                self.oldest.remove(&(first, user));
             }
         }
-        let low = match (self.oldest.first_key_value(), newest) {
-            (Some((&oldest, _)), _) => oldest,
+        let low = match (self.oldest.first(), newest) {
+            (Some(&(oldest, _)), _) => oldest,
             (None, Some(newest)) => newest + 1,
             (None, None) => return Ok(()),
         };
@@ -192,4 +199,12 @@ impl RetryKeys {
     pub(super) fn waiting(&self) -> usize {
         self.waiting.values().map(Vec::len).sum()
     }
+}
+
+/// The lowest rowid among an author's waiting keys: the author's entry in `oldest`.
+fn first_rowid(keys: &[(String, i64)]) -> i64 {
+    keys.iter()
+        .map(|&(_, rowid)| rowid)
+        .min()
+        .unwrap_or(i64::MAX)
 }
