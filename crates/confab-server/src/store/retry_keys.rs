@@ -20,6 +20,7 @@ use std::collections::{BTreeSet, HashMap};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
+use super::sqlite::db_err;
 
 /// An author's waiting keys are written together once there are this many.
 const MERGE_AT: usize = 32;
@@ -32,10 +33,6 @@ const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
 /// spread over commits instead of falling on one.
 const MERGE_BEHIND_PER_APPEND: usize = 64;
 
-fn db_err(err: rusqlite::Error) -> StoreError {
-    StoreError::Database(err.to_string())
-}
-
 /// The keys not yet in `client_keys`. Owned by the writer thread (through the tail cache's
 /// lock); after a failed commit it is emptied and read back from the database.
 #[derive(Debug, Default)]
@@ -46,7 +43,8 @@ pub(super) struct RetryKeys {
     waiting: HashMap<String, Vec<(String, i64)>>,
     /// Each author with waiting keys, with the lowest rowid among them.
     oldest: BTreeSet<(i64, String)>,
-    /// Authors who reached [`MERGE_AT`] in the current append.
+    /// Authors who reached [`MERGE_AT`] since keys were last written (in an append, or while
+    /// loading: they are written at the next append).
     full: Vec<String>,
     /// `client_keys_pending.low` as stored.
     low: i64,
@@ -85,7 +83,6 @@ impl RetryKeys {
             let (rowid, user, client_id): (i64, String, String) = row.map_err(db_err)?;
             self.add(&user, client_id, rowid);
         }
-        self.full.clear();
         self.loaded = true;
         Ok(())
     }

@@ -102,7 +102,7 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
-fn db_err(err: rusqlite::Error) -> StoreError {
+pub(super) fn db_err(err: rusqlite::Error) -> StoreError {
     StoreError::Database(err.to_string())
 }
 
