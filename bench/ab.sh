@@ -26,13 +26,18 @@ while [ $# -gt 0 ] && [ "$1" != "--" ]; do LABELS+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
 command -v jq >/dev/null || { echo "ab.sh: needs jq" >&2; exit 2; }
 
+# Sets `label` and `what` for one LABEL=WHAT, peer:TARGET or bare TARGET argument.
+parse_entry() {
+    case $1 in
+        *=*) label=${1%%=*} what=${1#*=} ;;
+        peer:*) what=$1 label=${1#peer:} label=${label//:/-} ;;
+        *) what=peer:$1 label=${1//:/-} ;;
+    esac
+}
+
 for run in $(seq 1 "$RUNS"); do
     for entry in "${LABELS[@]}"; do
-        case $entry in
-            *=*) label=${entry%%=*} what=${entry#*=} ;;
-            peer:*) what=$entry label=${entry#peer:} label=${label//:/-} ;;
-            *) what=peer:$entry label=${entry//:/-} ;;
-        esac
+        parse_entry "$entry"
         status=0
         if [[ $what == peer:* ]]; then
             flock /tmp/confab-bench.lock "$ROOT/bench/run.sh" "$WORKLOAD" "${what#peer:}" \
@@ -48,11 +53,7 @@ done
 median='sort_by(.) | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
         else (.[length / 2 - 1] + .[length / 2]) / 2 end'
 for entry in "${LABELS[@]}"; do
-    case $entry in
-        *=*) label=${entry%%=*} ;;
-        peer:*) label=${entry#peer:} label=${label//:/-} ;;
-        *) label=${entry//:/-} ;;
-    esac
+    parse_entry "$entry"
     shopt -s nullglob
     files=("$OUT/$label/$WORKLOAD"-*.json)
     shopt -u nullglob
