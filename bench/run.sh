@@ -21,6 +21,7 @@
 # Environment:
 #   CONFAB_BIN        the confab binary (server and load generator); default: build
 #                     target/release/confab with `cargo build --release -p confab`
+#   LOG_TAIL          lines of the server's log kept in the .txt (default 20)
 #
 # Output: DIR/WORKLOAD-LABEL-PARAMS-runN.json (the generator's report plus a "driver" object
 # saying what ran) and the same name with .txt (generator summary, server log tail).
@@ -218,7 +219,7 @@ wait "$TEE_PID" || true
     echo
     echo "# command: confab ${ARGS[*]/$SECRET/SECRET}"
     echo "# server: $TARGET, pid $SERVER_PID${SERVER_ENV[*]:+, ${SERVER_ENV[*]}}; log tail:"
-    tail -20 "$LOG"
+    tail -${LOG_TAIL:-20} "$LOG"
 } >>"$TXT"
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     echo "run.sh: the server died during the run; its log:" >&2

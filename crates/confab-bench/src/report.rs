@@ -121,6 +121,25 @@ pub struct Resume {
     pub duplicates: u64,
 }
 
+/// One second of the run, as the live progress line shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Second {
+    /// End of this second, seconds since the generator began connecting.
+    pub t_s: f64,
+    /// Whether the second ended inside the measured window.
+    pub in_window: bool,
+    /// Connections up at its end.
+    pub connected: u64,
+    /// Messages published during it.
+    pub published: u64,
+    /// Deliveries received during it.
+    pub delivered: u64,
+    /// Latency of what arrived during it, ms (`None` when nothing did).
+    pub p99_ms: Option<f64>,
+    /// Largest latency of what arrived during it, ms.
+    pub max_ms: Option<f64>,
+}
+
 /// Everything a run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -186,9 +205,27 @@ pub struct Report {
     pub durable: Option<Durable>,
     /// Resume-mode figures.
     pub resume: Option<Resume>,
+    /// When the generator began connecting (the origin of the timeline's `t_s`), ms since
+    /// the Unix epoch: lines the timeline up with the server's logs.
+    pub started_unix_ms: u64,
+    /// Second by second over the whole run: a stall shows as one bad second, which the
+    /// window's percentiles spread over all the others.
+    pub timeline: Vec<Second>,
 }
 
 impl Report {
+    /// The second of the measured window whose deliveries had the highest p99.
+    pub fn worst_second(&self) -> Option<&Second> {
+        self.timeline
+            .iter()
+            .filter(|second| second.in_window && second.p99_ms.is_some())
+            .max_by(|a, b| {
+                a.p99_ms
+                    .partial_cmp(&b.p99_ms)
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+    }
+
     /// The human summary.
     pub fn summary(&self) -> String {
         let saturated = self.generator.saturated;
@@ -229,6 +266,15 @@ impl Report {
                 out,
                 "  latency      p50 {:.0} µs  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}{upper}",
                 l.p50, l.p90, l.p99, l.p999, l.max
+            );
+        }
+        if let Some(worst) = self.worst_second() {
+            let _ = writeln!(
+                out,
+                "  worst second p99 {:.1} ms  max {:.1} ms  (at {:.0} s; `timeline` in the JSON)",
+                worst.p99_ms.unwrap_or(0.0),
+                worst.max_ms.unwrap_or(0.0),
+                worst.t_s
             );
         }
         if let Some(durable) = &self.durable {

@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::BenchArgs;
 use crate::payload::{self, Clock, Stamp};
-use crate::report::{Durable, Generator, Percentiles, Report, Resume, ServerFigures};
+use crate::report::{Durable, Generator, Percentiles, Report, Resume, Second, ServerFigures};
 use crate::stats::{self, Arrival, ProcSample, PublisherTally, Receipts, Recorder, Shard};
 use crate::target::{Incoming, SetupError, Target, confab_reply, next_text};
 use crate::wire::{Opcode, WireError, WsConn};
@@ -215,6 +215,10 @@ struct Ctx {
     /// message can be counted later: the drain's expectation is final and a message sent "just
     /// after stop" can never be mistaken for a lost one.
     publishing: std::sync::RwLock<bool>,
+    /// One entry per second of the run (see [`spawn_progress`]).
+    timeline: Mutex<Vec<Second>>,
+    /// When the timeline starts, ms since the Unix epoch.
+    started_unix_ms: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -375,6 +379,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         connect_times: Mutex::new(stats::histogram()),
         errors: Mutex::new(Errors::default()),
         publishing: std::sync::RwLock::new(true),
+        timeline: Mutex::new(Vec::new()),
+        started_unix_ms: AtomicU64::new(0),
         args,
     });
     match plan.mode {
@@ -856,39 +862,52 @@ fn acked(p: &mut Publisher, shard: &mut Shard, seq: u64, now: u64, (start, end):
     }
 }
 
-/// Once a second on a terminal: connections up, published/s, delivered/s, current p99.
+/// Once a second: adds a [`Second`] to the timeline and, on a terminal, prints it as a
+/// progress line (connections up, published/s, delivered/s, current p99).
 fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
     use std::io::IsTerminal as _;
     let ctx = Arc::clone(ctx);
     tokio::spawn(async move {
-        if ctx.args.quiet || !std::io::stderr().is_terminal() {
-            return;
-        }
+        let show = !ctx.args.quiet && std::io::stderr().is_terminal();
         let started = Instant::now();
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        ctx.started_unix_ms.store(unix_ms, Ordering::Relaxed);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
         loop {
             tick.tick().await;
             let interval = ctx.recorder.take_interval();
-            let p99 = if interval.interval_latency.is_empty() {
-                "-".to_string()
-            } else {
-                format!(
-                    "{:.2} ms",
-                    interval.interval_latency.value_at_quantile(0.99) as f64 / 1e6
-                )
+            let now = ctx.clock.now_ns();
+            let latency = &interval.interval_latency;
+            let ms = |ns: u64| ns as f64 / 1e6;
+            let second = Second {
+                t_s: started.elapsed().as_secs_f64(),
+                in_window: now >= ctx.window_start_ns.load(Ordering::Acquire)
+                    && now <= ctx.window_end_ns.load(Ordering::Acquire),
+                connected: ctx.connected.load(Ordering::Relaxed),
+                published: interval.interval_published,
+                delivered: interval.interval_delivered,
+                p99_ms: (!latency.is_empty()).then(|| ms(latency.value_at_quantile(0.99))),
+                max_ms: (!latency.is_empty()).then(|| ms(latency.max())),
             };
-            let errors: u64 = ctx.errors.lock().expect("errors lock").kinds.values().sum();
-            eprintln!(
-                "[{:>4.0}s] conns {}/{}  published {}/s  delivered {}/s  p99 {}  errors {}",
-                started.elapsed().as_secs_f64(),
-                ctx.connected.load(Ordering::Relaxed),
-                ctx.args.connections,
-                interval.interval_published,
-                interval.interval_delivered,
-                p99,
-                errors
-            );
+            if show {
+                let errors: u64 = ctx.errors.lock().expect("errors lock").kinds.values().sum();
+                eprintln!(
+                    "[{:>4.0}s] conns {}/{}  published {}/s  delivered {}/s  p99 {}  errors {}",
+                    second.t_s,
+                    second.connected,
+                    ctx.args.connections,
+                    second.published,
+                    second.delivered,
+                    second
+                        .p99_ms
+                        .map_or_else(|| "-".to_string(), |p99| format!("{p99:.2} ms")),
+                    errors
+                );
+            }
+            ctx.timeline.lock().expect("timeline lock").push(second);
         }
     })
 }
@@ -991,6 +1010,8 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
             ack_latency_us: Percentiles::from_ns(&totals.ack_latency, 1e3),
         }),
         resume: None,
+        started_unix_ms: ctx.started_unix_ms.load(Ordering::Relaxed),
+        timeline: ctx.timeline.lock().expect("timeline lock").clone(),
     }
 }
 

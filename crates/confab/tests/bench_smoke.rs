@@ -76,6 +76,13 @@ fn fan_out_over_a_few_rooms_loses_nothing() {
             .is_some()
     );
     assert!(report["generator"]["cores_allowed"].as_u64().unwrap() >= 1);
+    // Seconds inside the 2.5 s window, with what arrived in each.
+    let timeline = report["timeline"].as_array().expect("a timeline");
+    let in_window: Vec<_> = timeline.iter().filter(|s| s["in_window"] == true).collect();
+    assert!(in_window.len() >= 2, "{timeline:#?}");
+    assert!(in_window.iter().all(|s| s["delivered"].as_u64() > Some(0)
+        && s["p99_ms"].as_f64() > Some(0.0)
+        && s["connected"] == 300));
 }
 
 #[test]
