@@ -723,7 +723,7 @@ fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) -> bool
     let in_window = in_window(ctx, now);
     ctx.recorder.with(|shard| {
         shard.published += 1;
-        shard.interval_published += 1;
+        shard.interval.published += 1;
         shard.published_in_window += u64::from(in_window);
     });
     true
@@ -823,8 +823,8 @@ fn deliver(
         Arrival::New => {
             let latency = now.saturating_sub(stamp.sent_ns).max(1);
             shard.delivered += 1;
-            shard.interval_delivered += 1;
-            shard.interval_latency.saturating_record(latency);
+            shard.interval.delivered += 1;
+            shard.interval.latency.saturating_record(latency);
             if now >= start && now < end {
                 shard.delivered_in_window += 1;
             }
@@ -880,15 +880,15 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
             tick.tick().await;
             let interval = ctx.recorder.take_interval();
             let now = ctx.clock.now_ns();
-            let latency = &interval.interval_latency;
+            let latency = &interval.latency;
             let ms = |ns: u64| ns as f64 / 1e6;
             let second = Second {
                 t_s: started.elapsed().as_secs_f64(),
                 in_window: now >= ctx.window_start_ns.load(Ordering::Acquire)
                     && now <= ctx.window_end_ns.load(Ordering::Acquire),
                 connected: ctx.connected.load(Ordering::Relaxed),
-                published: interval.interval_published,
-                delivered: interval.interval_delivered,
+                published: interval.published,
+                delivered: interval.delivered,
                 p99_ms: (!latency.is_empty()).then(|| ms(latency.value_at_quantile(0.99))),
                 max_ms: (!latency.is_empty()).then(|| ms(latency.max())),
             };
