@@ -83,6 +83,8 @@ pub struct Generator {
     /// `cores_used` ≥ 90 % of `cores_allowed`: the figures are bounds. Pin the generator
     /// (e.g. `taskset -c 1`) so this means "one core was full".
     pub saturated: bool,
+    /// The worst `generator_late_ms` of the window's seconds (see [`Second`]).
+    pub max_late_ms: f64,
 }
 
 /// Durable mode (W4).
@@ -138,6 +140,11 @@ pub struct Second {
     pub p99_ms: Option<f64>,
     /// Largest latency of what arrived during it, ms.
     pub max_ms: Option<f64>,
+    /// How late, at worst during it, the generator's runtime ran a task due on a 1 ms timer:
+    /// time spent behind a burst of ready connections or with its thread descheduled. What it
+    /// read then came in late by as much on the generator's side, so a bad second with a high
+    /// figure here is (partly) the generator's own.
+    pub generator_late_ms: f64,
 }
 
 /// Everything a run measured.
@@ -271,10 +278,12 @@ impl Report {
         if let Some(worst) = self.worst_second() {
             let _ = writeln!(
                 out,
-                "  worst second p99 {:.1} ms  max {:.1} ms  (at {:.0} s; `timeline` in the JSON)",
+                "  worst second p99 {:.1} ms  max {:.1} ms  (at {:.0} s, the generator up to {:.1} ms late; \
+                 `timeline` in the JSON)",
                 worst.p99_ms.unwrap_or(0.0),
                 worst.max_ms.unwrap_or(0.0),
-                worst.t_s
+                worst.t_s,
+                worst.generator_late_ms
             );
         }
         if let Some(durable) = &self.durable {
@@ -342,10 +351,11 @@ impl Report {
         let g = &self.generator;
         let _ = writeln!(
             out,
-            "  generator    CPU {:.2} s, {:.2} of {} cores{}",
+            "  generator    CPU {:.2} s, {:.2} of {} cores, up to {:.1} ms late{}",
             g.cpu_s,
             g.cores_used,
             g.cores_allowed,
+            g.max_late_ms,
             if saturated {
                 ": SATURATED, figures are bounds"
             } else {

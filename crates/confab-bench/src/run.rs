@@ -863,7 +863,8 @@ fn acked(p: &mut Publisher, shard: &mut Shard, seq: u64, now: u64, (start, end):
 }
 
 /// Once a second: adds a [`Second`] to the timeline and, on a terminal, prints it as a
-/// progress line (connections up, published/s, delivered/s, current p99).
+/// progress line (connections up, published/s, delivered/s, current p99). In between, a 1 ms
+/// timer measures how late the generator's runtime gets to it.
 fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
     use std::io::IsTerminal as _;
     let ctx = Arc::clone(ctx);
@@ -876,8 +877,18 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
         ctx.started_unix_ms.store(unix_ms, Ordering::Relaxed);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.tick().await;
+        let mut probe = tokio::time::interval(Duration::from_millis(1));
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut late = Duration::ZERO;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                biased;
+                _ = tick.tick() => {}
+                due = probe.tick() => {
+                    late = late.max(due.elapsed());
+                    continue;
+                }
+            }
             let interval = ctx.recorder.take_interval();
             let now = ctx.clock.now_ns();
             let latency = &interval.latency;
@@ -891,6 +902,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                 delivered: interval.delivered,
                 p99_ms: (!latency.is_empty()).then(|| ms(latency.value_at_quantile(0.99))),
                 max_ms: (!latency.is_empty()).then(|| ms(latency.max())),
+                generator_late_ms: std::mem::take(&mut late).as_secs_f64() * 1e3,
             };
             if show {
                 let errors: u64 = ctx.errors.lock().expect("errors lock").kinds.values().sum();
@@ -926,6 +938,7 @@ struct Figures {
 
 fn build_report(ctx: &Ctx, figures: Figures) -> Report {
     let totals = ctx.recorder.totals();
+    let timeline = ctx.timeline.lock().expect("timeline lock").clone();
     let window = figures
         .window_end
         .at
@@ -1002,6 +1015,11 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
             cores_used,
             cores_allowed,
             saturated,
+            max_late_ms: timeline
+                .iter()
+                .filter(|second| second.in_window)
+                .map(|second| second.generator_late_ms)
+                .fold(0.0, f64::max),
         },
         durable: (ctx.plan.mode == Mode::Durable).then(|| Durable {
             pipeline: ctx.args.pipeline,
@@ -1011,7 +1029,7 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
         }),
         resume: None,
         started_unix_ms: ctx.started_unix_ms.load(Ordering::Relaxed),
-        timeline: ctx.timeline.lock().expect("timeline lock").clone(),
+        timeline,
     }
 }
 

@@ -82,7 +82,9 @@ fn fan_out_over_a_few_rooms_loses_nothing() {
     assert!(in_window.len() >= 2, "{timeline:#?}");
     assert!(in_window.iter().all(|s| s["delivered"].as_u64() > Some(0)
         && s["p99_ms"].as_f64() > Some(0.0)
-        && s["connected"] == 300));
+        && s["connected"] == 300
+        && s["generator_late_ms"].as_f64() >= Some(0.0)));
+    assert!(report["generator"]["max_late_ms"].as_f64().is_some());
 }
 
 #[test]
