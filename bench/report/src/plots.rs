@@ -278,6 +278,88 @@ pub fn rss_vs_connections(groups: &[&Group], path: &Path) -> PlotResult {
     Ok(())
 }
 
+/// Each second of a group's windows (every run), as a point: how late the generator's own
+/// runtime was against the p99 of what arrived, both in ms on log axes, one colour per target.
+/// Points near the diagonal are seconds whose p99 the generator's lateness explains; those
+/// above the 10 ms line and well left of the diagonal are the server's. Nothing is drawn for
+/// runs without a timeline.
+pub fn seconds_vs_generator(group: &Group, path: &Path) -> PlotResult {
+    let lines: Vec<(String, Vec<(f64, f64)>)> = group
+        .targets
+        .iter()
+        .map(|t| {
+            let points = t
+                .runs
+                .iter()
+                .flat_map(|r| r.timeline.iter())
+                .filter(|s| s.in_window)
+                .filter_map(|s| Some((s.generator_late_ms?.max(0.1), s.p99_ms?.max(0.1))))
+                .collect();
+            (t.target.clone(), points)
+        })
+        .filter(|(_, points): &(String, Vec<_>)| !points.is_empty())
+        .collect();
+    let Some(((x0, x1), (y0, y1))) = log_bounds(&lines) else {
+        return Ok(());
+    };
+    let (low, high) = (x0.min(y0), x1.max(y1).max(20.0));
+    let root = BitMapBackend::new(path, (900, 700)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "{} {}: each second's p99 against the generator's lateness",
+                group.workload.to_uppercase(),
+                group.params
+            ),
+            (FONT, 20),
+        )
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d((low..high).log_scale(), (low..high).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("generator late at worst in the second, ms (log)")
+        .y_desc("p99 of the second, ms (log)")
+        .label_style((FONT, 14))
+        .draw()?;
+    let grey = RGBColor(160, 160, 160);
+    chart
+        .draw_series(LineSeries::new(
+            vec![(low, low), (high, high)],
+            grey.stroke_width(1),
+        ))?
+        .label("p99 = generator's lateness")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(1)));
+    chart
+        .draw_series(LineSeries::new(
+            vec![(low, 10.0), (high, 10.0)],
+            BLACK.stroke_width(1),
+        ))?
+        .label("10 ms")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
+    for (target, points) in &lines {
+        let c = colour(target);
+        chart
+            .draw_series(
+                points
+                    .iter()
+                    .map(|&p| Circle::new(p, 4, c.mix(0.7).filled())),
+            )?
+            .label(format!("{target} ({} seconds)", points.len()))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()?;
+    Ok(())
+}
+
 /// Draws every plot the groups allow into `dir` and returns the files written.
 pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>> {
     std::fs::create_dir_all(dir)?;
@@ -298,6 +380,13 @@ pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>>
         rss_vs_connections(&w3, &path)?;
         written.push(path);
     }
+    for group in groups.iter().filter(|g| g.workload == "w2") {
+        let path = dir.join(format!("w2-seconds-{}.png", group.params));
+        seconds_vs_generator(group, &path)?;
+        if path.exists() {
+            written.push(path);
+        }
+    }
     for group in groups.iter().filter(|g| g.workload == "w3") {
         let path = dir.join(format!("w3-rss-per-connection-{}.png", group.params));
         rss_per_connection(group, &path)?;
@@ -306,4 +395,53 @@ pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>>
         }
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::Second;
+    use crate::summary::TargetRuns;
+
+    fn second(p99_ms: f64, late_ms: Option<f64>) -> Second {
+        Second {
+            in_window: true,
+            p99_ms: Some(p99_ms),
+            generator_late_ms: late_ms,
+        }
+    }
+
+    fn w2(timeline: Vec<Second>) -> Group {
+        Group {
+            workload: "w2".into(),
+            params: "n10000".into(),
+            rate: 10_000.0,
+            targets: vec![TargetRuns {
+                target: "confab".into(),
+                runs: vec![Report {
+                    timeline,
+                    ..Report::default()
+                }],
+            }],
+        }
+    }
+
+    #[test]
+    fn seconds_are_plotted_only_when_the_timeline_has_the_generators_lateness() {
+        register_font().unwrap();
+        let dir = std::env::temp_dir().join(format!("confab-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("with.png");
+        seconds_vs_generator(
+            &w2(vec![second(3.0, Some(2.0)), second(40.0, Some(35.0))]),
+            &path,
+        )
+        .unwrap();
+        assert!(std::fs::metadata(&path).unwrap().len() > 1000);
+        // Reports from before the generator measured itself: nothing to plot.
+        let path = dir.join("without.png");
+        seconds_vs_generator(&w2(vec![second(3.0, None)]), &path).unwrap();
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

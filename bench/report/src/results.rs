@@ -40,6 +40,18 @@ pub struct Generator {
     pub saturated: bool,
 }
 
+/// One second of a run's timeline.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Second {
+    /// Whether it ended inside the measured window.
+    #[serde(default)]
+    pub in_window: bool,
+    /// p99 latency of what arrived in it, ms (none when nothing did).
+    pub p99_ms: Option<f64>,
+    /// How late the generator's own runtime was at worst in it, ms (absent in older reports).
+    pub generator_late_ms: Option<f64>,
+}
+
 /// Durable mode (W4).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Durable {
@@ -124,6 +136,9 @@ pub struct Report {
     pub durable: Option<Durable>,
     /// W5 figures.
     pub resume: Option<Resume>,
+    /// Second by second (absent in older reports).
+    #[serde(default)]
+    pub timeline: Vec<Second>,
     /// What ran (absent in reports not written by `bench/run.sh`).
     pub driver: Option<Driver>,
 }
