@@ -91,6 +91,20 @@ fn log_bounds(lines: &[(String, Vec<(f64, f64)>)]) -> Option<((f64, f64), (f64, 
     (x0 <= x1).then_some(((x0 / 1.3, x1 * 1.3), (y0 / 1.5, y1 * 1.5)))
 }
 
+/// The series' legend, in the upper left corner, as every plot has it.
+fn draw_legend<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+) -> PlotResult {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font((FONT, 14))
+        .draw()?;
+    Ok(())
+}
+
 /// Draws `lines` on `area` with a log-scale x axis and a log or linear y axis.
 fn line_chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
@@ -133,13 +147,7 @@ fn line_chart(
                     });
                 chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font((FONT, 14))
-                .draw()?;
+            draw_legend(&mut chart)?;
         }};
     }
     if log_y {
@@ -350,13 +358,7 @@ pub fn seconds_vs_generator(group: &Group, path: &Path) -> PlotResult {
             .label(format!("{target} ({} seconds)", points.len()))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font((FONT, 14))
-        .draw()?;
+    draw_legend(&mut chart)?;
     Ok(())
 }
 
