@@ -58,5 +58,15 @@ test("token payloads and contiguous seqs", () => {
   assert.equal(tokenPayload("garbage"), null);
   assert.equal(contiguousTop(3, new Set([4, 5, 7])), 5);
   assert.equal(contiguousTop(0, new Set()), 0);
-  assert.match(newClientId(), /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+});
+
+test("client ids are UUIDv7s that sort by time", () => {
+  const shape = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+  assert.match(newClientId(), shape);
+  // The millisecond timestamp leads: 0x018f_1c2d_3e4f.
+  assert.ok(newClientId(0x018f1c2d3e4f).startsWith("018f1c2d-3e4f-7"));
+  const ids = [];
+  for (let ms = 1_700_000_000_000; ms < 1_700_000_000_000 + 5_000; ms += 7) ids.push(newClientId(ms));
+  assert.deepEqual([...ids].sort(), ids);
+  assert.equal(new Set(ids).size, ids.length);
 });

@@ -27,7 +27,7 @@ pub mod target;
 pub mod wire;
 
 pub use report::Report;
-pub use target::Target;
+pub use target::{ClientIds, Target};
 
 /// Command-line options of `confab bench`. Owned here (not by the binary) so the tool and its
 /// options evolve together; the binary flattens them into its `bench` subcommand.
@@ -70,6 +70,10 @@ pub struct BenchArgs {
     /// Payload size in bytes (at least the stamp, about 20-40 bytes).
     #[arg(long, default_value_t = 64)]
     pub payload: usize,
+    /// How `client_id`s are made: a counter per connection (growing with time, as UUIDv7s
+    /// do) or random UUIDv4s. The server stores time-ordered ones more cheaply.
+    #[arg(long, value_enum, default_value_t = ClientIds::Counter)]
+    pub client_ids: ClientIds,
     /// Spread connections over source addresses 127.0.0.1 .. 127.0.0.K (each gives about
     /// 28,000 ephemeral ports).
     #[arg(long, default_value_t = 1)]

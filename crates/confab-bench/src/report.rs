@@ -170,6 +170,8 @@ pub struct Report {
     pub per_connection_rate: Option<f64>,
     /// Payload size, bytes.
     pub payload_bytes: usize,
+    /// How `client_id`s were made (they change what the server's store costs).
+    pub client_ids: crate::ClientIds,
     /// Length of the measured window, seconds.
     pub window_s: f64,
     /// Messages published in the window.

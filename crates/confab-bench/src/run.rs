@@ -709,7 +709,7 @@ fn publish(ctx: &Ctx, conn: &mut WsConn, room: usize, p: &mut Publisher) -> bool
     ctx.args.target.publish_text(
         &mut p.text,
         &ctx.rooms[room],
-        &p.client_prefix,
+        (&p.client_prefix, ctx.args.client_ids),
         seq,
         |out| {
             payload::encode(out, stamp, size);
@@ -991,6 +991,7 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
         rate_target: ctx.args.rate,
         per_connection_rate: ctx.plan.per_connection_rate,
         payload_bytes: ctx.args.payload,
+        client_ids: ctx.args.client_ids,
         window_s: window,
         published: totals.published_in_window,
         published_per_s: totals.published_in_window as f64 / window,
@@ -1335,11 +1336,15 @@ async fn fill_one(
             && let Some(i) = pending.pop_front()
         {
             text.clear();
-            ctx.args
-                .target
-                .publish_text(&mut text, &ctx.rooms[room], user, i, |out| {
+            ctx.args.target.publish_text(
+                &mut text,
+                &ctx.rooms[room],
+                (user, ctx.args.client_ids),
+                i,
+                |out| {
                     out.extend_from_slice(format!("fill {i}").as_bytes());
-                });
+                },
+            );
             conn.queue_text(&text);
             in_flight += 1;
         }

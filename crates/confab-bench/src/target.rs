@@ -9,6 +9,22 @@ use serde::Deserialize;
 
 use crate::wire::{WireError, WsConn};
 
+/// How the generator makes the `client_id` of each message it publishes to confab.
+///
+/// The server files each user's retry keys in `client_id` order, so the order matters to
+/// what storing a message costs: keys that grow with time are appended to the end of the
+/// user's part of the table, random ones each land on a page of their own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientIds {
+    /// `RUN-CONNECTION-SEQ`: a counter per connection, growing with time as UUIDv7s and ULIDs
+    /// do (the bundled web client sends UUIDv7s).
+    #[default]
+    Counter,
+    /// Random UUIDv4s, as clients using `crypto.randomUUID()` or `uuid4()` send.
+    Random,
+}
+
 /// Which kind of server is under test.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -109,6 +125,34 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// Writes a UUIDv4-shaped id drawn from (`prefix`, `seq`) by SplitMix64: random-looking, yet
+/// the same for the same message, with no allocation.
+fn random_uuid(out: &mut Vec<u8>, prefix: &str, seq: u64) {
+    let mut state = prefix.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    }) ^ seq.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || {
+        state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&next().to_be_bytes());
+    bytes[8..].copy_from_slice(&next().to_be_bytes());
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in bytes.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push(b'-');
+        }
+        out.push(HEX[usize::from(byte >> 4)]);
+        out.push(HEX[usize::from(byte & 0x0f)]);
+    }
+}
+
 impl Target {
     /// Path and query of the WebSocket endpoint for a connection to `room`.
     pub fn path(self, room: &str, token: Option<&str>) -> String {
@@ -161,12 +205,13 @@ impl Target {
     }
 
     /// Appends the text of the frame that publishes `payload` (written by `payload`) into
-    /// `room`. `seq` becomes the confab `ref` and, with `client_prefix`, the `client_id`.
+    /// `room`. `seq` becomes the confab `ref` and, with `client_prefix`, the `client_id`, made
+    /// as `ids` says (the same for the same prefix and seq).
     pub fn publish_text(
         self,
         out: &mut Vec<u8>,
         room: &str,
-        client_prefix: &str,
+        (client_prefix, ids): (&str, ClientIds),
         seq: u64,
         payload: impl FnOnce(&mut Vec<u8>),
     ) {
@@ -185,9 +230,14 @@ impl Target {
                 out.extend_from_slice(br#"","content":""#);
                 payload(out);
                 out.extend_from_slice(br#"","client_id":""#);
-                out.extend_from_slice(client_prefix.as_bytes());
-                out.push(b'-');
-                out.extend_from_slice(seq.to_string().as_bytes());
+                match ids {
+                    ClientIds::Counter => {
+                        out.extend_from_slice(client_prefix.as_bytes());
+                        out.push(b'-');
+                        out.extend_from_slice(seq.to_string().as_bytes());
+                    }
+                    ClientIds::Random => random_uuid(out, client_prefix, seq),
+                }
                 out.extend_from_slice(br#""}"#);
             }
         }
@@ -377,7 +427,13 @@ mod tests {
     fn publish_frames_per_target() {
         let write = |out: &mut Vec<u8>| payload::encode(out, stamp(), 0);
         let mut out = Vec::new();
-        Target::Confab.publish_text(&mut out, "room-1", "bench-x-4", 9, write);
+        Target::Confab.publish_text(
+            &mut out,
+            "room-1",
+            ("bench-x-4", ClientIds::Counter),
+            9,
+            write,
+        );
         let command: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(command["type"], "message");
         assert_eq!(command["ref"], 9);
@@ -387,8 +443,23 @@ mod tests {
         // The command parses as the server's own type.
         serde_json::from_slice::<confab_proto::ClientCommand>(&out).unwrap();
 
+        // Random ids: UUIDv4s, the same for the same message, different from message to
+        // message and from connection to connection.
+        let random_id = |prefix: &str, seq: u64| {
+            let mut out = Vec::new();
+            Target::Confab.publish_text(&mut out, "r", (prefix, ClientIds::Random), seq, write);
+            let command: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            command["client_id"].as_str().unwrap().to_string()
+        };
+        let id = random_id("bench-x-4", 9);
+        let uuid = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(uuid.get_version_num(), 4, "{id}");
+        assert_eq!(id, random_id("bench-x-4", 9));
+        assert_ne!(id, random_id("bench-x-4", 10));
+        assert_ne!(id, random_id("bench-x-5", 9));
+
         let mut out = Vec::new();
-        Target::Socketio.publish_text(&mut out, "r", "p", 9, write);
+        Target::Socketio.publish_text(&mut out, "r", ("p", ClientIds::Counter), 9, write);
         assert_eq!(out, br#"42["msg","b4-9-1234;"]"#);
         assert_eq!(
             decoded(Target::Socketio, &out),
@@ -398,7 +469,7 @@ mod tests {
         );
 
         let mut out = Vec::new();
-        Target::Raw.publish_text(&mut out, "r", "p", 9, write);
+        Target::Raw.publish_text(&mut out, "r", ("p", ClientIds::Counter), 9, write);
         assert_eq!(out, b"b4-9-1234;");
     }
 

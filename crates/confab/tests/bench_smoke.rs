@@ -111,6 +111,9 @@ fn durable_publishers_pipeline_and_get_every_ack() {
             "100",
             "--pipeline",
             "8",
+            // Random UUIDs: every one is a new key, none is taken for a retry.
+            "--client-ids",
+            "random",
             "--duration",
             "2",
             "--warmup",
@@ -119,6 +122,7 @@ fn durable_publishers_pipeline_and_get_every_ack() {
     );
     let durable = &report["durable"];
     assert!(durable["acked"].as_u64().unwrap() > 0, "{report:#}");
+    assert_eq!(report["client_ids"], "random");
     assert!(durable["ack_latency_us"]["p99"].as_f64().unwrap() > 0.0);
     assert_eq!(report["lost"], 0, "{report:#}");
     assert_eq!(report["duplicated"], 0, "{report:#}");
