@@ -895,8 +895,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
             let ms = |ns: u64| ns as f64 / 1e6;
             let second = Second {
                 t_s: started.elapsed().as_secs_f64(),
-                in_window: now >= ctx.window_start_ns.load(Ordering::Acquire)
-                    && now <= ctx.window_end_ns.load(Ordering::Acquire),
+                in_window: in_window(&ctx, now),
                 connected: ctx.connected.load(Ordering::Relaxed),
                 published: interval.published,
                 delivered: interval.delivered,
