@@ -125,8 +125,8 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// Writes a UUIDv4-shaped id drawn from (`prefix`, `seq`) by SplitMix64: random-looking, yet
-/// the same for the same message, with no allocation.
+/// Writes a UUIDv4 drawn from (`prefix`, `seq`) by SplitMix64: random-looking, yet the same
+/// for the same message, with no allocation.
 fn random_uuid(out: &mut Vec<u8>, prefix: &str, seq: u64) {
     let mut state = prefix.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
@@ -141,16 +141,12 @@ fn random_uuid(out: &mut Vec<u8>, prefix: &str, seq: u64) {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&next().to_be_bytes());
     bytes[8..].copy_from_slice(&next().to_be_bytes());
-    bytes[6] = (bytes[6] & 0x0f) | 0x40;
-    bytes[8] = (bytes[8] & 0x3f) | 0x80;
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in bytes.iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out.push(b'-');
-        }
-        out.push(HEX[usize::from(byte >> 4)]);
-        out.push(HEX[usize::from(byte & 0x0f)]);
-    }
+    let uuid = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    out.extend_from_slice(
+        uuid.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer())
+            .as_bytes(),
+    );
 }
 
 impl Target {
