@@ -128,6 +128,10 @@ pub struct BenchArgs {
     /// No live progress on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Do not ask the kernel for receive timestamps: the report then has no arrival latency
+    /// (the latency measured to when each frame reached the generator's socket).
+    #[arg(long)]
+    pub no_arrival_times: bool,
 }
 
 /// Runs the benchmark on its own runtime (sized by `--threads`), prints the summary to stdout

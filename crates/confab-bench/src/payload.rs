@@ -7,7 +7,8 @@
 //! is nanoseconds on the process-wide monotonic clock ([`Clock`]): publishers and receivers
 //! are the same process, so the difference is the end-to-end latency.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Where the payload's fields end; never part of a number.
 const END: u8 = b';';
@@ -26,23 +27,62 @@ pub struct Stamp {
 }
 
 /// The shared monotonic clock timestamps are taken from (nanoseconds since the run started).
-#[derive(Debug, Clone, Copy)]
+///
+/// It also converts the kernel's receive timestamps, which are wall-clock time, to itself: the
+/// wall clock's offset from it is measured at start and again by [`Clock::resync`] (once a
+/// second), so that NTP slewing the wall clock during a long run does not drift the conversion.
+#[derive(Debug)]
 pub struct Clock {
     origin: Instant,
+    /// Wall-clock nanoseconds since the Unix epoch at this clock's zero.
+    wall_at_zero_ns: AtomicU64,
 }
 
 impl Clock {
     /// A clock starting now.
     pub fn new() -> Clock {
-        Clock {
+        let clock = Clock {
             origin: Instant::now(),
-        }
+            wall_at_zero_ns: AtomicU64::new(0),
+        };
+        clock.resync();
+        clock
     }
 
     /// Nanoseconds since the clock started.
     pub fn now_ns(&self) -> u64 {
         self.origin.elapsed().as_nanos() as u64
     }
+
+    /// Measures the wall clock's offset again: of a few readings bracketed by two of this
+    /// clock's, the one with the tightest bracket (a few hundred nanoseconds at worst).
+    pub fn resync(&self) {
+        let mut best: Option<(u64, u64)> = None;
+        for _ in 0..5 {
+            let before = self.now_ns();
+            let wall = wall_ns();
+            let after = self.now_ns();
+            let spread = after - before;
+            if best.is_none_or(|(narrowest, _)| spread < narrowest) {
+                best = Some((spread, wall.saturating_sub(before + spread / 2)));
+            }
+        }
+        if let Some((_, at_zero)) = best {
+            self.wall_at_zero_ns.store(at_zero, Ordering::Relaxed);
+        }
+    }
+
+    /// A wall-clock time (ns since the Unix epoch, as the kernel stamps what it receives) on
+    /// this clock; 0 for anything before the clock started.
+    pub fn from_wall_ns(&self, wall: u64) -> u64 {
+        wall.saturating_sub(self.wall_at_zero_ns.load(Ordering::Relaxed))
+    }
+}
+
+fn wall_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64)
 }
 
 impl Default for Clock {
@@ -179,5 +219,20 @@ mod tests {
         let a = clock.now_ns();
         let b = clock.now_ns();
         assert!(b >= a);
+    }
+
+    #[test]
+    fn wall_clock_times_convert_to_the_clock() {
+        let clock = Clock::new();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        let before = clock.now_ns();
+        let converted = clock.from_wall_ns(wall_ns());
+        let after = clock.now_ns();
+        // A millisecond of slack: the offset is measured to well under that, and the wall
+        // clock is read between the two readings of the clock.
+        assert!(converted + 1_000_000 >= before, "{converted} < {before}");
+        assert!(converted <= after + 1_000_000, "{converted} > {after}");
+        assert!(converted >= 5_000_000);
+        assert_eq!(clock.from_wall_ns(0), 0);
     }
 }

@@ -140,6 +140,9 @@ pub struct Second {
     pub p99_ms: Option<f64>,
     /// Largest latency of what arrived during it, ms.
     pub max_ms: Option<f64>,
+    /// p99 of the same deliveries' latency to their arrival at the socket, ms (see
+    /// [`Report::arrival_latency_us`]).
+    pub arrival_p99_ms: Option<f64>,
     /// How late, at worst during it, the generator's runtime ran a task due on a 1 ms timer:
     /// time spent behind a burst of ready connections or with its thread descheduled. What it
     /// read then came in late by as much on the generator's side, so a bad second with a high
@@ -182,8 +185,14 @@ pub struct Report {
     pub delivered: u64,
     /// Delivered per second.
     pub delivered_per_s: f64,
-    /// End-to-end latency of messages sent in the window, µs.
+    /// End-to-end latency of messages sent in the window, µs: from the publisher's send to the
+    /// receiver's read, as a client sees it.
     pub latency_us: Percentiles,
+    /// The same messages' latency to when they reached the receiver's socket (the kernel's
+    /// receive timestamp of the read's last segment), µs: without the time they waited for the
+    /// generator's thread, which a busy generator adds to what it reads. `None` when the run
+    /// had no receive timestamps (`--no-arrival-times`).
+    pub arrival_latency_us: Option<Percentiles>,
     /// Connect time (TCP + upgrade + token check + join), ms.
     pub connect_ms: Percentiles,
     /// Connections set up per second during the connect phase.
@@ -277,13 +286,24 @@ impl Report {
                 l.p50, l.p90, l.p99, l.p999, l.max
             );
         }
+        if let Some(a) = self.arrival_latency_us.as_ref().filter(|a| a.count > 0) {
+            let _ = writeln!(
+                out,
+                "  at arrival   p50 {:.0} µs  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}{upper}  \
+                 (to the socket: without the generator's delay in reading)",
+                a.p50, a.p90, a.p99, a.p999, a.max
+            );
+        }
         if let Some(worst) = self.worst_second() {
             let _ = writeln!(
                 out,
-                "  worst second p99 {:.1} ms  max {:.1} ms  (at {:.0} s, the generator up to {:.1} ms late; \
+                "  worst second p99 {:.1} ms  max {:.1} ms{}  (at {:.0} s, the generator up to {:.1} ms late; \
                  `timeline` in the JSON)",
                 worst.p99_ms.unwrap_or(0.0),
                 worst.max_ms.unwrap_or(0.0),
+                worst
+                    .arrival_p99_ms
+                    .map_or_else(String::new, |p99| format!("  at arrival p99 {p99:.1} ms")),
                 worst.t_s,
                 worst.generator_late_ms
             );

@@ -300,6 +300,9 @@ impl Ctx {
         let token = self.token(user);
         let path = self.args.target.path(room, token.as_deref());
         let mut conn = WsConn::connect(self.server, self.source(index), &path, "").await?;
+        if !self.args.no_arrival_times {
+            conn.stamp_arrivals()?;
+        }
         if join {
             self.args.target.establish(&mut conn, room).await?;
         } else {
@@ -744,6 +747,12 @@ fn handle_frames(
     mut publisher: Option<&mut Publisher>,
 ) -> Result<(), WireError> {
     let now = ctx.clock.now_ns();
+    // Every frame complete now was complete after the latest read, whose last segment
+    // arrived then (never later than now, whatever the clocks' rounding).
+    let arrived = conn
+        .arrived_wall_ns()
+        .map(|wall| ctx.clock.from_wall_ns(wall).min(now));
+    let at = Times { now, arrived };
     let window = (
         ctx.window_start_ns.load(Ordering::Relaxed),
         ctx.window_end_ns.load(Ordering::Relaxed),
@@ -763,7 +772,7 @@ fn handle_frames(
                     receipts,
                     publisher.as_deref_mut(),
                     bytes,
-                    now,
+                    at,
                     window,
                 ),
                 Incoming::Ack { reference, .. } => {
@@ -796,6 +805,14 @@ fn handle_frames(
     result
 }
 
+/// When the frames being handled were read, and when their last bytes reached the socket
+/// (clock ns).
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    now: u64,
+    arrived: Option<u64>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn deliver(
     ctx: &Ctx,
@@ -804,7 +821,7 @@ fn deliver(
     receipts: &mut Receipts,
     publisher: Option<&mut Publisher>,
     bytes: &[u8],
-    now: u64,
+    Times { now, arrived }: Times,
     (start, end): (u64, u64),
 ) {
     let Some(stamp) = payload::parse(bytes) else {
@@ -822,14 +839,21 @@ fn deliver(
         Arrival::Duplicate => shard.duplicated += 1,
         Arrival::New => {
             let latency = now.saturating_sub(stamp.sent_ns).max(1);
+            let arrival = arrived.map(|arrived| arrived.saturating_sub(stamp.sent_ns).max(1));
             shard.delivered += 1;
             shard.interval.delivered += 1;
             shard.interval.latency.saturating_record(latency);
+            if let Some(arrival) = arrival {
+                shard.interval.arrival_latency.saturating_record(arrival);
+            }
             if now >= start && now < end {
                 shard.delivered_in_window += 1;
             }
             if stamp.sent_ns >= start && stamp.sent_ns < end {
                 shard.latency.saturating_record(latency);
+                if let Some(arrival) = arrival {
+                    shard.arrival_latency.saturating_record(arrival);
+                }
             }
             if let Some(p) = publisher
                 && p.index == from
@@ -889,9 +913,11 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                     continue;
                 }
             }
+            ctx.clock.resync();
             let interval = ctx.recorder.take_interval();
             let now = ctx.clock.now_ns();
             let latency = &interval.latency;
+            let arrival = &interval.arrival_latency;
             let ms = |ns: u64| ns as f64 / 1e6;
             let second = Second {
                 t_s: started.elapsed().as_secs_f64(),
@@ -901,6 +927,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                 delivered: interval.delivered,
                 p99_ms: (!latency.is_empty()).then(|| ms(latency.value_at_quantile(0.99))),
                 max_ms: (!latency.is_empty()).then(|| ms(latency.max())),
+                arrival_p99_ms: (!arrival.is_empty()).then(|| ms(arrival.value_at_quantile(0.99))),
                 generator_late_ms: std::mem::take(&mut late).as_secs_f64() * 1e3,
             };
             if show {
@@ -997,6 +1024,8 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
         delivered: totals.delivered_in_window,
         delivered_per_s: totals.delivered_in_window as f64 / window,
         latency_us: Percentiles::from_ns(&totals.latency, 1e3),
+        arrival_latency_us: (!ctx.args.no_arrival_times)
+            .then(|| Percentiles::from_ns(&totals.arrival_latency, 1e3)),
         connect_ms: Percentiles::from_ns(&connect, 1e6),
         handshakes_per_s: figures.connected as f64
             / figures.connect_elapsed.as_secs_f64().max(1e-9),

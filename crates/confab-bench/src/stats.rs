@@ -28,6 +28,9 @@ pub struct Interval {
     /// no more, and the histogram is an eighth of the run's (4,608 counters against 33,792),
     /// so taking it every second costs the generator's thread next to nothing.
     pub latency: Histogram<u64>,
+    /// The same to when each frame reached the generator's socket (ns; see
+    /// [`Shard::arrival_latency`]).
+    pub arrival_latency: Histogram<u64>,
     /// Deliveries.
     pub delivered: u64,
     /// Messages published.
@@ -36,9 +39,12 @@ pub struct Interval {
 
 impl Interval {
     fn new() -> Interval {
+        let two_figures = || {
+            Histogram::new_with_bounds(1, HIGHEST_NS, 2).expect("static histogram bounds are valid")
+        };
         Interval {
-            latency: Histogram::new_with_bounds(1, HIGHEST_NS, 2)
-                .expect("static histogram bounds are valid"),
+            latency: two_figures(),
+            arrival_latency: two_figures(),
             delivered: 0,
             published: 0,
         }
@@ -51,6 +57,10 @@ impl Interval {
 pub struct Shard {
     /// End-to-end latency of messages sent inside the measured window (ns).
     pub latency: Histogram<u64>,
+    /// End-to-end latency of the same messages to when they reached the generator's socket
+    /// (the kernel's receive timestamp), leaving out the time they then waited for the
+    /// generator to read them (ns; empty without receive timestamps).
+    pub arrival_latency: Histogram<u64>,
     /// Time from sending a message to its `ack`, inside the measured window (ns).
     pub ack_latency: Histogram<u64>,
     /// Deliveries (first receipt of a (publisher, seq) by a receiver), whole run.
@@ -77,6 +87,7 @@ impl Shard {
     fn new() -> Shard {
         Shard {
             latency: histogram(),
+            arrival_latency: histogram(),
             ack_latency: histogram(),
             delivered: 0,
             delivered_in_window: 0,
@@ -149,14 +160,13 @@ impl Recorder {
         let shards: Vec<_> = self.shards.lock().expect("shard list lock").clone();
         for shard in shards {
             let shard = shard.lock().expect("shard lock");
-            totals
-                .latency
-                .add(&shard.latency)
-                .expect("same histogram bounds");
-            totals
-                .ack_latency
-                .add(&shard.ack_latency)
-                .expect("same histogram bounds");
+            for (total, part) in [
+                (&mut totals.latency, &shard.latency),
+                (&mut totals.arrival_latency, &shard.arrival_latency),
+                (&mut totals.ack_latency, &shard.ack_latency),
+            ] {
+                total.add(part).expect("same histogram bounds");
+            }
             totals.delivered += shard.delivered;
             totals.delivered_in_window += shard.delivered_in_window;
             totals.duplicated += shard.duplicated;
@@ -176,11 +186,13 @@ impl Recorder {
         for shard in shards {
             let mut shard = shard.lock().expect("shard lock");
             let interval = &mut shard.interval;
-            merged
-                .latency
-                .add(&interval.latency)
-                .expect("same histogram bounds");
-            interval.latency.reset();
+            for (total, part) in [
+                (&mut merged.latency, &mut interval.latency),
+                (&mut merged.arrival_latency, &mut interval.arrival_latency),
+            ] {
+                total.add(&*part).expect("same histogram bounds");
+                part.reset();
+            }
             merged.delivered += std::mem::take(&mut interval.delivered);
             merged.published += std::mem::take(&mut interval.published);
         }
@@ -392,7 +404,9 @@ mod tests {
                         shard.delivered += 10;
                         shard.interval.delivered += 10;
                         shard.latency.saturating_record(1000 * (i + 1));
+                        shard.arrival_latency.saturating_record(900 * (i + 1));
                         shard.interval.latency.saturating_record(5);
+                        shard.interval.arrival_latency.saturating_record(4);
                     })
                 })
             })
@@ -404,12 +418,17 @@ mod tests {
         let first = recorder.take_interval();
         assert_eq!(first.delivered, 30);
         assert_eq!(first.latency.len(), 3);
+        assert_eq!(first.arrival_latency.len(), 3);
         let totals = recorder.totals();
         assert_eq!(totals.delivered, 31);
         assert_eq!(totals.latency.len(), 3);
+        assert_eq!(totals.arrival_latency.len(), 3);
+        let arrivals = &totals.arrival_latency;
+        assert!(arrivals.equivalent(arrivals.max(), 2700));
         let second = recorder.take_interval();
         assert_eq!(second.delivered, 0);
         assert_eq!(second.latency.len(), 0);
+        assert_eq!(second.arrival_latency.len(), 0);
         assert_eq!(recorder.totals().delivered, 31);
     }
 

@@ -131,6 +131,11 @@ pub struct WsConn {
     mask_state: u64,
     /// A close frame was sent.
     close_sent: bool,
+    /// Reads ask for the kernel's receive timestamp ([`WsConn::stamp_arrivals`]).
+    stamped: bool,
+    /// Wall-clock time (ns) the last segment taken by the latest read reached the socket;
+    /// 0 when unknown.
+    arrived_wall_ns: u64,
 }
 
 impl WsConn {
@@ -170,6 +175,8 @@ impl WsConn {
             frag_ready: false,
             mask_state: seed | 1,
             close_sent: false,
+            stamped: false,
+            arrived_wall_ns: 0,
         }
     }
 
@@ -245,16 +252,82 @@ impl WsConn {
         String::from_utf8_lossy(&self.rbuf[head_end..self.end.min(wanted)]).into_owned()
     }
 
-    /// Waits for more bytes from the server. Cancel-safe: the only await is one `read`, and
-    /// the buffer bookkeeping before it can be repeated harmlessly.
+    /// Waits for more bytes from the server. Cancel-safe: the only awaits are one `read` or
+    /// one wait for readiness, and the buffer bookkeeping before them can be repeated
+    /// harmlessly.
     pub async fn fill(&mut self) -> Result<(), WireError> {
         self.make_room();
-        let n = self.stream.read(&mut self.rbuf[self.end..]).await?;
+        let n = if self.stamped {
+            self.read_stamped().await?
+        } else {
+            self.stream.read(&mut self.rbuf[self.end..]).await?
+        };
         if n == 0 {
             return Err(WireError::Eof);
         }
         self.end += n;
         Ok(())
+    }
+
+    /// Has the kernel stamp each segment it receives on this connection with its arrival time
+    /// (`SO_TIMESTAMPNS`); every later [`WsConn::fill`] then records when the last segment it
+    /// took arrived ([`WsConn::arrived_wall_ns`]). That is when the server's bytes reached this
+    /// machine's socket, before the generator got round to reading them: a latency measured
+    /// to it leaves out the generator's own delays, which a busy generator thread adds to
+    /// everything it reads.
+    pub fn stamp_arrivals(&mut self) -> Result<(), WireError> {
+        nix::sys::socket::setsockopt(
+            &self.stream,
+            nix::sys::socket::sockopt::ReceiveTimestampns,
+            &true,
+        )
+        .map_err(std::io::Error::from)?;
+        self.stamped = true;
+        Ok(())
+    }
+
+    /// Wall-clock nanoseconds at which the last segment taken by the latest
+    /// [`WsConn::fill`] reached the socket, if stamped: every frame completed by that read
+    /// had arrived by then. `None` when that read had no stamp.
+    pub fn arrived_wall_ns(&self) -> Option<u64> {
+        (self.arrived_wall_ns != 0).then_some(self.arrived_wall_ns)
+    }
+
+    /// One `recvmsg` once the socket is readable, keeping its timestamp.
+    async fn read_stamped(&mut self) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+
+        use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+        /// Room for one `SCM_TIMESTAMPNS` message (`CMSG_SPACE(16)` is 32 bytes), aligned
+        /// as a `cmsghdr` must be.
+        #[repr(C, align(8))]
+        struct ControlBuffer([u8; 64]);
+
+        loop {
+            self.stream.readable().await?;
+            let fd = self.stream.as_raw_fd();
+            let buf = &mut self.rbuf[self.end..];
+            let arrived = &mut self.arrived_wall_ns;
+            let result = self.stream.try_io(tokio::io::Interest::READABLE, || {
+                // Segments queued before the stamps were asked for carry none.
+                *arrived = 0;
+                let mut control = ControlBuffer([0; 64]);
+                let mut iov = [std::io::IoSliceMut::new(buf)];
+                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut control.0), MsgFlags::empty())?;
+                for cmsg in msg.cmsgs()? {
+                    if let ControlMessageOwned::ScmTimestampns(at) = cmsg {
+                        let ns = at.tv_sec() as u64 * 1_000_000_000 + at.tv_nsec() as u64;
+                        *arrived = ns;
+                    }
+                }
+                Ok(msg.bytes)
+            });
+            match result {
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
     }
 
     /// Makes sure there is free space after `end`, enough for the frame being parsed.
@@ -576,6 +649,43 @@ mod tests {
         assert_eq!(header(head, "sec-websocket-accept"), Some("abc"));
         assert_eq!(header(head, "content-length"), None);
         assert!(parse_status("garbage").is_err());
+    }
+
+    fn wall_ns() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    }
+
+    #[tokio::test]
+    async fn stamped_reads_know_when_the_bytes_arrived_not_when_they_were_read() {
+        let (mut conn, mut server) = pair().await;
+        conn.stamp_arrivals().unwrap();
+        assert_eq!(conn.arrived_wall_ns(), None);
+        let before_send = wall_ns();
+        server
+            .write_all(&server_frame(true, OP_TEXT, b"early"))
+            .await
+            .unwrap();
+        // The bytes wait in the socket while this client is busy elsewhere.
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        let before_read = wall_ns();
+        assert_eq!(collect(&mut conn, 1).await, [b"early".to_vec()]);
+        let arrived = conn.arrived_wall_ns().expect("a stamped read");
+        assert!(arrived >= before_send, "{arrived} < {before_send}");
+        assert!(
+            arrived + 50_000_000 <= before_read,
+            "arrived {} ms before the read, not about 60",
+            before_read.saturating_sub(arrived) / 1_000_000
+        );
+        // The next read's stamp is that of its own bytes.
+        server
+            .write_all(&server_frame(true, OP_TEXT, b"late"))
+            .await
+            .unwrap();
+        assert_eq!(collect(&mut conn, 1).await, [b"late".to_vec()]);
+        assert!(conn.arrived_wall_ns().unwrap() >= before_read);
     }
 
     #[tokio::test]

@@ -69,6 +69,21 @@ fn fan_out_over_a_few_rooms_loses_nothing() {
     assert!(report["delivered"].as_u64().unwrap() > 0, "{report:#}");
     assert_eq!(report["deliveries_total"], report["expected_deliveries"]);
     assert!(report["latency_us"]["p99"].as_f64().unwrap() > 0.0);
+    // Every delivery also has its latency to the kernel's receive timestamp, which is never
+    // later than the read (so no percentile above the read latency's, bar histogram rounding).
+    let arrival = &report["arrival_latency_us"];
+    assert_eq!(
+        arrival["count"], report["latency_us"]["count"],
+        "{report:#}"
+    );
+    for quantile in ["p50", "p99", "max"] {
+        let at_arrival = arrival[quantile].as_f64().unwrap();
+        let at_read = report["latency_us"][quantile].as_f64().unwrap();
+        assert!(
+            at_arrival > 0.0 && at_arrival <= at_read * 1.001 + 1.0,
+            "{report:#}"
+        );
+    }
     assert!(report["server"]["cpu_us_per_delivery"].as_f64().is_some());
     assert!(
         report["server"]["rss_kib_per_connection"]
@@ -82,6 +97,7 @@ fn fan_out_over_a_few_rooms_loses_nothing() {
     assert!(in_window.len() >= 2, "{timeline:#?}");
     assert!(in_window.iter().all(|s| s["delivered"].as_u64() > Some(0)
         && s["p99_ms"].as_f64() > Some(0.0)
+        && s["arrival_p99_ms"].as_f64() > Some(0.0)
         && s["connected"] == 300
         && s["generator_late_ms"].as_f64() >= Some(0.0)));
     assert!(report["generator"]["max_late_ms"].as_f64().is_some());
