@@ -12,8 +12,10 @@
 # A LABEL without `=` is taken as peer:LABEL's label (`floor` above). Runs are interleaved (run
 # 1 of every label, then run 2, ...) so that a noisy period of the machine does not fall on one
 # build, and each takes the lock /tmp/confab-bench.lock, so two comparisons never overlap.
-# Prints, per label: CPU per delivery (median and each run), p99 per run, lost deliveries, how
-# late the generator's own runtime got at worst in each run (a p99 near it is partly its), and
+# Prints, per label: CPU per delivery (median and each run), p99 per run (as read, and at
+# arrival: to the kernel's receive timestamp, without the generator's delay), lost deliveries, how
+# late the generator's own runtime got at worst in each run (a p99 near it is partly its), the
+# share of the window the most robbed CPU was stolen by other guests of a virtual machine, and
 # RSS per connection (W3), acked/s (W4) or time until all caught up (W5) where they apply, and
 # whether the generator was saturated in any run (its figures are then lower bounds).
 set -euo pipefail
@@ -68,9 +70,13 @@ for entry in "${LABELS[@]}"; do
                \", µs/delivery \(\$cpu | median | r(2)) [\(\$cpu | map(r(2)) | join(\" \"))]\" else \"\" end)
           + (if .[0].mode != \"idle\" then
                \", p99 ms [\(map(.latency_us.p99 / 1000 | r(1)) | join(\" \"))]\" else \"\" end)
+          + (if .[0].mode != \"idle\" and .[0].arrival_latency_us != null then
+               \", at arrival [\(map(.arrival_latency_us.p99 / 1000 | r(1)) | join(\" \"))]\" else \"\" end)
           + \", lost [\(map(.lost | tostring) | join(\" \"))]\"
           + (if .[0].mode != \"idle\" and .[0].generator.max_late_ms != null then
                \", generator late ms [\(map(.generator.max_late_ms | r(0)) | join(\" \"))]\" else \"\" end)
+          + (if .[0].host.steal_by_cpu != null then
+               \", steal % [\(map(.host.steal_by_cpu | max * 100 | r(1)) | join(\" \"))]\" else \"\" end)
           + (if .[0].mode == \"idle\" then
                \", KiB/conn \(map(.server.rss_kib_per_connection) | median | r(2)), handshakes/s \(map(.handshakes_per_s) | median | r(0))\"
              else \"\" end)

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::results::Report;
-use crate::summary::{Group, order_key};
+use crate::results::{Report, Second};
+use crate::summary::{Group, TargetRuns, order_key};
 
 /// Result of drawing one plot.
 pub type PlotResult = Result<(), Box<dyn Error>>;
@@ -287,27 +287,35 @@ pub fn rss_vs_connections(groups: &[&Group], path: &Path) -> PlotResult {
 }
 
 /// Each second of a group's windows (every run), as a point: how late the generator's own
-/// runtime was against the p99 of what arrived, both in ms on log axes, one colour per target.
+/// runtime was against the p99 of what arrived, both in ms on log axes, one colour per target;
+/// a hollow circle at the same lateness is the second's p99 at arrival (to the kernel's receive
+/// timestamp, without the generator's delay in reading), where the run had it.
 /// Points near the diagonal are seconds whose p99 the generator's lateness explains; those
 /// above the 10 ms line and well left of the diagonal are the server's. Nothing is drawn for
 /// runs without a timeline.
 pub fn seconds_vs_generator(group: &Group, path: &Path) -> PlotResult {
+    let points_of = |t: &TargetRuns, p99: fn(&Second) -> Option<f64>| {
+        t.runs
+            .iter()
+            .flat_map(|r| r.timeline.iter())
+            .filter(|s| s.in_window)
+            .filter_map(|s| Some((s.generator_late_ms?.max(0.1), p99(s)?.max(0.1))))
+            .collect::<Vec<_>>()
+    };
     let lines: Vec<(String, Vec<(f64, f64)>)> = group
         .targets
         .iter()
-        .map(|t| {
-            let points = t
-                .runs
-                .iter()
-                .flat_map(|r| r.timeline.iter())
-                .filter(|s| s.in_window)
-                .filter_map(|s| Some((s.generator_late_ms?.max(0.1), s.p99_ms?.max(0.1))))
-                .collect();
-            (t.target.clone(), points)
-        })
-        .filter(|(_, points): &(String, Vec<_>)| !points.is_empty())
+        .map(|t| (t.target.clone(), points_of(t, |s| s.p99_ms)))
+        .filter(|(_, points)| !points.is_empty())
         .collect();
-    let Some(((x0, x1), (y0, y1))) = log_bounds(&lines) else {
+    let at_arrival: Vec<(String, Vec<(f64, f64)>)> = group
+        .targets
+        .iter()
+        .map(|t| (t.target.clone(), points_of(t, |s| s.arrival_p99_ms)))
+        .filter(|(_, points)| !points.is_empty())
+        .collect();
+    let both: Vec<_> = lines.iter().chain(&at_arrival).cloned().collect();
+    let Some(((x0, x1), (y0, y1))) = log_bounds(&both) else {
         return Ok(());
     };
     let (low, high) = (x0.min(y0), x1.max(y1).max(20.0));
@@ -358,6 +366,13 @@ pub fn seconds_vs_generator(group: &Group, path: &Path) -> PlotResult {
             .label(format!("{target} ({} seconds)", points.len()))
             .legend(move |(x, y)| Circle::new((x + 10, y), 4, c.filled()));
     }
+    for (target, points) in &at_arrival {
+        let c = colour(target);
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 5, c.stroke_width(1))))?
+            .label(format!("{target}, p99 at arrival"))
+            .legend(move |(x, y)| Circle::new((x + 10, y), 5, c.stroke_width(1)));
+    }
     draw_legend(&mut chart)?;
     Ok(())
 }
@@ -402,13 +417,12 @@ pub fn all(groups: &[Group], dir: &Path) -> Result<Vec<PathBuf>, Box<dyn Error>>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::Second;
-    use crate::summary::TargetRuns;
 
     fn second(p99_ms: f64, late_ms: Option<f64>) -> Second {
         Second {
             in_window: true,
             p99_ms: Some(p99_ms),
+            arrival_p99_ms: Some(p99_ms / 2.0),
             generator_late_ms: late_ms,
         }
     }

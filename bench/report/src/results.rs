@@ -48,6 +48,10 @@ pub struct Second {
     pub in_window: bool,
     /// p99 latency of what arrived in it, ms (none when nothing did).
     pub p99_ms: Option<f64>,
+    /// The same to the kernel's receive timestamp, without the generator's delay in reading
+    /// (absent in older reports and runs without receive timestamps).
+    #[serde(default)]
+    pub arrival_p99_ms: Option<f64>,
     /// How late the generator's own runtime was at worst in it, ms (absent in older reports).
     pub generator_late_ms: Option<f64>,
 }
@@ -112,6 +116,10 @@ pub struct Report {
     /// End-to-end latency, µs.
     #[serde(default)]
     pub latency_us: Percentiles,
+    /// The same to when each frame reached the generator's socket (kernel receive timestamp),
+    /// µs; absent in older reports and runs without receive timestamps.
+    #[serde(default)]
+    pub arrival_latency_us: Option<Percentiles>,
     /// Connect time, ms.
     #[serde(default)]
     pub connect_ms: Percentiles,

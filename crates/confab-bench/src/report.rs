@@ -148,6 +148,18 @@ pub struct Second {
     /// read then came in late by as much on the generator's side, so a bad second with a high
     /// figure here is (partly) the generator's own.
     pub generator_late_ms: f64,
+    /// The most time any one CPU of the machine was stolen during it by the hypervisor for
+    /// other guests, ms (`/proc/stat`, in 10 ms ticks; 0 on bare metal). A stolen stretch
+    /// stalls whatever ran on that CPU, so a bad second with a high figure here is the host's.
+    pub steal_ms: f64,
+}
+
+/// The machine the run shared.
+#[derive(Debug, Clone, Serialize)]
+pub struct Host {
+    /// For each CPU, the share of the window the hypervisor gave it to other guests
+    /// (0 to 1; empty where `/proc/stat` has no steal column).
+    pub steal_by_cpu: Vec<f64>,
 }
 
 /// Everything a run measured.
@@ -223,6 +235,8 @@ pub struct Report {
     pub durable: Option<Durable>,
     /// Resume-mode figures.
     pub resume: Option<Resume>,
+    /// What the machine's other tenants took.
+    pub host: Host,
     /// When the generator began connecting (the origin of the timeline's `t_s`), ms since
     /// the Unix epoch: lines the timeline up with the server's logs.
     pub started_unix_ms: u64,
@@ -384,6 +398,21 @@ impl Report {
                 ""
             }
         );
+        if self.host.steal_by_cpu.iter().any(|&share| share >= 0.005) {
+            let shares: Vec<String> = self
+                .host
+                .steal_by_cpu
+                .iter()
+                .enumerate()
+                .map(|(cpu, share)| format!("cpu{cpu} {:.1} %", share * 100.0))
+                .collect();
+            let _ = writeln!(
+                out,
+                "  host         CPU time stolen by other guests: {} of the window \
+                 (`steal_ms` per second in the timeline)",
+                shares.join(", ")
+            );
+        }
         out
     }
 

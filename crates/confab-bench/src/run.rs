@@ -24,7 +24,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::BenchArgs;
 use crate::payload::{self, Clock, Stamp};
-use crate::report::{Durable, Generator, Percentiles, Report, Resume, Second, ServerFigures};
+use crate::report::{Durable, Generator, Host, Percentiles, Report, Resume, Second, ServerFigures};
 use crate::stats::{self, Arrival, ProcSample, PublisherTally, Receipts, Recorder, Shard};
 use crate::target::{Incoming, SetupError, Target, confab_reply, next_text};
 use crate::wire::{Opcode, WireError, WsConn};
@@ -412,11 +412,13 @@ async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
 }
 
 /// Server and generator readings at one moment.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Snapshot {
     at: Instant,
     server: Option<ProcSample>,
     generator: Option<ProcSample>,
+    /// Each CPU's stolen time so far, seconds.
+    steal: Vec<f64>,
 }
 
 fn snapshot(ctx: &Ctx) -> Snapshot {
@@ -427,6 +429,7 @@ fn snapshot(ctx: &Ctx) -> Snapshot {
             .server_pid
             .and_then(|pid| stats::proc_sample(Some(pid))),
         generator: stats::proc_sample(None),
+        steal: stats::cpu_steal_secs(),
     }
 }
 
@@ -904,6 +907,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
         let mut probe = tokio::time::interval(Duration::from_millis(1));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut late = Duration::ZERO;
+        let mut steal = stats::cpu_steal_secs();
         loop {
             tokio::select! {
                 biased;
@@ -914,6 +918,9 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                 }
             }
             ctx.clock.resync();
+            let steal_now = stats::cpu_steal_secs();
+            let stolen = most_stolen(&steal, &steal_now);
+            steal = steal_now;
             let interval = ctx.recorder.take_interval();
             let now = ctx.clock.now_ns();
             let latency = &interval.latency;
@@ -929,6 +936,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                 max_ms: (!latency.is_empty()).then(|| ms(latency.max())),
                 arrival_p99_ms: (!arrival.is_empty()).then(|| ms(arrival.value_at_quantile(0.99))),
                 generator_late_ms: std::mem::take(&mut late).as_secs_f64() * 1e3,
+                steal_ms: stolen * 1e3,
             };
             if show {
                 let errors: u64 = ctx.errors.lock().expect("errors lock").kinds.values().sum();
@@ -948,6 +956,16 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
             ctx.timeline.lock().expect("timeline lock").push(second);
         }
     })
+}
+
+/// The largest time any one CPU was stolen between two readings of
+/// [`stats::cpu_steal_secs`], seconds.
+fn most_stolen(before: &[f64], after: &[f64]) -> f64 {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a - b).max(0.0))
+        .fold(0.0, f64::max)
 }
 
 /// Raw material for the report.
@@ -1057,6 +1075,15 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
             ack_latency_us: Percentiles::from_ns(&totals.ack_latency, 1e3),
         }),
         resume: None,
+        host: Host {
+            steal_by_cpu: figures
+                .window_begin
+                .steal
+                .iter()
+                .zip(&figures.window_end.steal)
+                .map(|(b, a)| ((a - b) / window).clamp(0.0, 1.0))
+                .collect(),
+        },
         started_unix_ms: ctx.started_unix_ms.load(Ordering::Relaxed),
         timeline,
     }

@@ -328,6 +328,35 @@ pub fn proc_sample(pid: Option<u32>) -> Option<ProcSample> {
     })
 }
 
+/// Time each CPU (by index) was taken by the hypervisor for other guests, from `/proc/stat`'s
+/// `steal` column, in seconds; empty where that cannot be read. On a shared virtual machine a
+/// stolen stretch stalls whatever was running (server, generator, or the kernel's loopback
+/// work), so a latency taken across it is partly the host's.
+pub fn cpu_steal_secs() -> Vec<f64> {
+    std::fs::read_to_string("/proc/stat")
+        .map(|stat| parse_steal_ticks(&stat))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|ticks| ticks as f64 / 100.0)
+        .collect()
+}
+
+/// The `steal` column (the 8th number) of each `cpuN` line, in CPU order.
+fn parse_steal_ticks(stat: &str) -> Vec<u64> {
+    stat.lines()
+        .filter(|line| {
+            line.strip_prefix("cpu")
+                .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+        })
+        .map(|line| {
+            line.split_whitespace()
+                .nth(8)
+                .and_then(|steal| steal.parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
 /// utime + stime (fields 14 and 15) from a `/proc/<pid>/stat` line. The command name (field
 /// 2) may contain spaces and parentheses, so fields are counted after the last `)`.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
@@ -430,6 +459,16 @@ mod tests {
         assert_eq!(second.latency.len(), 0);
         assert_eq!(second.arrival_latency.len(), 0);
         assert_eq!(recorder.totals().delivered, 31);
+    }
+
+    #[test]
+    fn steal_is_read_per_cpu() {
+        let stat = "cpu  100 0 50 9000 3 0 7 40 0 0\n\
+                    cpu0 60 0 30 4500 1 0 4 35 0 0\n\
+                    cpu1 40 0 20 4500 2 0 3 5 0 0\n\
+                    intr 12345 1 2\nctxt 999\n";
+        assert_eq!(parse_steal_ticks(stat), [35, 5]);
+        assert!(!cpu_steal_secs().is_empty());
     }
 
     #[test]

@@ -99,7 +99,18 @@ fn fan_out_over_a_few_rooms_loses_nothing() {
         && s["p99_ms"].as_f64() > Some(0.0)
         && s["arrival_p99_ms"].as_f64() > Some(0.0)
         && s["connected"] == 300
-        && s["generator_late_ms"].as_f64() >= Some(0.0)));
+        && s["generator_late_ms"].as_f64() >= Some(0.0)
+        && s["steal_ms"].as_f64() >= Some(0.0)));
+    // One share of stolen time per CPU of the machine.
+    let steal = report["host"]["steal_by_cpu"]
+        .as_array()
+        .expect("steal per CPU");
+    assert!(
+        !steal.is_empty()
+            && steal
+                .iter()
+                .all(|s| (0.0..=1.0).contains(&s.as_f64().unwrap()))
+    );
     assert!(report["generator"]["max_late_ms"].as_f64().is_some());
 }
 
