@@ -417,8 +417,8 @@ struct Snapshot {
     at: Instant,
     server: Option<ProcSample>,
     generator: Option<ProcSample>,
-    /// Each CPU's stolen time so far, seconds.
-    steal: Vec<f64>,
+    /// Each CPU's stolen time so far, clock ticks.
+    steal: Vec<u64>,
 }
 
 fn snapshot(ctx: &Ctx) -> Snapshot {
@@ -429,7 +429,7 @@ fn snapshot(ctx: &Ctx) -> Snapshot {
             .server_pid
             .and_then(|pid| stats::proc_sample(Some(pid))),
         generator: stats::proc_sample(None),
-        steal: stats::cpu_steal_secs(),
+        steal: stats::cpu_steal_ticks(),
     }
 }
 
@@ -907,7 +907,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
         let mut probe = tokio::time::interval(Duration::from_millis(1));
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut late = Duration::ZERO;
-        let mut steal = stats::cpu_steal_secs();
+        let mut steal = stats::cpu_steal_ticks();
         loop {
             tokio::select! {
                 biased;
@@ -918,8 +918,8 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                 }
             }
             ctx.clock.resync();
-            let steal_now = stats::cpu_steal_secs();
-            let stolen = most_stolen(&steal, &steal_now);
+            let steal_now = stats::cpu_steal_ticks();
+            let stolen_ticks = most_stolen(&steal, &steal_now);
             steal = steal_now;
             let interval = ctx.recorder.take_interval();
             let now = ctx.clock.now_ns();
@@ -936,7 +936,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
                 max_ms: (!latency.is_empty()).then(|| ms(latency.max())),
                 arrival_p99_ms: (!arrival.is_empty()).then(|| ms(arrival.value_at_quantile(0.99))),
                 generator_late_ms: std::mem::take(&mut late).as_secs_f64() * 1e3,
-                steal_ms: stolen * 1e3,
+                steal_ms: (stolen_ticks * 1000 / stats::TICKS_PER_SEC) as f64,
             };
             if show {
                 let errors: u64 = ctx.errors.lock().expect("errors lock").kinds.values().sum();
@@ -959,13 +959,14 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
 }
 
 /// The largest time any one CPU was stolen between two readings of
-/// [`stats::cpu_steal_secs`], seconds.
-fn most_stolen(before: &[f64], after: &[f64]) -> f64 {
+/// [`stats::cpu_steal_ticks`], clock ticks.
+fn most_stolen(before: &[u64], after: &[u64]) -> u64 {
     before
         .iter()
         .zip(after)
-        .map(|(b, a)| (a - b).max(0.0))
-        .fold(0.0, f64::max)
+        .map(|(b, a)| a.saturating_sub(*b))
+        .max()
+        .unwrap_or(0)
 }
 
 /// Raw material for the report.
@@ -1081,7 +1082,10 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
                 .steal
                 .iter()
                 .zip(&figures.window_end.steal)
-                .map(|(b, a)| ((a - b) / window).clamp(0.0, 1.0))
+                .map(|(b, a)| {
+                    let secs = a.saturating_sub(*b) as f64 / stats::TICKS_PER_SEC as f64;
+                    (secs / window).min(1.0)
+                })
                 .collect(),
         },
         started_unix_ms: ctx.started_unix_ms.load(Ordering::Relaxed),

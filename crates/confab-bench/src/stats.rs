@@ -328,17 +328,17 @@ pub fn proc_sample(pid: Option<u32>) -> Option<ProcSample> {
     })
 }
 
+/// Clock ticks in a second in `/proc` (USER_HZ, 100 on every Linux platform confab supports).
+pub const TICKS_PER_SEC: u64 = 100;
+
 /// Time each CPU (by index) was taken by the hypervisor for other guests, from `/proc/stat`'s
-/// `steal` column, in seconds; empty where that cannot be read. On a shared virtual machine a
+/// `steal` column, in clock ticks ([`TICKS_PER_SEC`]); empty where that cannot be read. On a shared virtual machine a
 /// stolen stretch stalls whatever was running (server, generator, or the kernel's loopback
 /// work), so a latency taken across it is partly the host's.
-pub fn cpu_steal_secs() -> Vec<f64> {
+pub fn cpu_steal_ticks() -> Vec<u64> {
     std::fs::read_to_string("/proc/stat")
         .map(|stat| parse_steal_ticks(&stat))
         .unwrap_or_default()
-        .into_iter()
-        .map(|ticks| ticks as f64 / 100.0)
-        .collect()
 }
 
 /// The `steal` column (the 8th number) of each `cpuN` line, in CPU order.
@@ -468,7 +468,7 @@ mod tests {
                     cpu1 40 0 20 4500 2 0 3 5 0 0\n\
                     intr 12345 1 2\nctxt 999\n";
         assert_eq!(parse_steal_ticks(stat), [35, 5]);
-        assert!(!cpu_steal_secs().is_empty());
+        assert!(!cpu_steal_ticks().is_empty());
     }
 
     #[test]
