@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_proto::{ChatMessage, UserRef};
+use rusqlite::config::DbConfig;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
@@ -137,6 +138,7 @@ impl SqliteStore {
              PRAGMA cache_size = -{WRITER_CACHE_KIB};"
         ))
         .map_err(db_err)?;
+        keep_plans(&conn)?;
         conn.set_prepared_statement_cache_capacity(WRITER_STATEMENT_CACHE);
         migrate(&mut conn)?;
         let wal = Arc::new(WalState::default());
@@ -273,6 +275,7 @@ impl SqliteStore {
                         .map_err(db_err)?;
                     conn.execute_batch(&format!("PRAGMA cache_size = -{READER_CACHE_KIB};"))
                         .map_err(db_err)?;
+                    keep_plans(&conn)?;
                     conn
                 }
             };
@@ -625,6 +628,18 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: Wa
 }
 
 /// Runs a parameterless statement through the statement cache (no re-parsing per call).
+/// Keeps a cached statement compiled whatever values are bound to it. By default SQLite
+/// compiles a statement again whenever a parameter its planner looked at is bound to a new
+/// value, and since 3.54 that includes every `LIMIT ?`: each history page and member list
+/// (a join reads both) was parsed and planned again, about 110,000 instructions, several
+/// times a join's other work. The query planner stability guarantee turns that off; our
+/// queries' plans come from their indexes, never from a bound value.
+fn keep_plans(conn: &Connection) -> Result<(), StoreError> {
+    conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+        .map_err(db_err)?;
+    Ok(())
+}
+
 fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
     conn.prepare_cached(sql)?.execute([])
 }
@@ -1364,17 +1379,15 @@ fn select_membership(
 /// Members sorted by name then id; `limit` None means all of them. A range of the
 /// `members_by_name` index: only the rows listed are read. Members whose user has no users row
 /// yet have no name and are not listed (they are counted).
+const MEMBERS_PAGE: &str = "SELECT user_id, user_name, read_seq FROM members
+     WHERE room_id = ?1 AND user_name IS NOT NULL ORDER BY user_name, user_id LIMIT ?2";
+
 fn select_members(
     conn: &Connection,
     room: &str,
     limit: Option<u32>,
 ) -> Result<Vec<RoomMember>, StoreError> {
-    let mut stmt = conn
-        .prepare_cached(
-            "SELECT user_id, user_name, read_seq FROM members
-             WHERE room_id = ?1 AND user_name IS NOT NULL ORDER BY user_name, user_id LIMIT ?2",
-        )
-        .map_err(db_err)?;
+    let mut stmt = conn.prepare_cached(MEMBERS_PAGE).map_err(db_err)?;
     let limit = limit.map_or(-1, i64::from);
     let rows = stmt
         .query_map(params![room, limit], |row| {
@@ -1396,6 +1409,14 @@ fn count_members(conn: &Connection, room: &str) -> Result<u64, StoreError> {
         .map_err(db_err)
 }
 
+/// A page of a room's history, in `order` (`ASC` or `DESC`) of seq.
+fn history_page(order: &str) -> String {
+    format!(
+        "SELECT {MESSAGE_COLUMNS} FROM rooms r JOIN messages m ON m.room_key = r.key
+         WHERE r.key = ?1 AND m.seq > ?2 AND m.seq < ?3 ORDER BY m.seq {order} LIMIT ?4"
+    )
+}
+
 fn read_history(
     conn: &Connection,
     room: &str,
@@ -1403,7 +1424,7 @@ fn read_history(
 ) -> Result<HistoryPage, StoreError> {
     let (key, last_seq) = select_room_tail(conn, room)?
         .ok_or_else(|| StoreError::NotFound(format!("room {room:?} does not exist")))?;
-    let (sql, lower, upper, limit, newest_first) = match query {
+    let (order, lower, upper, limit, newest_first) = match query {
         HistoryQuery::Latest { limit } => ("DESC", 0, u64::MAX, limit, true),
         HistoryQuery::Before { before, limit } => ("DESC", 0, before, limit, true),
         HistoryQuery::After {
@@ -1414,12 +1435,7 @@ fn read_history(
     };
     let upper = i64::try_from(upper).unwrap_or(i64::MAX);
     let lower = i64::try_from(lower).unwrap_or(i64::MAX);
-    let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {MESSAGE_COLUMNS} FROM rooms r JOIN messages m ON m.room_key = r.key
-             WHERE r.key = ?1 AND m.seq > ?2 AND m.seq < ?3 ORDER BY m.seq {sql} LIMIT ?4"
-        ))
-        .map_err(db_err)?;
+    let mut stmt = conn.prepare_cached(&history_page(order)).map_err(db_err)?;
     let rows = stmt
         .query_map(
             params![key, lower, upper, i64::from(limit) + 1],
@@ -1520,6 +1536,57 @@ mod tests {
                 result.unwrap();
             }
         }
+    }
+
+    /// A join's reads (a history page and a member list, each with a `LIMIT ?`) run from
+    /// their cached statements as compiled, whatever limits are bound: none is compiled again.
+    #[tokio::test]
+    async fn reads_with_new_limits_are_not_compiled_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        store
+            .create_room(&room("r"), &["ann".to_string(), "bob".to_string()])
+            .await
+            .unwrap();
+        let batch = (0..20)
+            .map(|n| message("r", "ann", &format!("m{n}"), None))
+            .collect();
+        store.append(batch).await.unwrap();
+        let recompiled = store
+            .read(|conn| {
+                for limit in [1, 5, 2, 7, 3] {
+                    let snapshot = in_read_transaction(conn, |conn| {
+                        Ok((
+                            read_history(conn, "r", HistoryQuery::Latest { limit })?,
+                            read_history(
+                                conn,
+                                "r",
+                                HistoryQuery::After {
+                                    after: limit.into(),
+                                    before: None,
+                                    limit,
+                                },
+                            )?,
+                            select_members(conn, "r", Some(limit))?,
+                        ))
+                    })?;
+                    assert_eq!(snapshot.0.messages.len(), limit as usize);
+                    assert_eq!(snapshot.1.messages.len(), limit as usize);
+                }
+                let recompiled = |sql: &str| {
+                    conn.prepare_cached(sql)
+                        .unwrap()
+                        .get_status(rusqlite::StatementStatus::RePrepare)
+                };
+                Ok([
+                    recompiled(&history_page("DESC")),
+                    recompiled(&history_page("ASC")),
+                    recompiled(MEMBERS_PAGE),
+                ])
+            })
+            .await
+            .unwrap();
+        assert_eq!(recompiled, [0, 0, 0]);
     }
 
     /// The writer's tail cache never answers for a room whose membership or existence changed
