@@ -29,9 +29,10 @@ use tungstenite::Utf8Bytes;
 
 use crate::broker::Broker;
 use crate::error::ChatError;
-use crate::outbound::{ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode};
+use crate::outbound::{
+    ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode, encode_frame,
+};
 use crate::store::{Appended, NewMessage, Store};
-use crate::websocket::text_frame;
 
 /// Largest number of messages stored in one commit.
 const MAX_BATCH: usize = 1024;
@@ -236,7 +237,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
         };
         rooms[index].frames.push(ChatFrame {
             seq: message.seq,
-            frame: text_frame(encode(&ServerEvent::Message(message)).as_bytes()),
+            frame: encode_frame(&ServerEvent::Message(message)),
         });
     }
     // Each sender's acks are held while the rooms fan out and go out with the sender's own

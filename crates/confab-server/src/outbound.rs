@@ -765,6 +765,16 @@ pub fn encode(event: &confab_proto::ServerEvent) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(event).expect("server events always serialize"))
 }
 
+/// Encodes an event as a complete WebSocket text frame, header included, in one buffer: a
+/// chat message is framed once and the same bytes written to every subscriber.
+pub fn encode_frame(event: &confab_proto::ServerEvent) -> Bytes {
+    /// Room for a typical chat message's JSON without growing the buffer.
+    const TYPICAL_EVENT: usize = 512;
+    crate::websocket::build_text_frame(TYPICAL_EVENT, |out| {
+        serde_json::to_writer(out, event).expect("server events always serialize");
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
