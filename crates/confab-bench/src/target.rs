@@ -17,8 +17,9 @@ use crate::wire::{WireError, WsConn};
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ClientIds {
-    /// `RUN-CONNECTION-SEQ`: a counter per connection, growing with time as UUIDv7s and ULIDs
-    /// do (the bundled web client sends UUIDv7s).
+    /// `RUN-CONNECTION-SEQ`, SEQ a counter per connection in 16 zero-padded hex digits, so
+    /// that the ids sort in the order they were sent, as UUIDv7s and ULIDs do (the bundled
+    /// web client sends UUIDv7s). Unpadded decimal would not: `…-10` sorts before `…-9`.
     #[default]
     Counter,
     /// Random UUIDv4s, as clients using `crypto.randomUUID()` or `uuid4()` send.
@@ -228,9 +229,9 @@ impl Target {
                 out.extend_from_slice(br#"","client_id":""#);
                 match ids {
                     ClientIds::Counter => {
+                        use std::io::Write as _;
                         out.extend_from_slice(client_prefix.as_bytes());
-                        out.push(b'-');
-                        out.extend_from_slice(seq.to_string().as_bytes());
+                        let _ = write!(out, "-{seq:016x}");
                     }
                     ClientIds::Random => random_uuid(out, client_prefix, seq),
                 }
@@ -435,9 +436,26 @@ mod tests {
         assert_eq!(command["ref"], 9);
         assert_eq!(command["room"], "room-1");
         assert_eq!(command["content"], "b4-9-1234;");
-        assert_eq!(command["client_id"], "bench-x-4-9");
+        assert_eq!(command["client_id"], "bench-x-4-0000000000000009");
         // The command parses as the server's own type.
         serde_json::from_slice::<confab_proto::ClientCommand>(&out).unwrap();
+        // Counter ids sort as they were sent.
+        let ids: Vec<String> = [9, 10, 99, 100, 255, 256, 70_000]
+            .into_iter()
+            .map(|seq| {
+                let mut out = Vec::new();
+                Target::Confab.publish_text(
+                    &mut out,
+                    "room-1",
+                    ("bench-x-4", ClientIds::Counter),
+                    seq,
+                    write,
+                );
+                let command: serde_json::Value = serde_json::from_slice(&out).unwrap();
+                command["client_id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert!(ids.is_sorted(), "{ids:?}");
 
         // Random ids: UUIDv4s, the same for the same message, different from message to
         // message and from connection to connection.
