@@ -271,7 +271,9 @@ impl WsConn {
 
     /// Has the kernel stamp each segment it receives on this connection with its arrival time
     /// (`SO_TIMESTAMPNS`); every later [`WsConn::fill`] then records when the last segment it
-    /// took arrived ([`WsConn::arrived_wall_ns`]). That is when the server's bytes reached this
+    /// took arrived ([`WsConn::arrived_wall_ns`]). When no socket of the machine had asked
+    /// before, the kernel switches stamping on a moment later, so the first segments may come
+    /// without a stamp (the generator asks at connect, long before it measures). That is when the server's bytes reached this
     /// machine's socket, before the generator got round to reading them: a latency measured
     /// to it leaves out the generator's own delays, which a busy generator thread adds to
     /// everything it reads.
@@ -663,6 +665,20 @@ mod tests {
         let (mut conn, mut server) = pair().await;
         conn.stamp_arrivals().unwrap();
         assert_eq!(conn.arrived_wall_ns(), None);
+        // The kernel starts stamping a moment after the first socket of the machine asks
+        // (a deferred switch): wait until a read comes stamped.
+        for attempt in 0.. {
+            server
+                .write_all(&server_frame(true, OP_TEXT, b"warm-up"))
+                .await
+                .unwrap();
+            assert_eq!(collect(&mut conn, 1).await, [b"warm-up".to_vec()]);
+            if conn.arrived_wall_ns().is_some() {
+                break;
+            }
+            assert!(attempt < 100, "the kernel never stamped a read");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let before_send = wall_ns();
         server
             .write_all(&server_frame(true, OP_TEXT, b"early"))
