@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_proto::{Ref, ServerEvent};
+use smallvec::{SmallVec, smallvec};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
@@ -188,10 +189,12 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
     // Acks grouped per sending session and new messages grouped per room, both in seq order,
     // so each session and each subscriber gets one queue entry for the whole commit.
     // Vectors keep first-seen order; the maps only index into them.
-    let mut acks: Vec<(Arc<SessionHandle>, Vec<Utf8Bytes>)> = Vec::new();
+    // Most sessions send one message per commit: their acks fit inline.
+    let mut acks: Vec<(Arc<SessionHandle>, SmallVec<[Utf8Bytes; 1]>)> = Vec::new();
     let mut ack_index: HashMap<SessionId, usize> = HashMap::new();
     let mut rooms: Vec<ChatBatch> = Vec::new();
-    let mut room_index: HashMap<String, usize> = HashMap::new();
+    // Keyed by the batch's own name, looked up by the message's: no copy of either.
+    let mut room_index: HashMap<Arc<str>, usize> = HashMap::new();
     for (result, reply) in results.into_iter().zip(replies) {
         let appended = match result {
             Ok(appended) => appended,
@@ -212,7 +215,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
                     Some(&index) => acks[index].1.push(ack),
                     None => {
                         ack_index.insert(handle.id, acks.len());
-                        acks.push((handle, vec![ack]));
+                        acks.push((handle, smallvec![ack]));
                     }
                 }
             }
@@ -224,12 +227,13 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             continue;
         }
         let message = appended.message;
-        let index = match room_index.get(&message.room) {
+        let index = match room_index.get(message.room.as_str()) {
             Some(&index) => index,
             None => {
-                room_index.insert(message.room.clone(), rooms.len());
+                let room: Arc<str> = Arc::from(message.room.as_str());
+                room_index.insert(Arc::clone(&room), rooms.len());
                 rooms.push(ChatBatch {
-                    room: Arc::from(message.room.as_str()),
+                    room,
                     frames: Vec::new(),
                 });
                 rooms.len() - 1
@@ -244,9 +248,9 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
     // copy of its messages (one write), or on their own when released after.
     let mut held = Vec::with_capacity(acks.len());
     for (handle, frames) in acks {
-        let item = match <[Utf8Bytes; 1]>::try_from(frames) {
+        let item = match frames.into_inner() {
             Ok([one]) => Outbound::Event(one),
-            Err(many) => Outbound::Events(many.into()),
+            Err(many) => Outbound::Events(many.into_iter().collect()),
         };
         handle.hold(item);
         held.push(handle);
