@@ -302,18 +302,16 @@ pub fn seconds_vs_generator(group: &Group, path: &Path) -> PlotResult {
             .filter_map(|s| Some((s.generator_late_ms?.max(0.1), p99(s)?.max(0.1))))
             .collect::<Vec<_>>()
     };
-    let lines: Vec<(String, Vec<(f64, f64)>)> = group
-        .targets
-        .iter()
-        .map(|t| (t.target.clone(), points_of(t, |s| s.p99_ms)))
-        .filter(|(_, points)| !points.is_empty())
-        .collect();
-    let at_arrival: Vec<(String, Vec<(f64, f64)>)> = group
-        .targets
-        .iter()
-        .map(|t| (t.target.clone(), points_of(t, |s| s.arrival_p99_ms)))
-        .filter(|(_, points)| !points.is_empty())
-        .collect();
+    let series = |p99: fn(&Second) -> Option<f64>| -> Vec<(String, Vec<(f64, f64)>)> {
+        group
+            .targets
+            .iter()
+            .map(|t| (t.target.clone(), points_of(t, p99)))
+            .filter(|(_, points)| !points.is_empty())
+            .collect()
+    };
+    let lines = series(|s| s.p99_ms);
+    let at_arrival = series(|s| s.arrival_p99_ms);
     let both: Vec<_> = lines.iter().chain(&at_arrival).cloned().collect();
     let Some(((x0, x1), (y0, y1))) = log_bounds(&both) else {
         return Ok(());

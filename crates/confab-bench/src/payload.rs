@@ -79,7 +79,8 @@ impl Clock {
     }
 }
 
-fn wall_ns() -> u64 {
+/// Wall-clock nanoseconds since the Unix epoch, the kernel's receive timestamps' clock.
+pub(crate) fn wall_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |since| since.as_nanos() as u64)

@@ -919,7 +919,7 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
             }
             ctx.clock.resync();
             let steal_now = stats::cpu_steal_ticks();
-            let stolen_ticks = most_stolen(&steal, &steal_now);
+            let stolen_ticks = stolen(&steal, &steal_now).max().unwrap_or(0);
             steal = steal_now;
             let interval = ctx.recorder.take_interval();
             let now = ctx.clock.now_ns();
@@ -958,15 +958,9 @@ fn spawn_progress(ctx: &Arc<Ctx>) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// The largest time any one CPU was stolen between two readings of
-/// [`stats::cpu_steal_ticks`], clock ticks.
-fn most_stolen(before: &[u64], after: &[u64]) -> u64 {
-    before
-        .iter()
-        .zip(after)
-        .map(|(b, a)| a.saturating_sub(*b))
-        .max()
-        .unwrap_or(0)
+/// Each CPU's time stolen between two readings of [`stats::cpu_steal_ticks`], clock ticks.
+fn stolen(before: &[u64], after: &[u64]) -> impl Iterator<Item = u64> {
+    before.iter().zip(after).map(|(b, a)| a.saturating_sub(*b))
 }
 
 /// Raw material for the report.
@@ -1077,15 +1071,8 @@ fn build_report(ctx: &Ctx, figures: Figures) -> Report {
         }),
         resume: None,
         host: Host {
-            steal_by_cpu: figures
-                .window_begin
-                .steal
-                .iter()
-                .zip(&figures.window_end.steal)
-                .map(|(b, a)| {
-                    let secs = a.saturating_sub(*b) as f64 / stats::TICKS_PER_SEC as f64;
-                    (secs / window).min(1.0)
-                })
+            steal_by_cpu: stolen(&figures.window_begin.steal, &figures.window_end.steal)
+                .map(|ticks| (ticks as f64 / stats::TICKS_PER_SEC as f64 / window).min(1.0))
                 .collect(),
         },
         started_unix_ms: ctx.started_unix_ms.load(Ordering::Relaxed),

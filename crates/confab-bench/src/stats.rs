@@ -332,9 +332,9 @@ pub fn proc_sample(pid: Option<u32>) -> Option<ProcSample> {
 pub const TICKS_PER_SEC: u64 = 100;
 
 /// Time each CPU (by index) was taken by the hypervisor for other guests, from `/proc/stat`'s
-/// `steal` column, in clock ticks ([`TICKS_PER_SEC`]); empty where that cannot be read. On a shared virtual machine a
-/// stolen stretch stalls whatever was running (server, generator, or the kernel's loopback
-/// work), so a latency taken across it is partly the host's.
+/// `steal` column, in clock ticks ([`TICKS_PER_SEC`]); empty where that cannot be read. On a
+/// shared virtual machine a stolen stretch stalls whatever was running (server, generator, or
+/// the kernel's loopback work), so a latency taken across it is partly the host's.
 pub fn cpu_steal_ticks() -> Vec<u64> {
     std::fs::read_to_string("/proc/stat")
         .map(|stat| parse_steal_ticks(&stat))

@@ -423,15 +423,19 @@ mod tests {
     #[test]
     fn publish_frames_per_target() {
         let write = |out: &mut Vec<u8>| payload::encode(out, stamp(), 0);
-        let mut out = Vec::new();
-        Target::Confab.publish_text(
-            &mut out,
-            "room-1",
-            ("bench-x-4", ClientIds::Counter),
-            9,
-            write,
-        );
-        let command: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let confab_command = |seq: u64| {
+            let mut out = Vec::new();
+            Target::Confab.publish_text(
+                &mut out,
+                "room-1",
+                ("bench-x-4", ClientIds::Counter),
+                seq,
+                write,
+            );
+            let command: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            (out, command)
+        };
+        let (out, command) = confab_command(9);
         assert_eq!(command["type"], "message");
         assert_eq!(command["ref"], 9);
         assert_eq!(command["room"], "room-1");
@@ -443,16 +447,10 @@ mod tests {
         let ids: Vec<String> = [9, 10, 99, 100, 255, 256, 70_000]
             .into_iter()
             .map(|seq| {
-                let mut out = Vec::new();
-                Target::Confab.publish_text(
-                    &mut out,
-                    "room-1",
-                    ("bench-x-4", ClientIds::Counter),
-                    seq,
-                    write,
-                );
-                let command: serde_json::Value = serde_json::from_slice(&out).unwrap();
-                command["client_id"].as_str().unwrap().to_string()
+                confab_command(seq).1["client_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
             })
             .collect();
         assert!(ids.is_sorted(), "{ids:?}");

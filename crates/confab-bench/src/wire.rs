@@ -271,12 +271,12 @@ impl WsConn {
 
     /// Has the kernel stamp each segment it receives on this connection with its arrival time
     /// (`SO_TIMESTAMPNS`); every later [`WsConn::fill`] then records when the last segment it
-    /// took arrived ([`WsConn::arrived_wall_ns`]). When no socket of the machine had asked
-    /// before, the kernel switches stamping on a moment later, so the first segments may come
-    /// without a stamp (the generator asks at connect, long before it measures). That is when the server's bytes reached this
+    /// took arrived ([`WsConn::arrived_wall_ns`]). That is when the server's bytes reached this
     /// machine's socket, before the generator got round to reading them: a latency measured
     /// to it leaves out the generator's own delays, which a busy generator thread adds to
-    /// everything it reads.
+    /// everything it reads. When no socket of the machine had asked before, the kernel
+    /// switches stamping on a moment later, so the first segments may come without a stamp
+    /// (the generator asks at connect, long before it measures).
     pub fn stamp_arrivals(&mut self) -> Result<(), WireError> {
         nix::sys::socket::setsockopt(
             &self.stream,
@@ -653,12 +653,7 @@ mod tests {
         assert!(parse_status("garbage").is_err());
     }
 
-    fn wall_ns() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-    }
+    use crate::payload::wall_ns;
 
     #[tokio::test]
     async fn stamped_reads_know_when_the_bytes_arrived_not_when_they_were_read() {
