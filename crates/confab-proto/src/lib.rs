@@ -12,9 +12,14 @@
 //!   error bodies.
 //! - REST request and response bodies ([`AuthRequest`], [`AuthResponse`], ...).
 //! - [`close`]: the WebSocket close codes the server uses.
+//! - [`write_message_event`], [`write_ack_event`]: the two events of every chat message,
+//!   written without serde's byte-by-byte string escaping, to the same bytes.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+mod fast_json;
+pub use fast_json::{write_ack_event, write_message_event};
 
 /// A client-chosen correlation id: any JSON value, echoed verbatim in the direct reply.
 pub type Ref = Value;

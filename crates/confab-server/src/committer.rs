@@ -31,7 +31,8 @@ use tungstenite::Utf8Bytes;
 use crate::broker::Broker;
 use crate::error::ChatError;
 use crate::outbound::{
-    ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode, encode_frame,
+    ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode, encode_ack,
+    message_frame,
 };
 use crate::store::{Appended, NewMessage, Store};
 
@@ -205,12 +206,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
         };
         match reply {
             Reply::Session { handle, reference } => {
-                let ack = encode(&ServerEvent::Ack {
-                    reference,
-                    id: appended.message.id.clone(),
-                    seq: appended.message.seq,
-                    client_id: appended.message.client_id.clone(),
-                });
+                let ack = encode_ack(reference.as_ref(), &appended.message);
                 match ack_index.get(&handle.id) {
                     Some(&index) => acks[index].1.push(ack),
                     None => {
@@ -241,7 +237,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
         };
         rooms[index].frames.push(ChatFrame {
             seq: message.seq,
-            frame: encode_frame(&ServerEvent::Message(message)),
+            frame: message_frame(&message),
         });
     }
     // Each sender's acks are held while the rooms fan out and go out with the sender's own

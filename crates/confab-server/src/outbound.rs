@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use confab_proto::{ServerEvent, UserRef};
+use confab_proto::{ChatMessage, Ref, ServerEvent, UserRef};
 use futures_util::task::AtomicWaker;
 use smallvec::SmallVec;
 use tokio::net::TcpStream;
@@ -765,14 +765,30 @@ pub fn encode(event: &confab_proto::ServerEvent) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(event).expect("server events always serialize"))
 }
 
-/// Encodes an event as a complete WebSocket text frame, header included, in one buffer: a
-/// chat message is framed once and the same bytes written to every subscriber.
-pub fn encode_frame(event: &confab_proto::ServerEvent) -> Bytes {
+/// The `message` event of a stored message as a complete WebSocket text frame, header
+/// included, in one buffer: a chat message is framed once and the same bytes written to every
+/// subscriber.
+pub fn message_frame(message: &ChatMessage) -> Bytes {
     /// Room for a typical chat message's JSON without growing the buffer.
     const TYPICAL_EVENT: usize = 512;
     crate::websocket::build_text_frame(TYPICAL_EVENT, |out| {
-        serde_json::to_writer(out, event).expect("server events always serialize");
+        confab_proto::write_message_event(out, message);
     })
+}
+
+/// The `ack` of a stored message to its sender, written from the message's own fields.
+pub fn encode_ack(reference: Option<&Ref>, message: &ChatMessage) -> Utf8Bytes {
+    /// Room for an ack with a short `ref` and `client_id` without growing the buffer.
+    const TYPICAL_ACK: usize = 160;
+    let mut out = Vec::with_capacity(TYPICAL_ACK);
+    confab_proto::write_ack_event(
+        &mut out,
+        reference,
+        &message.id,
+        message.seq,
+        message.client_id.as_deref(),
+    );
+    Utf8Bytes::try_from(Bytes::from(out)).expect("JSON is UTF-8")
 }
 
 #[cfg(test)]
