@@ -10,6 +10,11 @@
 //! the newest message. Several keys then share each page written (many, when `client_id`s
 //! grow with time, as UUIDv7s do).
 //!
+//! Looking a new key up in `client_keys` costs a statement per message, most of the cost of
+//! checking it; so the greatest key of each recent author found there is kept in memory, and a
+//! key above it (a new UUIDv7, ULID or counter, the usual case) is known to be new without
+//! asking. A key at or below it is looked up as before.
+//!
 //! Nothing is lost in a crash: `client_keys_pending.low` is kept at or below the rowid of
 //! every waiting key, in the same transactions, and at start the keys of the messages from
 //! there on are read back. Every key found, in memory or in `client_keys`, is checked against
@@ -41,6 +46,10 @@ const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
 /// spread over commits instead of falling on one.
 const MERGE_BEHIND_PER_APPEND: usize = 64;
 
+/// Authors whose greatest stored key is remembered, at most; past it the memory is emptied and
+/// refilled by the authors who send next (a statement each).
+const CEILINGS_KEPT: usize = if cfg!(test) { 4 } else { 65_536 };
+
 /// The keys not yet in `client_keys`. Owned by the writer thread (through the tail cache's
 /// lock); after a failed commit it is emptied and read back from the database.
 #[derive(Debug, Default)]
@@ -56,6 +65,10 @@ pub(super) struct RetryKeys {
     full: Vec<String>,
     /// `client_keys_pending.low` as stored.
     low: i64,
+    /// For recent authors, the greatest `client_id` `client_keys` may hold for them (`None`:
+    /// none): it only ever grows with what is written, so it stays an upper bound when rows are
+    /// deleted. Compared as SQLite compares text (bytes), which is how `str` compares.
+    ceilings: HashMap<String, Option<String>>,
 }
 
 impl RetryKeys {
@@ -98,7 +111,7 @@ impl RetryKeys {
     /// The rowid of the message `user` stored with `client_id`, if any. It may name a row that
     /// no longer holds that message: check it (see [`RetryKeys`]).
     pub(super) fn find(
-        &self,
+        &mut self,
         conn: &Connection,
         user: &str,
         client_id: &str,
@@ -111,6 +124,25 @@ impl RetryKeys {
         });
         if waiting.is_some() {
             return Ok(waiting);
+        }
+        let ceiling = match self.ceilings.get(user) {
+            Some(ceiling) => ceiling.as_deref(),
+            None => {
+                if self.ceilings.len() == CEILINGS_KEPT {
+                    self.ceilings.clear();
+                }
+                let ceiling: Option<String> = conn
+                    .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
+                    .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
+                    .map_err(db_err)?;
+                self.ceilings
+                    .entry(user.to_owned())
+                    .or_insert(ceiling)
+                    .as_deref()
+            }
+        };
+        if ceiling.is_none_or(|ceiling| client_id > ceiling) {
+            return Ok(None);
         }
         conn.prepare_cached("SELECT message FROM client_keys WHERE user_id = ?1 AND client_id = ?2")
             .and_then(|mut stmt| {
@@ -181,6 +213,13 @@ impl RetryKeys {
                     insert
                         .execute(params![user, client_id, rowid])
                         .map_err(db_err)?;
+                }
+                // Sorted: the last is the greatest written.
+                if let (Some(ceiling), Some((greatest, _))) =
+                    (self.ceilings.get_mut(&user), keys.last())
+                    && ceiling.as_ref().is_none_or(|ceiling| greatest > ceiling)
+                {
+                    *ceiling = Some(greatest.clone());
                 }
                 self.oldest.remove(&(first, user));
             }

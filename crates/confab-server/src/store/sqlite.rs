@@ -896,7 +896,7 @@ fn append_batch(
         let Some((key, last_seq)) = tail.room.filter(|_| member) else {
             // A retry of a message stored before its author left (or the room went) is still
             // answered with the original.
-            if let Some(original) = select_retried(conn, &cache.retry, &msg)? {
+            if let Some(original) = select_retried(conn, &mut cache.retry, &msg)? {
                 results.push(Ok(original));
                 continue;
             }
@@ -910,7 +910,7 @@ fn append_batch(
             }));
             continue;
         };
-        if let Some(original) = select_retried(conn, &cache.retry, &msg)? {
+        if let Some(original) = select_retried(conn, &mut cache.retry, &msg)? {
             results.push(Ok(original));
             continue;
         }
@@ -996,7 +996,7 @@ fn is_member(conn: &Connection, room: &str, user_id: &str) -> Result<bool, Store
 /// message taken over).
 fn select_retried(
     conn: &Connection,
-    keys: &RetryKeys,
+    keys: &mut RetryKeys,
     msg: &NewMessage,
 ) -> Result<Option<Appended>, StoreError> {
     let Some(client_id) = &msg.client_id else {
@@ -1724,6 +1724,38 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(page.last_seq, 41, "each key stored once");
+    }
+
+    /// A key is taken as new without a lookup only above the greatest key its author has in
+    /// `client_keys`, as remembered: that memory follows every write of keys, is read back
+    /// after a restart, and is refilled when it overflows (4 authors in tests).
+    #[tokio::test]
+    async fn retries_at_the_greatest_stored_key_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_a_in_r(dir.path()).await;
+        // The first message has `a` remembered with no stored keys; the 32nd writes c0..c31,
+        // of which "c9" sorts last.
+        assert_eq!(send_keyed(&store, 0, 32).await, vec![false; 32]);
+        assert_eq!(lock_tails(&store.tails).retry.waiting(), 0);
+        assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
+        // Other authors push `a` out of the memory, and come back.
+        let authors: Vec<String> = (0..6).map(|n| format!("u{n}")).collect();
+        for author in &authors {
+            store.ensure_user(&user(author)).await.unwrap();
+            store.add_member("r", author).await.unwrap();
+        }
+        for round in 0..2 {
+            for author in &authors {
+                let appended = append_one(&store, message("r", author, "hi", Some("k"))).await;
+                assert_eq!(appended.duplicate, round == 1, "{author} in round {round}");
+            }
+        }
+        assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
+        store.close();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
+        assert_eq!(send_keyed(&store, 99, 1).await, vec![false]);
     }
 
     /// A quiet author's keys are written once the newest message is far enough ahead (50 rows
