@@ -10,10 +10,10 @@
 //! the newest message. Several keys then share each page written (many, when `client_id`s
 //! grow with time, as UUIDv7s do).
 //!
-//! Looking a new key up in `client_keys` costs a statement per message, most of the cost of
-//! checking it; so the greatest key of each recent author found there is kept in memory, and a
-//! key above it (a new UUIDv7, ULID or counter, the usual case) is known to be new without
-//! asking. A key at or below it is looked up as before.
+//! Looking a new key up costs a scan of the author's waiting keys and a statement, most of
+//! the cost of storing a message; so each recent author's greatest key, waiting or written, is
+//! kept in memory, and a key above it (a new UUIDv7, ULID or counter, the usual case) is known
+//! to be new without either. A key at or below it is looked up as before.
 //!
 //! Nothing is lost in a crash: `client_keys_pending.low` is kept at or below the rowid of
 //! every waiting key, in the same transactions, and at start the keys of the messages from
@@ -65,9 +65,10 @@ pub(super) struct RetryKeys {
     full: Vec<String>,
     /// `client_keys_pending.low` as stored.
     low: i64,
-    /// For recent authors, the greatest `client_id` `client_keys` may hold for them (`None`:
-    /// none): it only ever grows with what is written, so it stays an upper bound when rows are
-    /// deleted. Compared as SQLite compares text (bytes), which is how `str` compares.
+    /// For recent authors, a `client_id` at or above every key of theirs, waiting or in
+    /// `client_keys` (`None`: they have none). It only ever grows, so it stays an upper bound
+    /// when keys go with a deleted room. Compared as SQLite compares text (bytes), which is
+    /// how `str` compares.
     ceilings: HashMap<String, Option<String>>,
 }
 
@@ -116,6 +117,9 @@ impl RetryKeys {
         user: &str,
         client_id: &str,
     ) -> Result<Option<i64>, StoreError> {
+        if self.above_ceiling(conn, user, client_id)? {
+            return Ok(None);
+        }
         let waiting = self.waiting.get(user).and_then(|keys| {
             keys.iter()
                 .rev()
@@ -125,25 +129,6 @@ impl RetryKeys {
         if waiting.is_some() {
             return Ok(waiting);
         }
-        let ceiling = match self.ceilings.get(user) {
-            Some(ceiling) => ceiling.as_deref(),
-            None => {
-                if self.ceilings.len() == CEILINGS_KEPT {
-                    self.ceilings.clear();
-                }
-                let ceiling: Option<String> = conn
-                    .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
-                    .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
-                    .map_err(db_err)?;
-                self.ceilings
-                    .entry(user.to_owned())
-                    .or_insert(ceiling)
-                    .as_deref()
-            }
-        };
-        if ceiling.is_none_or(|ceiling| client_id > ceiling) {
-            return Ok(None);
-        }
         conn.prepare_cached("SELECT message FROM client_keys WHERE user_id = ?1 AND client_id = ?2")
             .and_then(|mut stmt| {
                 stmt.query_row([user, client_id], |row| row.get(0))
@@ -152,8 +137,41 @@ impl RetryKeys {
             .map_err(db_err)
     }
 
+    /// Whether `client_id` is above every key `user` has: then it is new. Remembers the
+    /// author's greatest key first if it is not remembered (one statement).
+    fn above_ceiling(
+        &mut self,
+        conn: &Connection,
+        user: &str,
+        client_id: &str,
+    ) -> Result<bool, StoreError> {
+        if let Some(ceiling) = self.ceilings.get(user) {
+            return Ok(ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling));
+        }
+        if self.ceilings.len() >= CEILINGS_KEPT {
+            self.ceilings.clear();
+        }
+        let written: Option<String> = conn
+            .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
+            .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
+            .map_err(db_err)?;
+        let waiting = self
+            .waiting
+            .get(user)
+            .and_then(|keys| keys.iter().map(|(key, _)| key).max());
+        let ceiling = written.max(waiting.cloned());
+        let above = ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling);
+        self.ceilings.insert(user.to_owned(), ceiling);
+        Ok(above)
+    }
+
     /// Records the key of a message just inserted as `rowid`.
     pub(super) fn add(&mut self, user: &str, client_id: String, rowid: i64) {
+        if let Some(ceiling) = self.ceilings.get_mut(user)
+            && ceiling.as_ref().is_none_or(|ceiling| client_id > *ceiling)
+        {
+            *ceiling = Some(client_id.clone());
+        }
         match self.waiting.get_mut(user) {
             Some(keys) => {
                 // Rowids only grow, unless a deleted room took the newest messages: then the
@@ -213,13 +231,6 @@ impl RetryKeys {
                     insert
                         .execute(params![user, client_id, rowid])
                         .map_err(db_err)?;
-                }
-                // Sorted: the last is the greatest written.
-                if let (Some(ceiling), Some((greatest, _))) =
-                    (self.ceilings.get_mut(&user), keys.last())
-                    && ceiling.as_ref().is_none_or(|ceiling| greatest > ceiling)
-                {
-                    *ceiling = Some(greatest.clone());
                 }
                 self.oldest.remove(&(first, user));
             }

@@ -1726,8 +1726,8 @@ mod tests {
         assert_eq!(page.last_seq, 41, "each key stored once");
     }
 
-    /// A key is taken as new without a lookup only above the greatest key its author has in
-    /// `client_keys`, as remembered: that memory follows every write of keys, is read back
+    /// A key is taken as new without a lookup only above the greatest key its author has,
+    /// waiting or written, as remembered: that memory follows every key stored, is read back
     /// after a restart, and is refilled when it overflows (4 authors in tests).
     #[tokio::test]
     async fn retries_at_the_greatest_stored_key_are_still_found() {
@@ -1738,6 +1738,17 @@ mod tests {
         assert_eq!(send_keyed(&store, 0, 32).await, vec![false; 32]);
         assert_eq!(lock_tails(&store.tails).retry.waiting(), 0);
         assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
+        // Above "c9", waiting.
+        assert!(
+            !append_one(&store, message("r", "a", "d", Some("d")))
+                .await
+                .duplicate
+        );
+        assert!(
+            append_one(&store, message("r", "a", "d", Some("d")))
+                .await
+                .duplicate
+        );
         // Other authors push `a` out of the memory, and come back.
         let authors: Vec<String> = (0..6).map(|n| format!("u{n}")).collect();
         for author in &authors {
@@ -1751,11 +1762,25 @@ mod tests {
             }
         }
         assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
+        assert!(
+            append_one(&store, message("r", "a", "d", Some("d")))
+                .await
+                .duplicate
+        );
         store.close();
         drop(store);
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
         assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
-        assert_eq!(send_keyed(&store, 99, 1).await, vec![false]);
+        assert!(
+            append_one(&store, message("r", "a", "d", Some("d")))
+                .await
+                .duplicate
+        );
+        assert!(
+            !append_one(&store, message("r", "a", "e", Some("e")))
+                .await
+                .duplicate
+        );
     }
 
     /// A quiet author's keys are written once the newest message is far enough ahead (50 rows
