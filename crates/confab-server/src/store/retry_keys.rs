@@ -170,7 +170,11 @@ impl RetryKeys {
         if let Some(ceiling) = self.ceilings.get_mut(user)
             && ceiling.as_ref().is_none_or(|ceiling| client_id > *ceiling)
         {
-            *ceiling = Some(client_id.clone());
+            // Into the old ceiling's buffer: keys of one author are mostly of one length.
+            match ceiling {
+                Some(ceiling) => ceiling.clone_from(&client_id),
+                None => *ceiling = Some(client_id.clone()),
+            }
         }
         match self.waiting.get_mut(user) {
             Some(keys) => {
