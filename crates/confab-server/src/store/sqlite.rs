@@ -1488,6 +1488,17 @@ mod tests {
         }
     }
 
+    /// A store in `dir` with room `name`, whose members are `members`, each a known user.
+    async fn store_with_room(dir: &Path, name: &str, members: &[&str]) -> SqliteStore {
+        let store = SqliteStore::open(dir, SqliteSync::Normal).unwrap();
+        for member in members {
+            store.ensure_user(&user(member)).await.unwrap();
+        }
+        let members: Vec<String> = members.iter().map(|member| member.to_string()).collect();
+        store.create_room(&room(name), &members).await.unwrap();
+        store
+    }
+
     /// Not a check: a W2-shaped workload for `valgrind --tool=callgrind`, whose instruction
     /// counts repeat on this noisy machine. 1,000 rooms of 10 members, then commits of
     /// messages from rooms and authors picked at random, each with a client id as
@@ -1543,11 +1554,7 @@ mod tests {
     #[tokio::test]
     async fn reads_with_new_limits_are_not_compiled_again() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
-        store
-            .create_room(&room("r"), &["ann".to_string(), "bob".to_string()])
-            .await
-            .unwrap();
+        let store = store_with_room(dir.path(), "r", &["ann", "bob"]).await;
         let batch = (0..20)
             .map(|n| message("r", "ann", &format!("m{n}"), None))
             .collect();
@@ -1594,11 +1601,7 @@ mod tests {
     #[tokio::test]
     async fn remembered_tails_follow_joins_leaves_and_deletes() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
-        store
-            .create_room(&room("r"), &["a".into(), "b".into()])
-            .await
-            .unwrap();
+        let store = store_with_room(dir.path(), "r", &["a", "b"]).await;
         let outcome = |results: Vec<Result<Appended, StoreError>>| match &results[0] {
             Ok(appended) => format!("#{}", appended.message.seq),
             Err(StoreError::NotMember(_)) => "not member".into(),
@@ -1662,14 +1665,6 @@ mod tests {
         assert!(cache.rooms.is_empty());
     }
 
-    /// A store in `dir` with user `a`, member of room `r`.
-    async fn store_with_a_in_r(dir: &Path) -> SqliteStore {
-        let store = SqliteStore::open(dir, SqliteSync::Normal).unwrap();
-        store.ensure_user(&user("a")).await.unwrap();
-        store.create_room(&room("r"), &["a".into()]).await.unwrap();
-        store
-    }
-
     /// Appends one message alone and returns how it was stored.
     async fn append_one(store: &SqliteStore, msg: NewMessage) -> Appended {
         store.append(vec![msg]).await.unwrap().remove(0).unwrap()
@@ -1699,7 +1694,7 @@ mod tests {
     #[tokio::test]
     async fn retries_are_recognised_wherever_their_key_is() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store_with_a_in_r(dir.path()).await;
+        let store = store_with_room(dir.path(), "r", &["a"]).await;
         assert_eq!(send_keyed(&store, 0, 40).await, vec![false; 40]);
         // The first 32 were written together; 8 wait.
         assert_eq!(client_keys_rows(dir.path()), 32);
@@ -1732,7 +1727,7 @@ mod tests {
     #[tokio::test]
     async fn retries_at_the_greatest_stored_key_are_still_found() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store_with_a_in_r(dir.path()).await;
+        let store = store_with_room(dir.path(), "r", &["a"]).await;
         // The first message has `a` remembered with no stored keys; the 32nd writes c0..c31,
         // of which "c9" sorts last.
         assert_eq!(send_keyed(&store, 0, 32).await, vec![false; 32]);
@@ -1788,13 +1783,7 @@ mod tests {
     #[tokio::test]
     async fn a_quiet_authors_keys_are_written_when_left_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
-        store.ensure_user(&user("a")).await.unwrap();
-        store.ensure_user(&user("b")).await.unwrap();
-        store
-            .create_room(&room("r"), &["a".into(), "b".into()])
-            .await
-            .unwrap();
+        let store = store_with_room(dir.path(), "r", &["a", "b"]).await;
         store
             .append(vec![message("r", "b", "quiet", Some("q"))])
             .await
@@ -1819,7 +1808,7 @@ mod tests {
     #[tokio::test]
     async fn keys_below_a_deleted_rooms_rowids_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store_with_a_in_r(dir.path()).await;
+        let store = store_with_room(dir.path(), "r", &["a"]).await;
         store.create_room(&room("x"), &["a".into()]).await.unwrap();
         append_one(&store, message("r", "a", "1", None)).await;
         append_one(&store, message("x", "a", "2", None)).await;
@@ -1843,7 +1832,7 @@ mod tests {
     #[tokio::test]
     async fn a_deleted_rooms_keys_can_be_used_again() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store_with_a_in_r(dir.path()).await;
+        let store = store_with_room(dir.path(), "r", &["a"]).await;
         // 33 keys: 32 written to client_keys, one waiting in memory.
         assert_eq!(send_keyed(&store, 0, 33).await, vec![false; 33]);
         store.delete_room("r").await.unwrap();
@@ -1856,7 +1845,7 @@ mod tests {
     #[tokio::test]
     async fn seqs_are_gap_free_and_client_ids_dedupe() {
         let dir = tempfile::tempdir().unwrap();
-        let store = store_with_a_in_r(dir.path()).await;
+        let store = store_with_room(dir.path(), "r", &["a"]).await;
         let results = store
             .append(vec![
                 message("r", "a", "one", Some("c1")),
@@ -1926,11 +1915,7 @@ mod tests {
     #[tokio::test]
     async fn mixed_batches_keep_seqs_gap_free() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
-        store
-            .create_room(&room("r1"), &["a".into(), "b".into()])
-            .await
-            .unwrap();
+        let store = store_with_room(dir.path(), "r1", &["a", "b"]).await;
         store.create_room(&room("r2"), &["a".into()]).await.unwrap();
         store
             .append(vec![message("r1", "a", "earlier", Some("old"))])
@@ -2008,8 +1993,7 @@ mod tests {
     #[tokio::test]
     async fn retries_after_leaving_still_find_the_original() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
-        store.create_room(&room("r"), &["a".into()]).await.unwrap();
+        let store = store_with_room(dir.path(), "r", &["a"]).await;
         store
             .append(vec![message("r", "a", "hello", Some("c1"))])
             .await
