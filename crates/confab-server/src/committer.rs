@@ -15,8 +15,10 @@
 //!   hold a message submit it and it joins this commit. On an idle server this costs one
 //!   pass of the scheduler; under load it is what groups the messages. (The SQLite writer
 //!   thread helps by not preempting the tasks it is woken by: see `store::sqlite`.)
-//! - Optionally it also *lingers*: once commits carry more than one message, it waits
-//!   `commit_linger_ms` more. That trades latency for fewer commits and is off by default.
+//! - Once commits carry more than one message it also *lingers*: a commit waits until its
+//!   oldest message has waited `commit_linger_ms` for company (never longer; a backlog that
+//!   arrived during the last commit goes at once). That trades a bounded latency for fewer
+//!   commits.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use std::time::Duration;
 use confab_proto::{Ref, ServerEvent};
 use smallvec::{SmallVec, smallvec};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tungstenite::Utf8Bytes;
 
@@ -117,7 +120,10 @@ async fn run(
     // Whether the last commit carried more than one message: then more are likely on the way
     // and the next commit waits for them.
     let mut busy = false;
+    // When the queue was last emptied: whatever is queued now arrived after it.
+    let mut last_taken = Instant::now();
     loop {
+        let waited = receiver.is_empty();
         let received = tokio::select! {
             received = receiver.recv_many(&mut batch, MAX_BATCH) => received,
             () = stop.cancelled() => break,
@@ -125,15 +131,23 @@ async fn run(
         if received == 0 {
             return;
         }
+        // The earliest its messages can have arrived: just now if the committer waited for
+        // them, else during the last commit.
+        let oldest = if waited { Instant::now() } else { last_taken };
         gather_ready(&mut receiver, &mut batch).await;
-        if busy && !linger.is_zero() && batch.len() < MAX_BATCH {
+        // The linger counts from the oldest message's arrival, so no message waits longer
+        // than `linger` for company; a backlog that already waited through a commit goes at
+        // once.
+        let deadline = oldest + linger;
+        if busy && !linger.is_zero() && batch.len() < MAX_BATCH && Instant::now() < deadline {
             // Shutdown cuts the wait short; what was taken is still committed.
             tokio::select! {
-                () = tokio::time::sleep(linger) => {}
+                () = tokio::time::sleep_until(deadline) => {}
                 () = stop.cancelled() => {}
             }
             take_queued(&mut receiver, &mut batch);
         }
+        last_taken = Instant::now();
         busy = batch.len() > 1;
         commit(&mut batch, store.as_ref(), broker.as_ref()).await;
     }
@@ -401,8 +415,9 @@ mod tests {
     }
 
     /// Before a commit the committer lets ready tasks run and takes what they submit; a lone
-    /// message is committed without waiting; once commits carry several messages, it waits
-    /// `linger` and stores what arrived meanwhile in the same commit. The clock is paused
+    /// message is committed without waiting; once commits carry several messages, a message
+    /// waits until `linger` after its arrival and what arrived meanwhile shares its commit.
+    /// The clock is paused
     /// and only moves when the test advances it, so a committer that waited for an idle
     /// message would never deliver it.
     #[tokio::test(start_paused = true)]
@@ -437,7 +452,8 @@ mod tests {
         assert_eq!(next_chat(&mut watcher_queue).await, vec![2, 3]);
 
         // Busy: the committer takes the next message, gathers nothing more and waits; one
-        // sent 10 ms later joins its commit.
+        // sent 10 ms later joins its commit, which goes `linger` after the first arrived.
+        let first_sent = tokio::time::Instant::now();
         committer.submit(from_ann(&ann, "r1", 4)).await.unwrap();
         taken().await;
         for _ in 0..4 * GATHER_ROUNDS {
@@ -445,8 +461,18 @@ mod tests {
         }
         tokio::time::advance(Duration::from_millis(10)).await;
         committer.submit(from_ann(&ann, "r1", 5)).await.unwrap();
-        tokio::time::advance(linger).await;
+        tokio::time::advance(linger - Duration::from_millis(11)).await;
+        for _ in 0..4 * GATHER_ROUNDS {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            watcher_queue.try_recv().is_none(),
+            "not before its deadline"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(next_chat(&mut watcher_queue).await, vec![4, 5]);
+        // Not `linger` after the second (the paused clock would have been moved on to it).
+        assert_eq!(first_sent.elapsed(), linger);
 
         stop.cancel();
         task.await.unwrap();
