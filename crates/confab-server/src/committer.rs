@@ -417,9 +417,8 @@ mod tests {
     /// Before a commit the committer lets ready tasks run and takes what they submit; a lone
     /// message is committed without waiting; once commits carry several messages, a message
     /// waits until `linger` after its arrival and what arrived meanwhile shares its commit.
-    /// The clock is paused
-    /// and only moves when the test advances it, so a committer that waited for an idle
-    /// message would never deliver it.
+    /// The clock is paused and only moves when the test advances it, so a committer that
+    /// waited for an idle message would never deliver it.
     #[tokio::test(start_paused = true)]
     async fn the_committer_gathers_ready_messages_and_lingers_only_when_busy() {
         let dir = tempfile::tempdir().unwrap();

@@ -145,24 +145,26 @@ impl RetryKeys {
         user: &str,
         client_id: &str,
     ) -> Result<bool, StoreError> {
-        if let Some(ceiling) = self.ceilings.get(user) {
-            return Ok(ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling));
-        }
-        if self.ceilings.len() >= CEILINGS_KEPT {
-            self.ceilings.clear();
-        }
-        let written: Option<String> = conn
-            .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
-            .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
-            .map_err(db_err)?;
-        let waiting = self
-            .waiting
-            .get(user)
-            .and_then(|keys| keys.iter().map(|(key, _)| key).max());
-        let ceiling = written.max(waiting.cloned());
-        let above = ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling);
-        self.ceilings.insert(user.to_owned(), ceiling);
-        Ok(above)
+        let ceiling = match self.ceilings.get(user) {
+            Some(ceiling) => ceiling,
+            None => {
+                if self.ceilings.len() >= CEILINGS_KEPT {
+                    self.ceilings.clear();
+                }
+                let written: Option<String> = conn
+                    .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
+                    .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
+                    .map_err(db_err)?;
+                let waiting = self
+                    .waiting
+                    .get(user)
+                    .and_then(|keys| keys.iter().map(|(key, _)| key).max());
+                self.ceilings
+                    .entry(user.to_owned())
+                    .or_insert(written.max(waiting.cloned()))
+            }
+        };
+        Ok(ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling))
     }
 
     /// Records the key of a message just inserted as `rowid`.
@@ -171,10 +173,7 @@ impl RetryKeys {
             && ceiling.as_ref().is_none_or(|ceiling| client_id > *ceiling)
         {
             // Into the old ceiling's buffer: keys of one author are mostly of one length.
-            match ceiling {
-                Some(ceiling) => ceiling.clone_from(&client_id),
-                None => *ceiling = Some(client_id.clone()),
-            }
+            ceiling.get_or_insert_default().clone_from(&client_id);
         }
         match self.waiting.get_mut(user) {
             Some(keys) => {

@@ -1728,22 +1728,20 @@ mod tests {
     async fn retries_at_the_greatest_stored_key_are_still_found() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_room(dir.path(), "r", &["a"]).await;
+        // Sends `a`'s message with key "d" (above "c9"); whether it was a duplicate.
+        let sent_d = async |store: &SqliteStore| {
+            append_one(store, message("r", "a", "d", Some("d")))
+                .await
+                .duplicate
+        };
         // The first message has `a` remembered with no stored keys; the 32nd writes c0..c31,
         // of which "c9" sorts last.
         assert_eq!(send_keyed(&store, 0, 32).await, vec![false; 32]);
         assert_eq!(lock_tails(&store.tails).retry.waiting(), 0);
         assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
-        // Above "c9", waiting.
-        assert!(
-            !append_one(&store, message("r", "a", "d", Some("d")))
-                .await
-                .duplicate
-        );
-        assert!(
-            append_one(&store, message("r", "a", "d", Some("d")))
-                .await
-                .duplicate
-        );
+        // "d" waits in memory, above the written keys; its retry is found.
+        assert!(!sent_d(&store).await);
+        assert!(sent_d(&store).await);
         // Other authors push `a` out of the memory, and come back.
         let authors: Vec<String> = (0..6).map(|n| format!("u{n}")).collect();
         for author in &authors {
@@ -1757,20 +1755,12 @@ mod tests {
             }
         }
         assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
-        assert!(
-            append_one(&store, message("r", "a", "d", Some("d")))
-                .await
-                .duplicate
-        );
+        assert!(sent_d(&store).await);
         store.close();
         drop(store);
         let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
         assert_eq!(send_keyed(&store, 9, 1).await, vec![true]);
-        assert!(
-            append_one(&store, message("r", "a", "d", Some("d")))
-                .await
-                .duplicate
-        );
+        assert!(sent_d(&store).await);
         assert!(
             !append_one(&store, message("r", "a", "e", Some("e")))
                 .await
