@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
 
 use crate::heartbeat::{self, Signal};
-use crate::websocket::{Frame, Written, try_write};
+use crate::websocket::{Frame, Written, try_send_framed, try_write};
 
 /// Process-unique id of one WebSocket connection.
 pub type SessionId = u64;
@@ -299,6 +299,12 @@ impl Outlet {
     /// Writes `held` (if any) and `item` to the socket in one go without waiting, if they can
     /// be. `Queue` means neither was written.
     fn write_direct(&mut self, held: Option<&Outbound>, item: &Outbound) -> Direct {
+        if held.is_none()
+            && let Outbound::Chat(chat) = item
+            && let [message] = chat.frames.as_slice()
+        {
+            return self.write_one_message(&chat.room, message);
+        }
         let mut frames = Frames::new();
         if let Some(held) = held {
             event_frames(held, &mut frames);
@@ -341,6 +347,37 @@ impl Outlet {
         if let Some((delivered, newest)) = mark {
             *delivered = newest;
         }
+        outcome
+    }
+
+    /// [`Outlet::write_direct`] of a batch of one message with nothing held, the usual
+    /// delivery: the shared frame goes to the socket as it is, with no list of frames built
+    /// for it.
+    fn write_one_message(&mut self, room: &str, message: &ChatFrame) -> Direct {
+        let delivered = match self.rooms.get_mut(room) {
+            // Not subscribed (any more), or already delivered: nothing to write.
+            None => return Direct::Done,
+            Some(Some(delivered)) if message.seq <= *delivered => return Direct::Done,
+            Some(Some(delivered)) => delivered,
+            // Joining: it waits for the `joined` reply and the room's mark.
+            Some(None) => return Direct::Queue,
+        };
+        let socket = self.socket.as_ref().expect("checked by the caller");
+        let outcome = match try_send_framed(socket.fd(), &message.frame) {
+            Ok(Written::All) => Direct::Done,
+            Ok(Written::Partly(0)) => return Direct::Queue,
+            Ok(Written::Partly(written)) => {
+                let frames = vec![Frame::Framed(message.frame.clone())];
+                self.unfinished = Some(Box::new((frames, written)));
+                Direct::Unfinished
+            }
+            Err(_) => {
+                // The task's next write fails the same way and ends the session.
+                self.broken = true;
+                return Direct::Queue;
+            }
+        };
+        *delivered = message.seq;
         outcome
     }
 
@@ -916,25 +953,31 @@ mod tests {
         assert!(rx.begin_join("r"));
         assert!(rx.room("r").is_none(), "not usable before the answer");
         assert!(handle.push(&chat("r", 1..=3), Priority::Reliable));
+        assert!(handle.push(&chat("r", 3..=3), Priority::Reliable));
+        assert_eq!(handle.outlet().queue.len(), 2, "a single message waits too");
         let joined = [Frame::Text("joined(history to 2)".into())];
         let flushed = rx.flush(&socket, &joined, Some(("r".into(), 2)), usize::MAX);
         assert!(matches!(flushed.outcome, FlushOutcome::Done));
-        // Now straight to the socket, skipping what was delivered.
+        // Now straight to the socket, skipping what was delivered, a batch of one message
+        // (its own path) as a longer one.
+        assert!(handle.push(&chat("r", 3..=3), Priority::Reliable));
         assert!(handle.push(&chat("r", 3..=4), Priority::Reliable));
+        assert!(handle.push(&chat("r", 5..=5), Priority::Reliable));
         assert!(handle.push(&text("typing"), Priority::Droppable));
         assert!(rx.try_recv().is_none(), "nothing was queued");
         // Losing the room goes through the task (it updates the hub); later frames of the
         // room are skipped.
         assert!(handle.push(&Outbound::Left("r".into()), Priority::Reliable));
         assert_eq!(drain(&mut rx, &socket).await, vec![Arc::<str>::from("r")]);
-        assert!(handle.push(&chat("r", 5..=5), Priority::Reliable));
+        assert!(handle.push(&chat("r", 6..=6), Priority::Reliable));
         assert!(handle.push(&text("after"), Priority::Reliable));
         assert_eq!(
-            read_texts(&mut client, 6).await,
+            read_texts(&mut client, 7).await,
             [
                 "joined(history to 2)",
                 "m3",
                 "m4",
+                "m5",
                 "typing",
                 r#"{"type":"left","ref":null,"room":"r"}"#,
                 "after"
@@ -1024,8 +1067,23 @@ mod tests {
         rustix::net::sockopt::set_socket_send_buffer_size(&*socket, 32 * 1024).unwrap();
         rustix::net::sockopt::set_socket_recv_buffer_size(&client, 32 * 1024).unwrap();
         let big = |n: usize| format!("{n:04}{}", "x".repeat(64 * 1024));
+        assert!(rx.begin_join("r"));
+        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
         for n in 0..40 {
-            assert!(handle.push(&text(&big(n)), Priority::Reliable));
+            // Single chat messages and events, whose direct writes take different paths; the
+            // first (a message) is the write that stops part-way.
+            let item = if n % 2 == 0 {
+                Outbound::Chat(Arc::new(ChatBatch {
+                    room: "r".into(),
+                    frames: vec![ChatFrame {
+                        seq: n as u64 + 1,
+                        frame: crate::websocket::text_frame(big(n).as_bytes()),
+                    }],
+                }))
+            } else {
+                text(&big(n))
+            };
+            assert!(handle.push(&item, Priority::Reliable));
         }
         assert!(
             rx.handle.outlet().unfinished.is_some(),
