@@ -243,9 +243,7 @@ impl Reader {
             }
             let frame = self.read.split_to(end);
             let mut payload = frame[header.start..].to_vec();
-            for (i, byte) in payload.iter_mut().enumerate() {
-                *byte ^= header.mask[i & 3];
-            }
+            unmask(&mut payload, header.mask);
             match header.opcode {
                 PING => return Ok(Some(Incoming::Ping(payload))),
                 PONG => return Ok(Some(Incoming::Pong)),
@@ -298,6 +296,22 @@ pub(crate) fn try_write(
     skip: usize,
 ) -> io::Result<Written> {
     send_frames(socket, None, frames, skip)
+}
+
+/// Unmasks a client frame's payload in place, eight bytes at a time: byte by byte it was
+/// about 1,700 instructions of every chat message a client sends (W2 callgrind).
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let [a, b, c, d] = mask;
+    let wide = u64::from_ne_bytes([a, b, c, d, a, b, c, d]);
+    let mut words = payload.chunks_exact_mut(8);
+    for word in &mut words {
+        let unmasked = u64::from_ne_bytes((&*word).try_into().expect("eight bytes")) ^ wide;
+        word.copy_from_slice(&unmasked.to_ne_bytes());
+    }
+    // The rest starts at a multiple of eight, so the mask starts over with it.
+    for (i, byte) in words.into_remainder().iter_mut().enumerate() {
+        *byte ^= mask[i & 3];
+    }
 }
 
 /// [`try_write`] for the usual delivery, one pre-framed chat message: one `send(2)` of the
@@ -590,6 +604,22 @@ mod tests {
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
         out
+    }
+
+    #[test]
+    fn unmasking_by_words_matches_unmasking_by_bytes() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        for len in 0..40 {
+            let original: Vec<u8> = (0..len).map(|i| (i * 37 + 5) as u8).collect();
+            let mut fast = original.clone();
+            unmask(&mut fast, mask);
+            let slow: Vec<u8> = original
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ mask[i & 3])
+                .collect();
+            assert_eq!(fast, slow, "length {len}");
+        }
     }
 
     /// Parses `bytes` fed in pieces of `chunk` bytes, collecting every message.

@@ -554,6 +554,17 @@ fn wake_without_preempting() {
 
 /// The writer thread: group commit until every sender is gone.
 fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: WalRestarts) {
+    let mut control = match Control::prepare(&conn) {
+        Ok(control) => control,
+        Err(err) => {
+            let err = db_err(err);
+            tracing::error!(%err, "the SQLite writer cannot start: every write fails");
+            for job in jobs {
+                fail_unrun(job, err.clone());
+            }
+            return;
+        }
+    };
     let mut batch: Vec<WriteJob> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
     let mut deliveries: Vec<Deliver> = Vec::with_capacity(MAX_JOBS_PER_COMMIT);
     while let Ok(first) = jobs.recv() {
@@ -564,7 +575,7 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: Wa
                 Err(_) => break,
             }
         }
-        let begin = run_cached(&conn, "BEGIN IMMEDIATE");
+        let begin = control.begin.execute([]);
         if let Err(err) = begin {
             let err = db_err(err);
             for job in batch.drain(..) {
@@ -586,14 +597,14 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: Wa
                 continue;
             }
             if savepoints {
-                let _ = run_cached(&conn, "SAVEPOINT job");
+                let _ = control.savepoint.execute([]);
             }
             let (ok, deliver) = job(&conn);
             if savepoints {
                 if !ok {
-                    let _ = run_cached(&conn, "ROLLBACK TO job");
+                    let _ = control.rollback_to_savepoint.execute([]);
                 }
-                let _ = run_cached(&conn, "RELEASE job");
+                let _ = control.release_savepoint.execute([]);
             } else {
                 failed_alone = !ok;
             }
@@ -610,19 +621,20 @@ fn run_writer(conn: Connection, jobs: mpsc::Receiver<WriteJob>, mut restarts: Wa
             Some(err) => Some(err),
             // The job's own error is its answer; nothing of it may be committed.
             None if failed_alone => {
-                let _ = run_cached(&conn, "ROLLBACK");
+                let _ = control.rollback.execute([]);
                 None
             }
-            None => run_cached(&conn, "COMMIT").err().map(db_err),
+            None => control.commit.execute([]).err().map(db_err),
         };
         if commit_error.is_some() {
-            let _ = run_cached(&conn, "ROLLBACK");
+            let _ = control.rollback.execute([]);
         }
         for deliver in deliveries.drain(..) {
             deliver(commit_error.clone());
         }
         restarts.after_commit(&conn);
     }
+    drop(control);
     // Keep the WAL small for the next start.
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
 }
@@ -638,6 +650,31 @@ fn keep_plans(conn: &Connection) -> Result<(), StoreError> {
     conn.set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
         .map_err(db_err)?;
     Ok(())
+}
+
+/// The writer's transaction statements, compiled once for the thread's life. Through the
+/// statement cache every use hashed its SQL twice and allocated the cache's key: two uses
+/// per commit, with one message per commit the usual case at moderate load.
+struct Control<'c> {
+    begin: rusqlite::Statement<'c>,
+    commit: rusqlite::Statement<'c>,
+    rollback: rusqlite::Statement<'c>,
+    savepoint: rusqlite::Statement<'c>,
+    rollback_to_savepoint: rusqlite::Statement<'c>,
+    release_savepoint: rusqlite::Statement<'c>,
+}
+
+impl<'c> Control<'c> {
+    fn prepare(conn: &'c Connection) -> rusqlite::Result<Control<'c>> {
+        Ok(Control {
+            begin: conn.prepare("BEGIN IMMEDIATE")?,
+            commit: conn.prepare("COMMIT")?,
+            rollback: conn.prepare("ROLLBACK")?,
+            savepoint: conn.prepare("SAVEPOINT job")?,
+            rollback_to_savepoint: conn.prepare("ROLLBACK TO job")?,
+            release_savepoint: conn.prepare("RELEASE job")?,
+        })
+    }
 }
 
 fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
