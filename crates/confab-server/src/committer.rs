@@ -6,15 +6,15 @@
 //! new message once-encoded to the room. Because batches are processed one after another and
 //! the store assigns seqs in batch order, every room's messages are published in seq order.
 //!
-//! A commit has fixed costs (the transaction, the table's tail page in the WAL, two thread
-//! switches to and from the SQLite writer, the wake-ups), so the more messages share one the
-//! better, without making a message wait when nothing else is going on:
+//! A commit has fixed costs (the transaction, the table's tail page in the WAL; the store
+//! commits small appends on this task's thread, see `SqliteStore::commit_in_place`), so the
+//! more messages share one the better, without making a message wait when nothing else is
+//! going on:
 //!
 //! - Before each commit the committer steps aside for the tasks that are ready to run (a few
 //!   scheduler rounds, as long as each brings new messages): sessions whose sockets already
 //!   hold a message submit it and it joins this commit. On an idle server this costs one
-//!   pass of the scheduler; under load it is what groups the messages. (The SQLite writer
-//!   thread helps by not preempting the tasks it is woken by: see `store::sqlite`.)
+//!   pass of the scheduler; under load it is what groups the messages.
 //! - Once commits carry more than one message it also *lingers*: a commit waits until its
 //!   oldest message has waited `commit_linger_ms` for company (never longer; a backlog that
 //!   arrived during the last commit goes at once). That trades a bounded latency for fewer
