@@ -335,18 +335,11 @@ impl Outlet {
             return Direct::Done;
         }
         let socket = self.socket.as_ref().expect("checked by the caller");
-        let outcome = match try_write(socket.fd(), &frames, 0) {
-            Ok(Written::All) => Direct::Done,
-            Ok(Written::Partly(0)) => return Direct::Queue,
-            Ok(Written::Partly(written)) => {
-                self.unfinished = Some(Box::new((frames.into_vec(), written)));
-                Direct::Unfinished
-            }
-            Err(_) => {
-                // The task's next write fails the same way and ends the session.
-                self.broken = true;
-                return Direct::Queue;
-            }
+        let sent = try_write(socket.fd(), &frames, 0);
+        let Some(outcome) = direct_outcome(sent, &mut self.unfinished, &mut self.broken, || {
+            frames.into_vec()
+        }) else {
+            return Direct::Queue;
         };
         if let Some((delivered, newest)) = mark {
             *delivered = newest;
@@ -367,19 +360,11 @@ impl Outlet {
             Some(None) => return Direct::Queue,
         };
         let socket = self.socket.as_ref().expect("checked by the caller");
-        let outcome = match try_send_framed(socket.fd(), &message.frame) {
-            Ok(Written::All) => Direct::Done,
-            Ok(Written::Partly(0)) => return Direct::Queue,
-            Ok(Written::Partly(written)) => {
-                let frames = vec![Frame::Framed(message.frame.clone())];
-                self.unfinished = Some(Box::new((frames, written)));
-                Direct::Unfinished
-            }
-            Err(_) => {
-                // The task's next write fails the same way and ends the session.
-                self.broken = true;
-                return Direct::Queue;
-            }
+        let sent = try_send_framed(socket.fd(), &message.frame);
+        let Some(outcome) = direct_outcome(sent, &mut self.unfinished, &mut self.broken, || {
+            vec![Frame::Framed(message.frame.clone())]
+        }) else {
+            return Direct::Queue;
         };
         *delivered = message.seq;
         outcome
@@ -409,6 +394,31 @@ impl Outlet {
                 })));
                 Some(room)
             }
+        }
+    }
+}
+
+/// What a direct write's result means for its outlet: written in full, or in part (the
+/// write's frames, made by `frames`, and the bytes sent are left `unfinished` for the task),
+/// or `None` when
+/// nothing was written (the socket was full, or the write failed and the connection is
+/// `broken`: the task's next write fails the same way and ends the session).
+fn direct_outcome(
+    sent: std::io::Result<Written>,
+    unfinished: &mut Option<Box<(Vec<Frame>, usize)>>,
+    broken: &mut bool,
+    frames: impl FnOnce() -> Vec<Frame>,
+) -> Option<Direct> {
+    match sent {
+        Ok(Written::All) => Some(Direct::Done),
+        Ok(Written::Partly(0)) => None,
+        Ok(Written::Partly(written)) => {
+            *unfinished = Some(Box::new((frames(), written)));
+            Some(Direct::Unfinished)
+        }
+        Err(_) => {
+            *broken = true;
+            None
         }
     }
 }

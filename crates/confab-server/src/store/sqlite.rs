@@ -276,8 +276,8 @@ impl SqliteStore {
     /// Handing a commit to the writer thread and back costs two thread switches and their
     /// wake-ups (a futex wake, an eventfd write, an extra poll): at W2's half load on one
     /// core, 14,700 context switches in 5 s against 3,900 in place (the CPU saved, up to
-    /// 6 %, is within that host's noise). The committer's appends are already batched, so they lose nothing by not
-    /// waiting in the writer's queue. Never blocks: a busy connection means the writer thread
+    /// 6 %, is within that host's noise). The committer's appends are already batched, so
+    /// they lose nothing by not waiting in the writer's queue. Never blocks: a busy connection means the writer thread
     /// is committing or rewinding the WAL (two fsyncs), and the job queues behind that. The
     /// rewinds themselves always run on the writer thread.
     fn commit_in_place(&self, job: WriteJob, in_place: bool) -> Result<(), WriteJob> {
