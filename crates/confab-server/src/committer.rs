@@ -332,7 +332,6 @@ mod tests {
                 private: false,
                 owner: None,
                 dm: false,
-                last_seq: 0,
             };
             store
                 .create_room(&record, &["ann".into(), "bob".into()])

@@ -225,7 +225,6 @@ impl Node {
             private,
             owner: Some(user.id.clone()),
             dm: false,
-            last_seq: 0,
         };
         self.store
             .create_room(&room, std::slice::from_ref(&user.id))
@@ -288,7 +287,6 @@ impl Node {
                     private: false,
                     owner: Some(user.id.clone()),
                     dm: false,
-                    last_seq: 0,
                 };
                 match self
                     .store
@@ -430,7 +428,7 @@ impl Node {
             .into_iter()
             .map(|l| RoomSummary {
                 member: l.read_seq.is_some(),
-                last_seq: l.room.last_seq,
+                last_seq: l.last_seq,
                 read_seq: l.read_seq.unwrap_or(0),
                 room: l.room.info(),
             })
@@ -461,7 +459,6 @@ impl Node {
             private: true,
             owner: None,
             dm: true,
-            last_seq: 0,
         };
         let room = self.store.open_dm_room(&room, &user.id, &other.id).await?;
         self.notify_room_added(&user.id, &room);

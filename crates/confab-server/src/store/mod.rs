@@ -12,7 +12,9 @@
 //! - `(user, client_id)` is unique: appending a known pair returns the original message with
 //!   `duplicate = true` and stores nothing.
 
+mod backlog;
 mod retry_keys;
+mod room_index;
 mod sqlite;
 
 pub use sqlite::SqliteStore;
@@ -53,8 +55,6 @@ pub struct RoomRecord {
     pub owner: Option<String>,
     /// Direct-message room.
     pub dm: bool,
-    /// Seq of the newest message, 0 when empty.
-    pub last_seq: u64,
 }
 
 impl RoomRecord {
@@ -70,11 +70,14 @@ impl RoomRecord {
     }
 }
 
-/// A room in a user's list: the room, whether they are a member, and their read position.
+/// A room in a user's list: the room, its newest seq, whether they are a member, and their
+/// read position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomListing {
     /// The room.
     pub room: RoomRecord,
+    /// Seq of the newest message, 0 when empty (what unread counts are reckoned from).
+    pub last_seq: u64,
     /// `Some(read_seq)` if the user is a member.
     pub read_seq: Option<u64>,
 }

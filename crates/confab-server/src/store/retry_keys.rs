@@ -15,17 +15,18 @@
 //! kept in memory, and a key above it (a new UUIDv7, ULID or counter, the usual case) is known
 //! to be new without either. A key at or below it is looked up as before.
 //!
-//! Nothing is lost in a crash: `client_keys_pending.low` is kept at or below the rowid of
+//! Nothing is lost in a crash: `low_marks.client_keys` is kept at or below the rowid of
 //! every waiting key, in the same transactions, and at start the keys of the messages from
 //! there on are read back. Every key found, in memory or in `client_keys`, is checked against
 //! the message it names, so one left behind by a rolled-back insert or a deleted room is
 //! ignored (and overwritten when its key is stored again).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
+use super::backlog::Backlog;
 use super::sqlite::db_err;
 
 /// An author's waiting keys are written together once there are this many (32 in tests).
@@ -58,13 +59,10 @@ pub(super) struct RetryKeys {
     loaded: bool,
     /// Each author's waiting keys: `client_id` and the message's rowid, in insert order.
     waiting: HashMap<String, Vec<(String, i64)>>,
-    /// Each author with waiting keys, with the lowest rowid among them.
-    oldest: BTreeSet<(i64, String)>,
-    /// Authors who reached [`MERGE_AT`] since keys were last written (in an append, or while
-    /// loading: they are written at the next append).
-    full: Vec<String>,
-    /// `client_keys_pending.low` as stored.
-    low: i64,
+    /// Authors with waiting keys, and which are due to be written (those who reached
+    /// [`MERGE_AT`], in an append or while loading, are written at the next append), with
+    /// `low_marks.client_keys` as stored.
+    backlog: Backlog<String>,
     /// For recent authors, a `client_id` at or above every key of theirs, waiting or in
     /// `client_keys` (`None`: they have none). It only ever grows, so it stays an upper bound
     /// when keys go with a deleted room. Compared as SQLite compares text (bytes), which is
@@ -87,9 +85,10 @@ impl RetryKeys {
             return Ok(());
         }
         self.forget();
-        self.low = conn
-            .query_row("SELECT low FROM client_keys_pending", [], |row| row.get(0))
+        let low = conn
+            .query_row("SELECT client_keys FROM low_marks", [], |row| row.get(0))
             .map_err(db_err)?;
+        self.backlog.set_stored_low(low);
         let mut stmt = conn
             .prepare(
                 "SELECT rowid, user_id, client_id FROM messages
@@ -97,7 +96,7 @@ impl RetryKeys {
             )
             .map_err(db_err)?;
         let rows = stmt
-            .query_map([self.low], |row| {
+            .query_map([low], |row| {
                 Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get(2)?))
             })
             .map_err(db_err)?;
@@ -178,18 +177,20 @@ impl RetryKeys {
         match self.waiting.get_mut(user) {
             Some(keys) => {
                 // Rowids only grow, unless a deleted room took the newest messages: then the
-                // author's entry in `oldest` moves down to this one.
-                let first = first_rowid(keys);
-                if rowid < first && self.oldest.remove(&(first, user.to_owned())) {
-                    self.oldest.insert((rowid, user.to_owned()));
+                // author's oldest may be this one.
+                if keys.last().is_some_and(|&(_, last)| rowid < last) {
+                    let first = first_rowid(keys);
+                    if rowid < first {
+                        self.backlog.moved_down(first, rowid, user.to_owned());
+                    }
                 }
                 keys.push((client_id, rowid));
                 if keys.len() == MERGE_AT {
-                    self.full.push(user.to_owned());
+                    self.backlog.filled(user.to_owned());
                 }
             }
             None => {
-                self.oldest.insert((rowid, user.to_owned()));
+                self.backlog.started(rowid, user.to_owned());
                 self.waiting
                     .insert(user.to_owned(), vec![(client_id, rowid)]);
             }
@@ -204,50 +205,35 @@ impl RetryKeys {
         conn: &Connection,
         newest: Option<i64>,
     ) -> Result<(), StoreError> {
-        let mut due = std::mem::take(&mut self.full);
-        if let Some(newest) = newest {
-            due.extend(
-                self.oldest
-                    .iter()
-                    .take_while(|&&(rowid, _)| rowid <= newest - MERGE_BEHIND)
-                    .take(MERGE_BEHIND_PER_APPEND)
-                    .map(|(_, user)| user.clone()),
-            );
-        }
-        if !due.is_empty() {
-            let mut insert = conn
-                .prepare_cached(
-                    "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
-                     VALUES (?1, ?2, ?3)",
-                )
-                .map_err(db_err)?;
-            for user in due {
-                // An author can be due twice (full and behind); the first write took them.
-                let Some(mut keys) = self.waiting.remove(&user) else {
-                    continue;
-                };
-                let first = first_rowid(&keys);
-                // Stable: of two entries for one key (the first naming a deleted message),
-                // the later is written last and stays.
-                keys.sort_by(|a, b| a.0.cmp(&b.0));
-                for (client_id, rowid) in &keys {
-                    insert
-                        .execute(params![user, client_id, rowid])
+        let waiting = &mut self.waiting;
+        let low =
+            self.backlog
+                .write_due(newest, MERGE_BEHIND, MERGE_BEHIND_PER_APPEND, |user| {
+                    // An author can be due twice (full and behind); the first write took them.
+                    let Some(mut keys) = waiting.remove(user) else {
+                        return Ok(None);
+                    };
+                    let mut insert = conn
+                        .prepare_cached(
+                            "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
+                         VALUES (?1, ?2, ?3)",
+                        )
                         .map_err(db_err)?;
-                }
-                self.oldest.remove(&(first, user));
-            }
-        }
-        let low = match (self.oldest.first(), newest) {
-            (Some(&(oldest, _)), _) => oldest,
-            (None, Some(newest)) => newest + 1,
-            (None, None) => return Ok(()),
-        };
-        if low != self.low {
-            conn.prepare_cached("UPDATE client_keys_pending SET low = ?1")
+                    let first = first_rowid(&keys);
+                    // Stable: of two entries for one key (the first naming a deleted message),
+                    // the later is written last and stays.
+                    keys.sort_by(|a, b| a.0.cmp(&b.0));
+                    for (client_id, rowid) in &keys {
+                        insert
+                            .execute(params![user, client_id, rowid])
+                            .map_err(db_err)?;
+                    }
+                    Ok(Some(first))
+                })?;
+        if let Some(low) = low {
+            conn.prepare_cached("UPDATE low_marks SET client_keys = ?1")
                 .and_then(|mut stmt| stmt.execute([low]))
                 .map_err(db_err)?;
-            self.low = low;
         }
         Ok(())
     }
@@ -259,7 +245,7 @@ impl RetryKeys {
     }
 }
 
-/// The lowest rowid among an author's waiting keys: the author's entry in `oldest`.
+/// The lowest rowid among an author's waiting keys: the author's place in the backlog.
 fn first_rowid(keys: &[(String, i64)]) -> i64 {
     keys.iter()
         .map(|&(_, rowid)| rowid)

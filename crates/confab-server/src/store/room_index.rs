@@ -1,0 +1,390 @@
+//! The SQLite store's history index: which message (rowid) holds each seq of each room.
+//!
+//! Messages are stored in arrival order (a rowid table), so a commit's messages go to the
+//! table's last pages whatever their rooms. An index on `(room, seq)` would put each
+//! message's entry on its own room's page of the index: with messages spread over many
+//! rooms (W2: 1,000 rooms), a commit of N messages dirtied N index pages, each written whole
+//! to the WAL and again at the next checkpoint (without that index, W2 at half load cost
+//! 7.7 % less server CPU: BENCHMARKS.md, 2026-12-03). Instead a room's newest entries wait in
+//! memory and are written to the `room_index` table together: once the room has
+//! [`FLUSH_AT`] waiting, or once the oldest is [`FLUSH_BEHIND`] messages behind the newest.
+//! Many entries then share each page written.
+//!
+//! A room's entries in `room_index` are always a prefix of its seqs (1 up to some seq), and
+//! the waiting ones the rest, in order. Readers need both as of their snapshot: the writer
+//! commits and publishes a commit's entries under one lock ([`RoomIndex`]), and a reader
+//! starts its read transaction and copies what it needs under that lock too. So the waiting
+//! entries a reader holds are exactly those whose messages its snapshot has and whose
+//! `room_index` rows it has not.
+//!
+//! Nothing is lost in a crash: `low_marks.room_index` is kept at or below the rowid of every
+//! waiting entry, in the same transactions, and at start the entries of the messages from
+//! there on that `room_index` lacks are read back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::StoreError;
+use super::backlog::Backlog;
+use super::sqlite::db_err;
+
+/// A room's waiting entries are written together once there are this many (8 in tests).
+///
+/// 256 entries of 10-20 bytes fill about a page of `room_index`: each flush then writes the
+/// room's last page and perhaps one new one.
+pub(super) const FLUSH_AT: usize = if cfg!(test) { 8 } else { 256 };
+
+/// A room's waiting entries are written, whatever their number, once the oldest is this many
+/// messages behind the newest: this bounds the memory they take (8 bytes each) and the
+/// messages read at start.
+pub(super) const FLUSH_BEHIND: i64 = if cfg!(test) { 40 } else { 100_000 };
+
+/// Rooms whose entries are written because they fell behind, at most, per append: the work is
+/// spread over commits instead of falling on one.
+const FLUSH_BEHIND_PER_APPEND: usize = 64;
+
+/// A room's index entries that are not in `room_index` yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Waiting {
+    /// The room's greatest seq in `room_index` (0 if none): the waiting seqs follow it.
+    pub(super) indexed: u64,
+    /// The rowids of seqs `indexed + 1`, `indexed + 2`, ... in order.
+    pub(super) rowids: Vec<i64>,
+}
+
+impl Waiting {
+    /// The room's newest seq.
+    pub(super) fn last_seq(&self) -> u64 {
+        self.indexed + self.rowids.len() as u64
+    }
+
+    /// The rowid of the message with `seq`, if that seq is waiting.
+    pub(super) fn rowid(&self, seq: u64) -> Option<i64> {
+        let offset = seq.checked_sub(self.indexed + 1)?;
+        self.rowids.get(usize::try_from(offset).ok()?).copied()
+    }
+
+    /// The lowest rowid waiting: the room's place in the backlog.
+    fn first_rowid(&self) -> i64 {
+        self.rowids.iter().copied().min().unwrap_or(i64::MAX)
+    }
+}
+
+/// The committed waiting entries of every room that has some, as readers see them. Its lock
+/// is held by the writer across each COMMIT that changes them and their publication, and by
+/// a reader while it starts its snapshot and copies what it needs.
+#[derive(Debug, Default)]
+pub(super) struct RoomIndex {
+    published: Mutex<HashMap<i64, Waiting>>,
+}
+
+impl RoomIndex {
+    /// Holds off readers' snapshots, for a commit and its publication.
+    pub(super) fn lock(&self) -> MutexGuard<'_, HashMap<i64, Waiting>> {
+        // Nothing under this lock can leave the map half-changed; a panic elsewhere while it
+        // was held does not make it wrong.
+        self.published
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The key of the room `room` and its waiting entries, as of the snapshot of the read
+    /// transaction this starts: call it in a transaction (`BEGIN`) before any other read.
+    /// `None` if the room does not exist.
+    pub(super) fn room(
+        &self,
+        conn: &Connection,
+        room: &str,
+    ) -> Result<Option<(i64, Option<Waiting>)>, StoreError> {
+        let published = self.lock();
+        let key: Option<i64> = conn
+            .prepare_cached("SELECT key FROM rooms WHERE id = ?1")
+            .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
+            .map_err(db_err)?;
+        Ok(key.map(|key| (key, published.get(&key).cloned())))
+    }
+
+    /// The newest seq of every room with waiting entries, as of the snapshot of the read
+    /// transaction this starts: call it in a transaction (`BEGIN`) before any other read.
+    pub(super) fn last_seqs(&self, conn: &Connection) -> Result<HashMap<i64, u64>, StoreError> {
+        let published = self.lock();
+        conn.prepare_cached("SELECT room_index FROM low_marks")
+            .and_then(|mut stmt| stmt.query_row([], |row| row.get::<_, i64>(0)))
+            .map_err(db_err)?;
+        Ok(published
+            .iter()
+            .map(|(&key, waiting)| (key, waiting.last_seq()))
+            .collect())
+    }
+}
+
+/// The writer's side: every waiting entry, committed or not, and what the open transaction
+/// changed. Owned by the writer (through the tail cache's lock).
+#[derive(Debug, Default)]
+pub(super) struct IndexWriter {
+    /// Whether `rooms` holds what the database says; false at first and after a write that
+    /// was rolled back.
+    loaded: bool,
+    /// Each room's waiting entries; rooms with none are absent.
+    rooms: HashMap<i64, Waiting>,
+    /// Rooms with waiting entries, and which are due to be written (those that reached
+    /// [`FLUSH_AT`] are written at the next append), with `low_marks.room_index` as stored.
+    backlog: Backlog<i64>,
+    /// Rooms whose entries the open transaction changed, to publish once it commits.
+    changed: HashSet<i64>,
+    /// Publish every room at the next commit (the entries were read back from the database).
+    republish: bool,
+}
+
+impl IndexWriter {
+    /// Reads the waiting entries back from the messages at or after the stored low mark, if
+    /// they are not loaded. Every room is published at the next commit.
+    pub(super) fn load(&mut self, conn: &Connection) -> Result<(), StoreError> {
+        if self.loaded {
+            return Ok(());
+        }
+        *self = IndexWriter::default();
+        let low = conn
+            .query_row("SELECT room_index FROM low_marks", [], |row| row.get(0))
+            .map_err(db_err)?;
+        self.backlog.set_stored_low(low);
+        let mut stmt = conn
+            .prepare("SELECT rowid, room_key, seq FROM messages WHERE rowid >= ?1 ORDER BY rowid")
+            .map_err(db_err)?;
+        let rows = stmt
+            .query_map([low], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .map_err(db_err)?;
+        // The rooms met so far: their greatest indexed seq, and their waiting entries.
+        let mut seen: HashMap<i64, Waiting> = HashMap::new();
+        for row in rows {
+            let (rowid, key, seq): (i64, i64, u64) = row.map_err(db_err)?;
+            let waiting = match seen.entry(key) {
+                std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::hash_map::Entry::Vacant(entry) => entry.insert(Waiting {
+                    indexed: indexed_last_seq(conn, key)?,
+                    rowids: Vec::new(),
+                }),
+            };
+            if seq <= waiting.indexed {
+                continue;
+            }
+            if seq != waiting.last_seq() + 1 {
+                return Err(StoreError::Database(format!(
+                    "history index: room key {key} has seq {seq} after {}",
+                    waiting.last_seq()
+                )));
+            }
+            waiting.rowids.push(rowid);
+        }
+        for (key, waiting) in seen {
+            if !waiting.rowids.is_empty() {
+                self.backlog.started(waiting.first_rowid(), key);
+                if waiting.rowids.len() >= FLUSH_AT {
+                    self.backlog.filled(key);
+                }
+                self.rooms.insert(key, waiting);
+            }
+        }
+        self.loaded = true;
+        self.republish = true;
+        Ok(())
+    }
+
+    /// Forgets everything, to be read back before the next use: after a write that was rolled
+    /// back, whose entries may be here.
+    pub(super) fn forget(&mut self) {
+        self.loaded = false;
+    }
+
+    /// The room's newest seq, as the write connection sees it.
+    pub(super) fn last_seq(&self, conn: &Connection, key: i64) -> Result<u64, StoreError> {
+        match self.rooms.get(&key) {
+            Some(waiting) => Ok(waiting.last_seq()),
+            None => indexed_last_seq(conn, key),
+        }
+    }
+
+    /// Records the entry of a message just inserted as `rowid`, with the room's next seq
+    /// (the caller has checked it is `last_seq + 1`).
+    pub(super) fn add(&mut self, key: i64, seq: u64, rowid: i64) {
+        self.changed.insert(key);
+        match self.rooms.get_mut(&key) {
+            Some(waiting) => {
+                debug_assert_eq!(seq, waiting.last_seq() + 1);
+                // Rowids only grow, unless a deleted room took the newest messages: then the
+                // room's oldest may be this one.
+                if waiting.rowids.last().is_some_and(|&last| rowid < last) {
+                    let first = waiting.first_rowid();
+                    if rowid < first {
+                        self.backlog.moved_down(first, rowid, key);
+                    }
+                }
+                waiting.rowids.push(rowid);
+                if waiting.rowids.len() == FLUSH_AT {
+                    self.backlog.filled(key);
+                }
+            }
+            None => {
+                self.backlog.started(rowid, key);
+                self.rooms.insert(
+                    key,
+                    Waiting {
+                        indexed: seq - 1,
+                        rowids: vec![rowid],
+                    },
+                );
+            }
+        }
+    }
+
+    /// At the end of an append, in its transaction: writes the entries that are due to
+    /// `room_index` (rooms with [`FLUSH_AT`] waiting, and a few of those whose oldest fell
+    /// [`FLUSH_BEHIND`] behind `newest`, the append's last rowid) and moves the low mark.
+    pub(super) fn write_due(
+        &mut self,
+        conn: &Connection,
+        newest: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let (rooms, changed) = (&mut self.rooms, &mut self.changed);
+        let low =
+            self.backlog
+                .write_due(newest, FLUSH_BEHIND, FLUSH_BEHIND_PER_APPEND, |&key| {
+                    // A room can be due twice (full and behind); the first write took it.
+                    let Some(waiting) = rooms.remove(&key) else {
+                        return Ok(None);
+                    };
+                    // `OR FAIL`: see the messages insert in `append_batch`.
+                    let mut insert = conn
+                        .prepare_cached(
+                            "INSERT OR FAIL INTO room_index (room_key, seq, message)
+                         VALUES (?1, ?2, ?3)",
+                        )
+                        .map_err(db_err)?;
+                    for (seq, rowid) in (waiting.indexed + 1..).zip(&waiting.rowids) {
+                        insert.execute(params![key, seq, rowid]).map_err(db_err)?;
+                    }
+                    changed.insert(key);
+                    Ok(Some(waiting.first_rowid()))
+                })?;
+        if let Some(low) = low {
+            conn.prepare_cached("UPDATE low_marks SET room_index = ?1")
+                .and_then(|mut stmt| stmt.execute([low]))
+                .map_err(db_err)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes the room's messages, their retry keys and their index entries, in the open
+    /// transaction.
+    pub(super) fn delete_room(&mut self, conn: &Connection, key: i64) -> Result<(), StoreError> {
+        conn.execute(
+            "DELETE FROM client_keys WHERE (user_id, client_id) IN (
+                 SELECT m.user_id, m.client_id FROM room_index i
+                 JOIN messages m ON m.rowid = i.message
+                 WHERE i.room_key = ?1 AND m.client_id IS NOT NULL)",
+            [key],
+        )
+        .map_err(db_err)?;
+        conn.execute(
+            "DELETE FROM messages WHERE rowid IN (SELECT message FROM room_index WHERE room_key = ?1)",
+            [key],
+        )
+        .map_err(db_err)?;
+        conn.execute("DELETE FROM room_index WHERE room_key = ?1", [key])
+            .map_err(db_err)?;
+        if let Some(waiting) = self.rooms.remove(&key) {
+            for rowid in &waiting.rowids {
+                conn.execute(
+                    "DELETE FROM client_keys WHERE (user_id, client_id) =
+                         (SELECT user_id, client_id FROM messages WHERE rowid = ?1)",
+                    [rowid],
+                )
+                .map_err(db_err)?;
+                conn.execute("DELETE FROM messages WHERE rowid = ?1", [rowid])
+                    .map_err(db_err)?;
+            }
+            self.backlog.done(waiting.first_rowid(), key);
+            self.changed.insert(key);
+        }
+        Ok(())
+    }
+
+    /// Whether the open transaction's commit has entries to publish (and so must hold off
+    /// readers' snapshots while it commits).
+    pub(super) fn has_news(&self) -> bool {
+        !self.changed.is_empty() || self.republish || !self.loaded
+    }
+
+    /// After a commit, under the readers' lock taken before it: publishes what the commit
+    /// changed, or, if it was rolled back (or a write in it was), reads the entries back and
+    /// publishes them all.
+    pub(super) fn publish(
+        &mut self,
+        conn: &Connection,
+        committed: bool,
+        published: &mut HashMap<i64, Waiting>,
+    ) {
+        if !committed {
+            self.loaded = false;
+        }
+        if let Err(err) = self.load(conn) {
+            // Readers keep the last entries published (true unless a commit went through
+            // with a failed append in it); the next append tries again.
+            tracing::error!(error = %err, "cannot read the history index back");
+            self.changed.clear();
+            return;
+        }
+        if std::mem::take(&mut self.republish) {
+            published.clone_from(&self.rooms);
+            self.changed.clear();
+            return;
+        }
+        for key in self.changed.drain() {
+            match self.rooms.get(&key) {
+                Some(waiting) => {
+                    published.insert(key, waiting.clone());
+                }
+                None => {
+                    published.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Entries waiting in memory, for tests.
+    #[cfg(test)]
+    pub(super) fn waiting(&self) -> usize {
+        self.rooms
+            .values()
+            .map(|waiting| waiting.rowids.len())
+            .sum()
+    }
+}
+
+/// The room's greatest seq in `room_index`, 0 if none: the last entry of its part, one seek.
+pub(super) fn indexed_last_seq(conn: &Connection, key: i64) -> Result<u64, StoreError> {
+    conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM room_index WHERE room_key = ?1")
+        .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)))
+        .map_err(db_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_seqs_follow_the_indexed_ones() {
+        let waiting = Waiting {
+            indexed: 10,
+            rowids: vec![100, 104, 109],
+        };
+        assert_eq!(waiting.last_seq(), 13);
+        assert_eq!(waiting.rowid(10), None);
+        assert_eq!(waiting.rowid(11), Some(100));
+        assert_eq!(waiting.rowid(13), Some(109));
+        assert_eq!(waiting.rowid(14), None);
+        assert_eq!(waiting.first_rowid(), 100);
+    }
+}
