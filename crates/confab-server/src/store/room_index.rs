@@ -24,11 +24,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use super::StoreError;
 use super::backlog::Backlog;
-use super::sqlite::db_err;
+use super::sqlite::{db_err, select_room_key};
 
 /// A room's waiting entries are written together once there are this many (8 in tests).
 ///
@@ -99,10 +99,7 @@ impl RoomIndex {
         room: &str,
     ) -> Result<Option<(i64, Option<Waiting>)>, StoreError> {
         let published = self.lock();
-        let key: Option<i64> = conn
-            .prepare_cached("SELECT key FROM rooms WHERE id = ?1")
-            .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
-            .map_err(db_err)?;
+        let key = select_room_key(conn, room)?;
         Ok(key.map(|key| (key, published.get(&key).cloned())))
     }
 

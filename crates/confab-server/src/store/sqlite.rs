@@ -1118,7 +1118,7 @@ fn select_room_tail(
 }
 
 /// The key a room's history is filed under; `None` if it does not exist.
-fn select_room_key(conn: &Connection, room: &str) -> Result<Option<i64>, StoreError> {
+pub(super) fn select_room_key(conn: &Connection, room: &str) -> Result<Option<i64>, StoreError> {
     conn.prepare_cached("SELECT key FROM rooms WHERE id = ?1")
         .and_then(|mut stmt| stmt.query_row([room], |row| row.get(0)).optional())
         .map_err(db_err)
