@@ -20,11 +20,11 @@
 //!   arrived during the last commit goes at once). That trades a bounded latency for fewer
 //!   commits.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use confab_proto::{Ref, ServerEvent};
+use foldhash::{HashMap, HashMapExt};
 use smallvec::{SmallVec, smallvec};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;

@@ -9,11 +9,13 @@
 //! `user_joined` (first session in) and one `user_left` (last session out, or gone past the
 //! presence grace period after a disconnect).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use foldhash::fast::RandomState;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, UserKey};
 
@@ -89,7 +91,7 @@ impl Hub {
     pub fn new() -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             next_departure: AtomicU64::new(1),
         }
     }

@@ -5,10 +5,10 @@
 //! (a page reload, a flaky train tunnel) produces no flicker. Only changes of the aggregate are
 //! reported; the caller announces them.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use confab_proto::{PresenceStatus, SettableStatus, UserRef};
+use foldhash::HashMap;
 use smallvec::SmallVec;
 
 use crate::heartbeat::Signal;

@@ -4,11 +4,11 @@
 //! is broadcast; refreshes just push the expiry out. If refreshes stop, or the session goes away,
 //! the server itself broadcasts `is_typing: false`, so no indicator is ever stuck on.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use confab_proto::UserRef;
+use foldhash::{HashMap, HashMapExt};
 
 use crate::outbound::SessionId;
 

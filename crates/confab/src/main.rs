@@ -10,6 +10,12 @@ use clap::{Args, Parser, Subcommand};
 use confab_server::store::SqliteStore;
 use confab_server::{Config, Server};
 
+/// The server allocates and frees small buffers for every message, and holds thousands of
+/// idle sessions: jemalloc does the first in fewer instructions than glibc's malloc and packs
+/// the second tighter (BENCHMARKS.md, "the allocator").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// A real-time chat server in one binary.
 #[derive(Debug, Parser)]
 #[command(name = "confab", version, about)]

@@ -21,8 +21,7 @@
 //! the message it names, so one left behind by a rolled-back insert or a deleted room is
 //! ignored (and overwritten when its key is stored again).
 
-use std::collections::HashMap;
-
+use foldhash::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;

@@ -21,9 +21,9 @@
 //! waiting entry, in the same transactions, and at start the entries of the messages from
 //! there on that `room_index` lacks are read back.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
+use foldhash::{HashMap, HashMapExt, HashSet};
 use rusqlite::{Connection, params};
 
 use super::StoreError;

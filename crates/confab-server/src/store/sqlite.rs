@@ -8,7 +8,6 @@
 //! Reads run on tokio's blocking pool against a small pool of read-only connections; WAL lets
 //! them proceed while the writer commits.
 
-use std::collections::{HashMap, HashSet};
 use std::ffi::c_int;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -18,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_proto::{ChatMessage, UserRef};
+use foldhash::{HashMap, HashMapExt, HashSet};
 use rusqlite::config::DbConfig;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -1876,7 +1876,7 @@ mod tests {
         let learned = CachedRoom {
             key: 1,
             last_seq: 7,
-            members: HashSet::from(["a".to_string()]),
+            members: HashSet::from_iter(["a".to_string()]),
         };
         cache.pending = Some((conn.total_changes(), vec![("r".into(), learned)]));
         cache.settle(true);
