@@ -23,7 +23,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashMapExt};
 use rusqlite::{Connection, params};
 
 use super::StoreError;
@@ -117,6 +117,17 @@ impl RoomIndex {
     }
 }
 
+/// How the open transaction changed a room's waiting entries since they were published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Change {
+    /// Only added entries after them: the published copy is a prefix and is extended, not
+    /// copied again (a room's entries are up to [`FLUSH_AT`] rowids, and W2's commits change a
+    /// room or two each).
+    Added,
+    /// Wrote them to `room_index`, deleted them or started them: the copy is replaced.
+    Replaced,
+}
+
 /// The writer's side: every waiting entry, committed or not, and what the open transaction
 /// changed. Owned by the writer (through the tail cache's lock).
 #[derive(Debug, Default)]
@@ -129,8 +140,8 @@ pub(super) struct IndexWriter {
     /// Rooms with waiting entries, and which are due to be written (those that reached
     /// [`FLUSH_AT`] are written at the next append), with `low_marks.room_index` as stored.
     backlog: Backlog<i64>,
-    /// Rooms whose entries the open transaction changed, to publish once it commits.
-    changed: HashSet<i64>,
+    /// Rooms whose entries the open transaction changed, and how, to publish once it commits.
+    changed: HashMap<i64, Change>,
     /// Publish every room at the next commit (the entries were read back from the database).
     republish: bool,
 }
@@ -206,9 +217,9 @@ impl IndexWriter {
     /// Records the entry of a message just inserted as `rowid`, with the room's next seq
     /// (the caller has checked it is `last_seq + 1`).
     pub(super) fn add(&mut self, key: i64, seq: u64, rowid: i64) {
-        self.changed.insert(key);
         match self.rooms.get_mut(&key) {
             Some(waiting) => {
+                self.changed.entry(key).or_insert(Change::Added);
                 debug_assert_eq!(seq, waiting.last_seq() + 1);
                 // Rowids only grow, unless a deleted room took the newest messages: then the
                 // room's oldest may be this one.
@@ -224,6 +235,7 @@ impl IndexWriter {
                 }
             }
             None => {
+                self.changed.insert(key, Change::Replaced);
                 self.backlog.started(rowid, key);
                 self.rooms.insert(
                     key,
@@ -262,7 +274,7 @@ impl IndexWriter {
                     for (seq, rowid) in (waiting.indexed + 1..).zip(&waiting.rowids) {
                         insert.execute(params![key, seq, rowid]).map_err(db_err)?;
                     }
-                    changed.insert(key);
+                    changed.insert(key, Change::Replaced);
                     Ok(Some(waiting.first_rowid()))
                 })?;
         if let Some(low) = low {
@@ -303,7 +315,7 @@ impl IndexWriter {
                     .map_err(db_err)?;
             }
             self.backlog.done(waiting.first_rowid(), key);
-            self.changed.insert(key);
+            self.changed.insert(key, Change::Replaced);
         }
         Ok(())
     }
@@ -338,16 +350,32 @@ impl IndexWriter {
             self.changed.clear();
             return;
         }
-        for key in self.changed.drain() {
-            match self.rooms.get(&key) {
-                Some(waiting) => {
-                    published.insert(key, waiting.clone());
+        for (key, change) in self.changed.drain() {
+            let Some(waiting) = self.rooms.get(&key) else {
+                published.remove(&key);
+                continue;
+            };
+            match published.get_mut(&key) {
+                Some(copy)
+                    if change == Change::Added
+                        && copy.indexed == waiting.indexed
+                        && copy.rowids.len() <= waiting.rowids.len() =>
+                {
+                    copy.rowids
+                        .extend_from_slice(&waiting.rowids[copy.rowids.len()..]);
                 }
+                Some(copy) => copy.clone_from(waiting),
                 None => {
-                    published.remove(&key);
+                    published.insert(key, waiting.clone());
                 }
             }
         }
+    }
+
+    /// Every room's waiting entries, for tests to hold the published ones against.
+    #[cfg(test)]
+    pub(super) fn rooms(&self) -> &HashMap<i64, Waiting> {
+        &self.rooms
     }
 
     /// Entries waiting in memory, for tests.

@@ -2349,7 +2349,14 @@ mod tests {
 
     /// Checks every page shape of room `r`, holding seqs 1 to `last`, against
     /// [`expected_page`].
+    /// What readers are given of the waiting entries is what the writer holds.
+    fn assert_published(store: &SqliteStore) {
+        let writer = lock_tails(&store.tails).index.rooms().clone();
+        assert_eq!(*store.index.lock(), writer, "published waiting entries");
+    }
+
     async fn check_pages(store: &SqliteStore, last: u64) {
+        assert_published(store);
         for limit in [0, 1, 3, 7, 8, 9, 40] {
             let mut queries = vec![HistoryQuery::Latest { limit }];
             for bound in 0..=last + 2 {
@@ -2480,6 +2487,7 @@ mod tests {
         // The newest room's key is handed out again.
         store.create_room(&room("r2"), &["a".into()]).await.unwrap();
         append_one(&store, message("r2", "a", "m1", None)).await;
+        assert_published(&store);
         assert_eq!(
             page_of(&store, "r2", HistoryQuery::Latest { limit: 20 }).await,
             (vec![1], false, 1)
