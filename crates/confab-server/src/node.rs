@@ -529,18 +529,19 @@ impl Node {
         Ok(())
     }
 
-    /// Builds a message ready for the committer.
+    /// Builds a message ready for the committer. Takes the room's name as parsed, so a
+    /// WebSocket message moves it instead of copying it.
     pub fn new_message(
         &self,
         user: &UserRef,
-        room: &str,
+        room: String,
         content: String,
         client_id: Option<String>,
     ) -> NewMessage {
         let timestamp_ms = now_ms();
         NewMessage {
             id: message_id(timestamp_ms),
-            room: room.to_string(),
+            room,
             user: user.clone(),
             content,
             client_id,
@@ -567,7 +568,7 @@ impl Node {
         let (reply, answer) = oneshot::channel();
         self.committer
             .submit(Pending {
-                message: self.new_message(user, room_id, content, client_id),
+                message: self.new_message(user, room_id.to_owned(), content, client_id),
                 reply: Reply::Request(reply),
             })
             .await?;

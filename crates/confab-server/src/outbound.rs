@@ -779,6 +779,16 @@ impl OutboundReceiver {
             .map(|(key, _)| Arc::clone(key))
     }
 
+    /// Whether the session is subscribed to a room (not one still being joined): what
+    /// [`OutboundReceiver::room`] tells, without cloning the key.
+    pub(crate) fn is_subscribed(&self, room: &str) -> bool {
+        self.handle
+            .outlet()
+            .rooms
+            .get_key_value(room)
+            .is_some_and(|(_, delivered)| delivered.is_some())
+    }
+
     /// How many rooms the session is subscribed to or joining.
     pub(crate) fn room_count(&self) -> usize {
         self.handle.outlet().rooms.len()

@@ -417,7 +417,7 @@ impl Session {
         else {
             return Some(Unfinished::Command(command));
         };
-        if self.queue.room(&room).is_none() || !self.admit(true) {
+        if !self.queue.is_subscribed(&room) || !self.admit(true) {
             return Some(Unfinished::Command(ClientCommand::Message {
                 reference,
                 room,
@@ -430,7 +430,7 @@ impl Session {
         }
         let message = self
             .node
-            .new_message(&self.handle.user, &room, content, client_id);
+            .new_message(&self.handle.user, room, content, client_id);
         let pending = Pending {
             message,
             reply: Reply::Session {
@@ -520,10 +520,10 @@ impl Session {
                 client_id,
             } => {
                 node.validate_content(&content, client_id.as_deref())?;
-                if self.queue.room(&room).is_none() {
+                if !self.queue.is_subscribed(&room) {
                     node.require_member(&user, &room).await?;
                 }
-                let message = node.new_message(&user, &room, content, client_id);
+                let message = node.new_message(&user, room, content, client_id);
                 let reply = Reply::Session {
                     handle: Arc::clone(&self.handle),
                     reference,
