@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use confab_proto::{ChatMessage, UserRef};
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashSet};
 use rusqlite::config::DbConfig;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
@@ -855,11 +855,13 @@ fn select_room(conn: &Connection, id: &str) -> Result<Option<RoomRecord>, StoreE
     .map_err(db_err)
 }
 
-/// Rooms the tail cache holds at most; past that it starts over.
-const TAIL_CACHE_ROOMS: usize = 16_384;
+/// Rooms the tail cache holds at most; past that it starts over (4 in tests, so that they
+/// start over too).
+const TAIL_CACHE_ROOMS: usize = if cfg!(test) { 4 } else { 16_384 };
 
-/// Members (over all rooms) the tail cache holds at most; past that it starts over.
-const TAIL_CACHE_MEMBERS: usize = 262_144;
+/// Members (over all rooms) the tail cache holds at most; past that it starts over (8 in
+/// tests).
+const TAIL_CACHE_MEMBERS: usize = if cfg!(test) { 8 } else { 262_144 };
 
 /// What the writer knows about rooms between commits: each room's key and last seq and which
 /// authors are members. With it a busy room's message costs its insert alone, not also a
@@ -867,8 +869,9 @@ const TAIL_CACHE_MEMBERS: usize = 262_144;
 /// connection's change counter (`total_changes`, which counts every row any statement
 /// inserts, updates or deletes) is where the last committed append left it: any other write
 /// (a join, a leave, a deleted room, a read receipt) may have changed what it knows, and
-/// empties it. What an append learns is kept aside until its commit is known to have gone
-/// through, so a rolled-back batch leaves nothing behind.
+/// empties it. An append updates it as it goes (a message's room is looked up once, in this
+/// map alone); if its commit does not go through, the whole cache is emptied, so a
+/// rolled-back batch leaves nothing behind.
 #[derive(Debug, Default)]
 struct TailCache {
     /// `total_changes` after the append the cache is up to date with.
@@ -876,8 +879,8 @@ struct TailCache {
     rooms: HashMap<String, CachedRoom>,
     /// Member entries in `rooms`, for the bound.
     members: usize,
-    /// What the append waiting for its commit learned, with `total_changes` after it.
-    pending: Option<(u64, Vec<(String, CachedRoom)>)>,
+    /// `total_changes` after the append waiting for its commit, which updated the cache.
+    pending: Option<u64>,
     /// Retry keys not yet in `client_keys`. Unlike the rest, other writes leave them true
     /// (each is checked against its message when found); only a failed append empties them.
     retry: RetryKeys,
@@ -913,31 +916,83 @@ impl TailCache {
     /// forgets everything.
     fn settle(&mut self, committed: bool) {
         let pending = self.pending.take();
-        let (Some((changes, learned)), true) = (pending, committed) else {
-            if !committed {
-                self.forget();
-                self.retry.forget();
-            }
-            return;
-        };
-        for (room, tail) in learned {
-            if !self.rooms.contains_key(&room)
-                && (self.rooms.len() >= TAIL_CACHE_ROOMS
-                    || self.members + tail.members.len() > TAIL_CACHE_MEMBERS)
-            {
-                self.forget();
-            }
-            let cached = self.rooms.entry(room).or_default();
-            cached.key = tail.key;
-            cached.last_seq = tail.last_seq;
-            for member in tail.members {
-                if cached.members.insert(member) {
-                    self.members += 1;
-                }
-            }
+        if !committed {
+            self.forget();
+            self.retry.forget();
+        } else if let Some(changes) = pending {
+            self.changes = changes;
         }
-        self.changes = changes;
     }
+
+    /// Where `user` stands in `room`, as the open transaction sees it: looked up in the cache,
+    /// and what it lacks read from the database and remembered.
+    fn standing(
+        &mut self,
+        conn: &Connection,
+        room: &str,
+        user: &str,
+    ) -> Result<Standing, StoreError> {
+        let (key, last_seq) = match self.rooms.get(room) {
+            Some(cached) if cached.members.contains(user) => {
+                return Ok(Standing::Member(cached.key, cached.last_seq));
+            }
+            Some(cached) => (cached.key, cached.last_seq),
+            None => match select_room_tail(conn, &self.index, room)? {
+                Some(tail) => tail,
+                None => return Ok(Standing::NoRoom),
+            },
+        };
+        let member = is_member(conn, room, user)?;
+        self.remember(room, key, last_seq, member.then_some(user));
+        Ok(if member {
+            Standing::Member(key, last_seq)
+        } else {
+            Standing::NotMember
+        })
+    }
+
+    /// Adds a room (and a member of it) to the cache, starting over when it is full.
+    fn remember(&mut self, room: &str, key: i64, last_seq: u64, member: Option<&str>) {
+        let cached = self.rooms.get(room);
+        let new_room = cached.is_none() && self.rooms.len() >= TAIL_CACHE_ROOMS;
+        let new_member = member.is_some_and(|member| {
+            self.members >= TAIL_CACHE_MEMBERS
+                && !cached.is_some_and(|c| c.members.contains(member))
+        });
+        if new_room || new_member {
+            self.forget();
+        }
+        let cached = match self.rooms.get_mut(room) {
+            Some(cached) => cached,
+            None => self.rooms.entry(room.to_owned()).or_insert(CachedRoom {
+                key,
+                last_seq,
+                members: HashSet::default(),
+            }),
+        };
+        if let Some(member) = member
+            && cached.members.insert(member.to_owned())
+        {
+            self.members += 1;
+        }
+    }
+
+    /// Notes a message stored in a cached room as its last.
+    fn advance(&mut self, room: &str, seq: u64) {
+        if let Some(cached) = self.rooms.get_mut(room) {
+            cached.last_seq = seq;
+        }
+    }
+}
+
+/// Whether an author may post in a room.
+enum Standing {
+    /// A member: the room's key and last seq.
+    Member(i64, u64),
+    /// The room exists and the author is not a member.
+    NotMember,
+    /// No such room.
+    NoRoom,
 }
 
 fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> {
@@ -946,15 +1001,6 @@ fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> 
     tails
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// What one `append` call learned about a room: read once per batch.
-struct RoomTail {
-    /// The room's key and last seq; `None` if the room does not exist.
-    room: Option<(i64, u64)>,
-    /// Membership of each author seen in this batch, and whether the tail cache knew it
-    /// already (then there is nothing to teach it).
-    members: HashMap<String, (bool, bool)>,
 }
 
 /// Appends a batch inside the writer's transaction: each room's key and last seq are read
@@ -986,7 +1032,6 @@ fn append_locked(
     cache.check(conn);
     cache.retry.load(conn)?;
     cache.index.load(conn)?;
-    let mut rooms: HashMap<String, RoomTail> = HashMap::new();
     let mut results = Vec::with_capacity(batch.len());
     // The last rowid inserted, for the retry keys' low mark.
     let mut newest = None;
@@ -1001,38 +1046,15 @@ fn append_locked(
         )
         .map_err(db_err)?;
     for msg in batch {
-        let cached = cache.rooms.get(msg.room.as_str());
-        let tail = match rooms.get_mut(msg.room.as_str()) {
-            Some(tail) => tail,
-            None => {
-                let room = match cached {
-                    Some(cached) => Some((cached.key, cached.last_seq)),
-                    None => select_room_tail(conn, &cache.index, &msg.room)?,
-                };
-                rooms.entry(msg.room.clone()).or_insert(RoomTail {
-                    room,
-                    members: HashMap::new(),
-                })
-            }
-        };
-        let member = match (tail.room, tail.members.get(msg.user.id.as_str())) {
-            (None, _) => false,
-            (Some(_), Some(&(member, _))) => member,
-            (Some(_), None) => {
-                let known = cached.is_some_and(|c| c.members.contains(&msg.user.id));
-                let member = known || is_member(conn, &msg.room, &msg.user.id)?;
-                tail.members.insert(msg.user.id.clone(), (member, known));
-                member
-            }
-        };
-        let Some((key, last_seq)) = tail.room.filter(|_| member) else {
+        let standing = cache.standing(conn, &msg.room, &msg.user.id)?;
+        let Standing::Member(key, last_seq) = standing else {
             // A retry of a message stored before its author left (or the room went) is still
             // answered with the original.
             if let Some(original) = select_retried(conn, &mut cache.retry, &msg)? {
                 results.push(Ok(original));
                 continue;
             }
-            results.push(Err(if tail.room.is_none() {
+            results.push(Err(if matches!(standing, Standing::NoRoom) {
                 StoreError::NotFound(format!("room {:?} does not exist", msg.room))
             } else {
                 StoreError::NotMember(format!(
@@ -1065,7 +1087,7 @@ fn append_locked(
         if let Some(client_id) = &msg.client_id {
             cache.retry.add(&msg.user.id, client_id.clone(), rowid);
         }
-        tail.room = Some((key, seq));
+        cache.advance(&msg.room, seq);
         results.push(Ok(Appended {
             message: ChatMessage {
                 id: msg.id,
@@ -1082,26 +1104,7 @@ fn append_locked(
     drop(insert);
     cache.retry.write_due(conn, newest)?;
     cache.index.write_due(conn, newest)?;
-    let learned = rooms
-        .into_iter()
-        .filter_map(|(room, tail)| {
-            let (key, last_seq) = tail.room?;
-            let members = tail
-                .members
-                .into_iter()
-                .filter_map(|(user, (member, known))| (member && !known).then_some(user))
-                .collect();
-            Some((
-                room,
-                CachedRoom {
-                    key,
-                    last_seq,
-                    members,
-                },
-            ))
-        })
-        .collect();
-    cache.pending = Some((conn.total_changes(), learned));
+    cache.pending = Some(conn.total_changes());
     Ok(results)
 }
 
@@ -1869,28 +1872,50 @@ mod tests {
     }
 
     #[test]
+    fn a_full_tail_cache_starts_over() {
+        let mut cache = TailCache::default();
+        for key in 1..=4 {
+            cache.remember(&format!("r{key}"), key, 0, None);
+        }
+        cache.remember("r1", 1, 0, Some("a"));
+        assert_eq!(cache.rooms.len(), 4, "a known room is not a new one");
+        cache.remember("r5", 5, 0, None);
+        assert_eq!(cache.rooms.keys().collect::<Vec<_>>(), ["r5"]);
+        for user in 0..8 {
+            cache.remember("r5", 5, 0, Some(&format!("u{user}")));
+        }
+        assert_eq!(cache.members, 8);
+        cache.remember("r5", 5, 0, Some("u0"));
+        assert_eq!(cache.members, 8, "a known member is not a new one");
+        cache.remember("r5", 5, 0, Some("u8"));
+        assert_eq!(
+            (cache.rooms.len(), cache.members),
+            (1, 1),
+            "a ninth member starts over"
+        );
+        assert!(cache.rooms["r5"].members.contains("u8"));
+    }
+
+    #[test]
     fn a_failed_commit_leaves_no_tails_behind() {
         let conn = Connection::open_in_memory().unwrap();
         let mut cache = TailCache::default();
         cache.check(&conn);
-        let learned = CachedRoom {
-            key: 1,
-            last_seq: 7,
-            members: HashSet::from_iter(["a".to_string()]),
-        };
-        cache.pending = Some((conn.total_changes(), vec![("r".into(), learned)]));
+        cache.remember("r", 1, 6, Some("a"));
+        cache.advance("r", 7);
+        cache.pending = Some(conn.total_changes());
         cache.settle(true);
         assert_eq!(cache.rooms["r"].last_seq, 7);
+        assert!(cache.rooms["r"].members.contains("a"));
         cache.check(&conn);
         assert!(cache.rooms.contains_key("r"), "nothing else wrote");
-        cache.pending = Some((conn.total_changes(), Vec::new()));
+        cache.advance("r", 8);
+        cache.pending = Some(conn.total_changes());
         cache.settle(false);
-        assert!(cache.rooms.is_empty());
+        assert!(cache.rooms.is_empty(), "a rolled-back append's updates go");
         // Any other write empties it on the next look.
-        cache.pending = Some((
-            conn.total_changes(),
-            vec![("r".into(), CachedRoom::default())],
-        ));
+        cache.remember("r", 1, 8, None);
+        cache.pending = Some(conn.total_changes());
         cache.settle(true);
         conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
             .unwrap();
