@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use confab_proto::{Ref, ServerEvent};
-use foldhash::{HashMap, HashMapExt};
+use foldhash::HashMap;
 use smallvec::{SmallVec, smallvec};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -117,6 +117,7 @@ async fn run(
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut scratch = Scratch::default();
     // Whether the last commit carried more than one message: then more are likely on the way
     // and the next commit waits for them.
     let mut busy = false;
@@ -149,12 +150,12 @@ async fn run(
         }
         last_taken = Instant::now();
         busy = batch.len() > 1;
-        commit(&mut batch, store.as_ref(), broker.as_ref()).await;
+        commit(&mut batch, &mut scratch, store.as_ref(), broker.as_ref()).await;
     }
     // Shutting down: refuse new messages, store everything already accepted.
     receiver.close();
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&mut batch, store.as_ref(), broker.as_ref()).await;
+        commit(&mut batch, &mut scratch, store.as_ref(), broker.as_ref()).await;
     }
 }
 
@@ -187,15 +188,51 @@ fn take_queued(receiver: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>)
     batch.len() - before
 }
 
-async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker) {
+/// The lists a commit sorts its outcomes into, kept from one commit to the next for their
+/// capacity: under load most commits carry a message or two, and each list would otherwise be
+/// allocated and freed for them.
+#[derive(Default)]
+struct Scratch {
+    /// Who to tell about each message of the batch, in batch order.
+    replies: Vec<Reply>,
+    /// Acks grouped per sending session, in first-seen order.
+    acks: Vec<(Arc<SessionHandle>, SmallVec<[Utf8Bytes; 1]>)>,
+    /// Where each session's acks are in `acks`.
+    ack_index: HashMap<SessionId, usize>,
+    /// New messages grouped per room, in first-seen order.
+    rooms: Vec<ChatBatch>,
+    /// Where each room's messages are in `rooms`. Keyed by the batch's own name, looked up by
+    /// the message's: no copy of either.
+    room_index: HashMap<Arc<str>, usize>,
+    /// Senders whose acks are held while the rooms fan out.
+    held: Vec<Arc<SessionHandle>>,
+}
+
+async fn commit(
+    batch: &mut Vec<Pending>,
+    scratch: &mut Scratch,
+    store: &dyn Store,
+    broker: &dyn Broker,
+) {
     tracing::trace!(messages = batch.len(), "committing a batch");
-    let (messages, replies): (Vec<_>, Vec<_>) =
-        batch.drain(..).map(|p| (p.message, p.reply)).unzip();
+    let Scratch {
+        replies,
+        acks,
+        ack_index,
+        rooms,
+        room_index,
+        held,
+    } = scratch;
+    let mut messages = Vec::with_capacity(batch.len());
+    for pending in batch.drain(..) {
+        messages.push(pending.message);
+        replies.push(pending.reply);
+    }
     let results = match store.append(messages).await {
         Ok(results) => results,
         Err(err) => {
             tracing::error!(error = %err, "storing a batch of messages failed");
-            for reply in replies {
+            for reply in replies.drain(..) {
                 fail(reply, ChatError::Store(err.clone()));
             }
             return;
@@ -205,12 +242,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
     // so each session and each subscriber gets one queue entry for the whole commit.
     // Vectors keep first-seen order; the maps only index into them.
     // Most sessions send one message per commit: their acks fit inline.
-    let mut acks: Vec<(Arc<SessionHandle>, SmallVec<[Utf8Bytes; 1]>)> = Vec::new();
-    let mut ack_index: HashMap<SessionId, usize> = HashMap::new();
-    let mut rooms: Vec<ChatBatch> = Vec::new();
-    // Keyed by the batch's own name, looked up by the message's: no copy of either.
-    let mut room_index: HashMap<Arc<str>, usize> = HashMap::new();
-    for (result, reply) in results.into_iter().zip(replies) {
+    for (result, reply) in results.into_iter().zip(replies.drain(..)) {
         let appended = match result {
             Ok(appended) => appended,
             Err(err) => {
@@ -254,10 +286,11 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             frame: message_frame(&message),
         });
     }
+    ack_index.clear();
+    room_index.clear();
     // Each sender's acks are held while the rooms fan out and go out with the sender's own
     // copy of its messages (one write), or on their own when released after.
-    let mut held = Vec::with_capacity(acks.len());
-    for (handle, frames) in acks {
+    for (handle, frames) in acks.drain(..) {
         let item = match frames.into_inner() {
             Ok([one]) => Outbound::Event(one),
             Err(many) => Outbound::Events(many.into_iter().collect()),
@@ -265,7 +298,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
         handle.hold(item);
         held.push(handle);
     }
-    for room in rooms {
+    for room in rooms.drain(..) {
         let name = Arc::clone(&room.room);
         broker.publish(
             &name,
@@ -274,7 +307,7 @@ async fn commit(batch: &mut Vec<Pending>, store: &dyn Store, broker: &dyn Broker
             None,
         );
     }
-    for handle in held {
+    for handle in held.drain(..) {
         handle.release();
     }
 }
