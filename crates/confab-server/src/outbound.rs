@@ -771,22 +771,24 @@ impl OutboundReceiver {
 
     /// The key of a subscribed room (not one still being joined).
     pub(crate) fn room(&self, room: &str) -> Option<Arc<str>> {
+        self.with_subscribed(room, Arc::clone)
+    }
+
+    /// Whether the session is subscribed to a room: what [`OutboundReceiver::room`] tells,
+    /// without cloning the key (an atomic increment and decrement per message).
+    pub(crate) fn is_subscribed(&self, room: &str) -> bool {
+        self.with_subscribed(room, |_| ()).is_some()
+    }
+
+    /// `f` of a subscribed room's key, under the outlet's lock; `None` if the session is not
+    /// subscribed to it or still joining it (no mark yet).
+    fn with_subscribed<T>(&self, room: &str, f: impl FnOnce(&Arc<str>) -> T) -> Option<T> {
         self.handle
             .outlet()
             .rooms
             .get_key_value(room)
             .filter(|(_, delivered)| delivered.is_some())
-            .map(|(key, _)| Arc::clone(key))
-    }
-
-    /// Whether the session is subscribed to a room (not one still being joined): what
-    /// [`OutboundReceiver::room`] tells, without cloning the key.
-    pub(crate) fn is_subscribed(&self, room: &str) -> bool {
-        self.handle
-            .outlet()
-            .rooms
-            .get_key_value(room)
-            .is_some_and(|(_, delivered)| delivered.is_some())
+            .map(|(key, _)| f(key))
     }
 
     /// How many rooms the session is subscribed to or joining.

@@ -1003,9 +1003,9 @@ fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> 
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Appends a batch inside the writer's transaction: each room's key and last seq are read
-/// once (the last seq is the index's, so there is nothing to write back), and each (room,
-/// author) membership is looked up once, instead of three statements per message. Seqs are
+/// Appends a batch inside the writer's transaction: a room's key and last seq, and that an
+/// author is a member, are read once and kept in the tail cache (the last seq is the index's,
+/// so there is nothing to write back), instead of three statements per message. Seqs are
 /// handed out in batch order and only to rows that were inserted, so a failed or duplicate
 /// message leaves no gap. The outer error means the batch
 /// must be rolled back (some of its rows may be written).
@@ -2372,14 +2372,14 @@ mod tests {
         (page, all.len() > limit, last)
     }
 
-    /// Checks every page shape of room `r`, holding seqs 1 to `last`, against
-    /// [`expected_page`].
     /// What readers are given of the waiting entries is what the writer holds.
     fn assert_published(store: &SqliteStore) {
         let writer = lock_tails(&store.tails).index.rooms().clone();
         assert_eq!(*store.index.lock(), writer, "published waiting entries");
     }
 
+    /// Checks every page shape of room `r`, holding seqs 1 to `last`, against
+    /// [`expected_page`] (and the published waiting entries against the writer's).
     async fn check_pages(store: &SqliteStore, last: u64) {
         assert_published(store);
         for limit in [0, 1, 3, 7, 8, 9, 40] {
