@@ -127,7 +127,7 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let runtime = runtime_for_this_machine()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -141,6 +141,18 @@ fn main() -> Result<()> {
             Command::Bench(_) => unreachable!("handled before the runtime starts"),
         }
     })
+}
+
+/// A work-stealing runtime with a worker per CPU the process may use; on one CPU, a
+/// current-thread runtime instead: with a single worker there is nothing to steal, and the
+/// multi-threaded scheduler's bookkeeping around each task it runs (its queues' atomics, a
+/// clock read each time it starts and stops a round of tasks) is a few percent of a
+/// message's instructions.
+fn runtime_for_this_machine() -> tokio::runtime::Builder {
+    match std::thread::available_parallelism() {
+        Ok(cpus) if cpus.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<()> {
