@@ -380,10 +380,10 @@ mod tests {
             id: "0195f3b4-2b3c-7d4e-8f50-61728394a5b6".into(),
             seq: 43,
             room: "r1".into(),
-            user: UserRef {
+            user: std::sync::Arc::new(UserRef {
                 id: "weird \"content\":\"".into(),
                 name: "ann".into(),
-            },
+            }),
             content: String::from_utf8(content.clone()).unwrap(),
             client_id: Some("c-1".into()),
             timestamp: "2025-03-30T14:05:20.618Z".into(),

@@ -113,10 +113,10 @@ mod tests {
                         id,
                         seq,
                         room,
-                        user: UserRef {
+                        user: std::sync::Arc::new(UserRef {
                             id: user_id,
                             name: user_name,
-                        },
+                        }),
                         content,
                         client_id,
                         timestamp,

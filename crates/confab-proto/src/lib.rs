@@ -15,6 +15,8 @@
 //! - [`write_message_event`], [`write_ack_event`]: the two events of every chat message,
 //!   written without serde's byte-by-byte string escaping, to the same bytes.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -59,8 +61,9 @@ pub struct ChatMessage {
     pub seq: u64,
     /// The room the message belongs to.
     pub room: String,
-    /// The author.
-    pub user: UserRef,
+    /// The author: shared, not copied, since every message of a session names the same one
+    /// (and the server makes one `ChatMessage` per message it stores).
+    pub user: Arc<UserRef>,
     /// The text as sent.
     pub content: String,
     /// The sender's idempotency key, if it gave one.
@@ -748,10 +751,10 @@ mod tests {
             id: "m".into(),
             seq: 1,
             room: "general".into(),
-            user: UserRef {
+            user: Arc::new(UserRef {
                 id: "u".into(),
                 name: "ann".into(),
-            },
+            }),
             content: "hi".into(),
             client_id: Some("c".into()),
             timestamp: "2026-01-01T00:00:00.000Z".into(),

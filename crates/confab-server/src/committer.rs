@@ -371,7 +371,7 @@ mod tests {
         NewMessage {
             id: format!("{room}-{author}-{n}"),
             room: room.into(),
-            user: user(author),
+            user: Arc::new(user(author)),
             content: format!("{n}"),
             client_id: None,
             timestamp_ms: now_ms(),

@@ -533,7 +533,7 @@ impl Node {
     /// WebSocket message moves it instead of copying it.
     pub fn new_message(
         &self,
-        user: &UserRef,
+        user: &Arc<UserRef>,
         room: String,
         content: String,
         client_id: Option<String>,
@@ -542,7 +542,7 @@ impl Node {
         NewMessage {
             id: message_id(timestamp_ms),
             room,
-            user: user.clone(),
+            user: Arc::clone(user),
             content,
             client_id,
             timestamp_ms,
@@ -568,7 +568,12 @@ impl Node {
         let (reply, answer) = oneshot::channel();
         self.committer
             .submit(Pending {
-                message: self.new_message(user, room_id.to_owned(), content, client_id),
+                message: self.new_message(
+                    &Arc::new(user.clone()),
+                    room_id.to_owned(),
+                    content,
+                    client_id,
+                ),
                 reply: Reply::Request(reply),
             })
             .await?;

@@ -198,7 +198,7 @@ async fn identity_fields_sent_by_clients_are_ignored() {
         .await
         .unwrap();
     let message = ann.next_message().await.unwrap();
-    assert_eq!(message.user, user_ref("ann"));
+    assert_eq!(*message.user, user_ref("ann"));
 }
 
 #[tokio::test]

@@ -41,7 +41,7 @@ async fn two_users_chat_and_an_outsider_sees_nothing() {
         assert_eq!(message.content, "hello bob");
         assert_eq!(message.seq, 1);
         assert_eq!(message.room, "lobby");
-        assert_eq!(message.user, user_ref("ann"));
+        assert_eq!(*message.user, user_ref("ann"));
         assert_eq!(message.client_id.as_deref(), Some("c-1"));
         assert_eq!(message.id, ack["id"]);
         // RFC 3339 UTC with milliseconds.

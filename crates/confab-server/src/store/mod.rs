@@ -19,6 +19,8 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use confab_proto::{ChatMessage, UserRef};
 
@@ -89,8 +91,8 @@ pub struct NewMessage {
     pub id: String,
     /// Target room.
     pub room: String,
-    /// Author.
-    pub user: UserRef,
+    /// Author, shared with the session that sent it.
+    pub user: Arc<UserRef>,
     /// Text.
     pub content: String,
     /// Idempotency key.

@@ -794,10 +794,10 @@ fn message_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ChatMessage> {
         room: row.get(0)?,
         seq: row.get(1)?,
         id: row.get(2)?,
-        user: UserRef {
+        user: Arc::new(UserRef {
             id: row.get(3)?,
             name: row.get(4)?,
-        },
+        }),
         content: row.get(5)?,
         client_id: row.get(6)?,
         timestamp: format_timestamp(row.get(7)?),
@@ -1709,7 +1709,7 @@ mod tests {
         NewMessage {
             id: uuid::Uuid::now_v7().to_string(),
             room: room.into(),
-            user: user(user_id),
+            user: Arc::new(user(user_id)),
             content: content.into(),
             client_id: client_id.map(String::from),
             timestamp_ms: now_ms(),
