@@ -295,7 +295,8 @@ impl SqliteStore {
     /// 6 %, is within that host's noise). The committer's appends are already batched, so
     /// they lose nothing by not waiting in the writer's queue. Never blocks: a busy connection means the writer thread
     /// is committing or rewinding the WAL (two fsyncs), and the job queues behind that. The
-    /// rewinds themselves always run on the writer thread.
+    /// rewinds themselves always run on the writer thread, and so does the first commit into
+    /// a WAL that starts over (see [`WalRestarts::starts_over`]).
     fn commit_in_place(&self, job: WriteJob, in_place: bool) -> Result<(), WriteJob> {
         if !in_place {
             return Err(job);
@@ -306,6 +307,9 @@ impl SqliteStore {
         let Ok(mut writer) = writer.try_lock() else {
             return Err(job);
         };
+        if writer.restarts.starts_over() {
+            return Err(job);
+        }
         writer.batch.push(job);
         if writer.commit(false) {
             // The WAL is due for a rewind: an empty job has the writer thread do it.
@@ -463,6 +467,16 @@ struct WalRestarts {
 }
 
 impl WalRestarts {
+    /// Whether the next commit starts the WAL over: after a rewind (or at open), the first
+    /// commit writes a new WAL header and SQLite fsyncs it before the frames (whatever
+    /// `synchronous` is, but `off`). That fsync must not hold up the runtime (every session,
+    /// not only the messages waiting for the commit), so such a commit is left to the writer
+    /// thread: on these hosts a flush takes from under a millisecond to over half a second
+    /// when the disk is shared with other guests.
+    fn starts_over(&self) -> bool {
+        self.wal.frames.load(Ordering::Relaxed) == 0
+    }
+
     /// Called after each commit. A commit made in place (`may_rewind` false) does not rewind
     /// (its fsyncs would hold up the runtime): it returns true when the writer thread should
     /// be asked to, once.
@@ -1966,6 +1980,28 @@ mod tests {
         store.close();
         let late = store.append(vec![message("r", "a", "three", None)]).await;
         assert!(matches!(late, Err(StoreError::Closed)));
+    }
+
+    /// The first commit into a WAL that starts over (here: at open, after a clean close left
+    /// it empty; otherwise after each rewind) syncs the WAL's new header, so it is left to the
+    /// writer thread; the commits after it are made in place again.
+    #[tokio::test]
+    async fn the_commit_that_starts_the_wal_over_is_not_made_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with_room(dir.path(), "r", &["a"]).await.close();
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        let nothing = || -> WriteJob { Box::new(|_| (true, Box::new(|_| {}))) };
+        assert!(
+            store.commit_in_place(nothing(), true).is_err(),
+            "the WAL starts over: the writer thread's"
+        );
+        let stored = append_one(&store, message("r", "a", "one", None)).await;
+        assert_eq!(stored.message.seq, 1);
+        assert!(
+            store.commit_in_place(nothing(), true).is_ok(),
+            "in place once the WAL has begun"
+        );
+        store.close();
     }
 
     /// Appends one message alone and returns how it was stored.
