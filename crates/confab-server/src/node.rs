@@ -530,10 +530,10 @@ impl Node {
     }
 
     /// Builds a message ready for the committer. Takes the room's name as parsed, so a
-    /// WebSocket message moves it instead of copying it.
+    /// WebSocket message moves it instead of copying it, and the session's own author.
     pub fn new_message(
         &self,
-        user: &Arc<UserRef>,
+        user: Arc<UserRef>,
         room: String,
         content: String,
         client_id: Option<String>,
@@ -542,7 +542,7 @@ impl Node {
         NewMessage {
             id: message_id(timestamp_ms),
             room,
-            user: Arc::clone(user),
+            user,
             content,
             client_id,
             timestamp_ms,
@@ -569,7 +569,7 @@ impl Node {
         self.committer
             .submit(Pending {
                 message: self.new_message(
-                    &Arc::new(user.clone()),
+                    Arc::new(user.clone()),
                     room_id.to_owned(),
                     content,
                     client_id,

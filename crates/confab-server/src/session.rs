@@ -428,9 +428,9 @@ impl Session {
         if let Err(err) = self.node.validate_content(&content, client_id.as_deref()) {
             return Some(Unfinished::Failed(reference, err));
         }
-        let message = self
-            .node
-            .new_message(&self.handle.user, room, content, client_id);
+        let message =
+            self.node
+                .new_message(Arc::clone(&self.handle.user), room, content, client_id);
         let pending = Pending {
             message,
             reply: Reply::Session {
@@ -523,7 +523,7 @@ impl Session {
                 if !self.queue.is_subscribed(&room) {
                     node.require_member(&user, &room).await?;
                 }
-                let message = node.new_message(&user, room, content, client_id);
+                let message = node.new_message(user, room, content, client_id);
                 let reply = Reply::Session {
                     handle: Arc::clone(&self.handle),
                     reference,
