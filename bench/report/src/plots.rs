@@ -105,6 +105,24 @@ fn draw_legend<'a, X: Ranged, Y: Ranged>(
     Ok(())
 }
 
+/// A log axis's tick label: only 1, 2 and 5 times a power of ten are written. Plotters puts a
+/// tick at every multiple within each decade, and over 100-2000 messages/s "900" and "1000"
+/// ran into each other.
+fn log_tick_label(value: &f64) -> String {
+    if *value <= 0.0 {
+        return String::new();
+    }
+    let lead = value / 10f64.powf(value.log10().floor());
+    if [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .any(|nice| (lead - nice).abs() < 1e-6)
+    {
+        format!("{value:.0}")
+    } else {
+        String::new()
+    }
+}
+
 /// Draws `lines` on `area` with a log-scale x axis and a log or linear y axis.
 fn line_chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
@@ -123,7 +141,7 @@ fn line_chart(
         .margin(12)
         .x_label_area_size(45)
         .y_label_area_size(65);
-    let x_fmt = |v: &f64| format!("{v:.0}");
+    let x_fmt = log_tick_label;
     // The two axis kinds are different types, hence the two branches.
     macro_rules! draw {
         ($chart:expr) => {{
@@ -438,6 +456,16 @@ mod tests {
                 }],
             }],
         }
+    }
+
+    #[test]
+    fn log_ticks_are_labelled_at_one_two_and_five_only() {
+        let labels: Vec<String> = [100.0, 200.0, 300.0, 500.0, 900.0, 1000.0, 2000.0, 19000.0]
+            .iter()
+            .map(log_tick_label)
+            .collect();
+        assert_eq!(labels, ["100", "200", "", "500", "", "1000", "2000", ""]);
+        assert_eq!(log_tick_label(&0.0), "");
     }
 
     #[test]
