@@ -35,8 +35,7 @@ use tungstenite::Utf8Bytes;
 use crate::broker::Broker;
 use crate::error::ChatError;
 use crate::outbound::{
-    ChatBatch, ChatFrame, Outbound, Priority, SessionHandle, SessionId, encode, encode_ack,
-    message_frame,
+    ChatBatchBuilder, Outbound, Priority, SessionHandle, SessionId, encode, encode_ack,
 };
 use crate::store::{Appended, NewMessage, Store};
 
@@ -223,7 +222,7 @@ struct Scratch {
     /// Where each session's acks are in `acks`.
     ack_index: HashMap<SessionId, usize>,
     /// New messages grouped per room, in first-seen order.
-    rooms: Vec<ChatBatch>,
+    rooms: Vec<ChatBatchBuilder>,
     /// Where each room's messages are in `rooms`. Keyed by the batch's own name, looked up by
     /// the message's: no copy of either.
     room_index: HashMap<Arc<str>, usize>,
@@ -297,17 +296,11 @@ async fn commit(
             None => {
                 let room: Arc<str> = Arc::from(message.room.as_str());
                 room_index.insert(Arc::clone(&room), rooms.len());
-                rooms.push(ChatBatch {
-                    room,
-                    frames: Vec::new(),
-                });
+                rooms.push(ChatBatchBuilder::new(room));
                 rooms.len() - 1
             }
         };
-        rooms[index].frames.push(ChatFrame {
-            seq: message.seq,
-            frame: message_frame(&message),
-        });
+        rooms[index].push(&message);
     }
     ack_index.clear();
     room_index.clear();
@@ -322,10 +315,10 @@ async fn commit(
         held.push(handle);
     }
     for room in rooms.drain(..) {
-        let name = Arc::clone(&room.room);
+        let name = Arc::clone(room.room());
         broker.publish(
             &name,
-            Outbound::Chat(Arc::new(room)),
+            Outbound::Chat(Arc::new(room.finish())),
             Priority::Reliable,
             None,
         );
@@ -412,7 +405,7 @@ mod tests {
     async fn next_chat(queue: &mut crate::outbound::OutboundReceiver) -> Vec<u64> {
         for _ in 0..5000 {
             match queue.try_recv() {
-                Some(Outbound::Chat(batch)) => return batch.frames.iter().map(|f| f.seq).collect(),
+                Some(Outbound::Chat(batch)) => return batch.seqs().collect(),
                 Some(_) => {}
                 None => {
                     std::thread::sleep(std::time::Duration::from_millis(1));
@@ -459,8 +452,8 @@ mod tests {
         for room in ["r1", "r2"] {
             match watcher_queue.try_recv().unwrap() {
                 Outbound::Chat(batch) => {
-                    assert_eq!(&*batch.room, room);
-                    let seqs: Vec<u64> = batch.frames.iter().map(|f| f.seq).collect();
+                    assert_eq!(&**batch.room(), room);
+                    let seqs: Vec<u64> = batch.seqs().collect();
                     assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
                 }
                 other => panic!("{other:?}"),

@@ -2,7 +2,7 @@
 //!
 //! Fan-out writes straight into the socket when it can. [`SessionHandle::push`] takes the
 //! session's outlet lock and, if nothing is queued ahead and no write is unfinished, writes the
-//! shared pre-encoded frames at once with one non-blocking `sendmsg`: no queue entry, no task
+//! shared pre-encoded frames at once with one non-blocking `send`: no queue entry, no task
 //! wake-up, no poll, which is what a delivery costs above the kernel's own work. Only when the
 //! socket is not ready (or the session's task is writing) is the frame queued, and the task
 //! writes it later. A write the socket took only in part leaves its remainder first in line,
@@ -40,28 +40,98 @@ use crate::websocket::{Frame, Written, try_send_framed, try_write};
 /// Process-unique id of one WebSocket connection.
 pub type SessionId = u64;
 
-/// One stored chat message, encoded once.
-#[derive(Debug)]
-pub struct ChatFrame {
-    /// The message's seq: sessions skip anything at or below what they already delivered, which
-    /// is what makes a join's history and the live stream meet without gaps or duplicates.
-    pub seq: u64,
-    /// The encoded `message` event as a complete WebSocket text frame, header included: every
-    /// subscriber's write is this one shared buffer.
-    pub frame: Bytes,
-}
-
-/// The messages one commit stored for one room, in seq order, shared by every subscriber.
+/// The messages one commit stored for one room, encoded once, in seq order, shared by every
+/// subscriber.
 ///
-/// A burst (hundreds of messages committed together) is one write (or one queue slot) per
-/// subscriber, not hundreds, so a healthy reader is never mistaken for a slow one, and fan-out
-/// costs one `sendmsg` per subscriber per commit instead of per message.
+/// Their frames lie back to back in one buffer, so whatever a subscriber still lacks of a batch
+/// (all of it, but right after a join or a resume) is one contiguous span: one `send(2)` per
+/// subscriber per commit however many messages the commit holds, with nothing gathered per
+/// subscriber. A burst (hundreds of messages committed together) is one write (or one queue
+/// slot) per subscriber, not hundreds, so a healthy reader is never mistaken for a slow one.
 #[derive(Debug)]
 pub struct ChatBatch {
     /// Room the messages belong to (the session filters by it).
-    pub room: Arc<str>,
-    /// The messages, ascending seq.
-    pub frames: Vec<ChatFrame>,
+    room: Arc<str>,
+    /// Every message's `message` event as a complete WebSocket text frame, in seq order.
+    frames: Bytes,
+    /// Each message's seq and where its frame starts in `frames`, ascending. Sessions skip
+    /// anything at or below what they already delivered, which is what makes a join's history
+    /// and the live stream meet without gaps or duplicates.
+    starts: SmallVec<[(u64, usize); 1]>,
+}
+
+impl ChatBatch {
+    /// The room the messages belong to.
+    pub fn room(&self) -> &Arc<str> {
+        &self.room
+    }
+
+    /// The messages' seqs, ascending.
+    pub fn seqs(&self) -> impl Iterator<Item = u64> + '_ {
+        self.starts.iter().map(|&(seq, _)| seq)
+    }
+
+    /// For a subscriber that has delivered up to `delivered`: where the frames of the messages
+    /// above it start, and the newest seq among them; `None` if it has them all.
+    fn unsent(&self, delivered: u64) -> Option<(usize, u64)> {
+        let first = self.starts.partition_point(|&(seq, _)| seq <= delivered);
+        let &(_, start) = self.starts.get(first)?;
+        let &(newest, _) = self.starts.last()?;
+        Some((start, newest))
+    }
+}
+
+/// A [`ChatBatch`] being filled by the committer, one stored message at a time.
+#[derive(Debug)]
+pub struct ChatBatchBuilder {
+    room: Arc<str>,
+    frames: Vec<u8>,
+    starts: SmallVec<[(u64, usize); 1]>,
+}
+
+impl ChatBatchBuilder {
+    /// An empty batch for `room`.
+    pub fn new(room: Arc<str>) -> ChatBatchBuilder {
+        ChatBatchBuilder {
+            room,
+            frames: Vec::new(),
+            starts: SmallVec::new(),
+        }
+    }
+
+    /// The room the batch is for.
+    pub fn room(&self) -> &Arc<str> {
+        &self.room
+    }
+
+    /// Adds a stored message, whose seq must be above every one already added.
+    pub fn push(&mut self, message: &ChatMessage) {
+        self.push_event(message.seq, |out| {
+            confab_proto::write_message_event(out, message)
+        });
+    }
+
+    /// Adds the frame of `write`'s event as message `seq`'s.
+    fn push_event(&mut self, seq: u64, write: impl FnOnce(&mut Vec<u8>)) {
+        /// Room for a typical chat message's frame without growing the buffer.
+        const TYPICAL_FRAME: usize = 512;
+        debug_assert!(
+            self.starts.last().is_none_or(|&(last, _)| last < seq),
+            "a batch's seqs ascend"
+        );
+        self.starts.push((seq, self.frames.len()));
+        self.frames.reserve(TYPICAL_FRAME);
+        crate::websocket::append_text_frame(&mut self.frames, write);
+    }
+
+    /// The batch, ready to be shared by every subscriber.
+    pub fn finish(self) -> ChatBatch {
+        ChatBatch {
+            room: self.room,
+            frames: Bytes::from(self.frames),
+            starts: self.starts,
+        }
+    }
 }
 
 /// One thing to send to a session.
@@ -305,9 +375,8 @@ impl Outlet {
     fn write_direct(&mut self, held: Option<&Outbound>, item: &Outbound) -> Direct {
         if held.is_none()
             && let Outbound::Chat(chat) = item
-            && let [message] = chat.frames.as_slice()
         {
-            return self.write_one_message(&chat.room, message);
+            return self.write_chat(chat);
         }
         let mut frames = Frames::new();
         if let Some(held) = held {
@@ -347,26 +416,30 @@ impl Outlet {
         outcome
     }
 
-    /// [`Outlet::write_direct`] of a batch of one message with nothing held, the usual
-    /// delivery: the shared frame goes to the socket as it is, with no list of frames built
-    /// for it.
-    fn write_one_message(&mut self, room: &str, message: &ChatFrame) -> Direct {
-        let delivered = match self.rooms.get_mut(room) {
-            // Not subscribed (any more), or already delivered: nothing to write.
+    /// [`Outlet::write_direct`] of a chat batch with nothing held, the usual delivery: the
+    /// frames the session lacks (all of the batch, as a rule) go to the socket as they lie in
+    /// the shared buffer, in one `send(2)`, with no list of frames built for them, however
+    /// many messages the commit stored.
+    fn write_chat(&mut self, chat: &ChatBatch) -> Direct {
+        let (delivered, start, newest) = match self.rooms.get_mut(&chat.room) {
+            // Not subscribed (any more): nothing to write.
             None => return Direct::Done,
-            Some(Some(delivered)) if message.seq <= *delivered => return Direct::Done,
-            Some(Some(delivered)) => delivered,
             // Joining: it waits for the `joined` reply and the room's mark.
             Some(None) => return Direct::Queue,
+            Some(Some(delivered)) => match chat.unsent(*delivered) {
+                // Already delivered: nothing to write.
+                None => return Direct::Done,
+                Some((start, newest)) => (delivered, start, newest),
+            },
         };
         let socket = self.socket.as_ref().expect("checked by the caller");
-        let sent = try_send_framed(socket.fd(), &message.frame);
+        let sent = try_send_framed(socket.fd(), &chat.frames[start..]);
         let Some(outcome) = direct_outcome(sent, &mut self.unfinished, &mut self.broken, || {
-            vec![Frame::Framed(message.frame.clone())]
+            vec![Frame::Framed(chat.frames.slice(start..))]
         }) else {
             return Direct::Queue;
         };
-        *delivered = message.seq;
+        *delivered = newest;
         outcome
     }
 
@@ -423,15 +496,16 @@ fn direct_outcome(
     }
 }
 
-/// Appends the frames of a chat batch's messages above `delivered`; returns the newest seq
-/// among them (`delivered` if none).
+/// Appends the frames of a chat batch's messages above `delivered` (one span of its shared
+/// buffer); returns the newest seq among them (`delivered` if none).
 fn chat_frames(chat: &ChatBatch, delivered: u64, frames: &mut Frames) -> u64 {
-    let mut newest = delivered;
-    for message in chat.frames.iter().filter(|m| m.seq > delivered) {
-        frames.push(Frame::Framed(message.frame.clone()));
-        newest = message.seq;
+    match chat.unsent(delivered) {
+        Some((start, newest)) => {
+            frames.push(Frame::Framed(chat.frames.slice(start..)));
+            newest
+        }
+        None => delivered,
     }
-    newest
 }
 
 /// Appends the frames of an `Event` or `Events` entry.
@@ -828,17 +902,6 @@ pub fn encode(event: &confab_proto::ServerEvent) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(event).expect("server events always serialize"))
 }
 
-/// The `message` event of a stored message as a complete WebSocket text frame, header
-/// included, in one buffer: a chat message is framed once and the same bytes written to every
-/// subscriber.
-pub fn message_frame(message: &ChatMessage) -> Bytes {
-    /// Room for a typical chat message's JSON without growing the buffer.
-    const TYPICAL_EVENT: usize = 512;
-    crate::websocket::build_text_frame(TYPICAL_EVENT, |out| {
-        confab_proto::write_message_event(out, message);
-    })
-}
-
 /// The `ack` of a stored message to its sender, written from the message's own fields.
 pub fn encode_ack(reference: Option<&Ref>, message: &ChatMessage) -> Utf8Bytes {
     /// Room for an ack with a short `ref` and `client_id` without growing the buffer.
@@ -945,15 +1008,13 @@ mod tests {
     }
 
     fn chat(room: &str, seqs: std::ops::RangeInclusive<u64>) -> Outbound {
-        Outbound::Chat(Arc::new(ChatBatch {
-            room: room.into(),
-            frames: seqs
-                .map(|seq| ChatFrame {
-                    seq,
-                    frame: crate::websocket::text_frame(format!("m{seq}").as_bytes()),
-                })
-                .collect(),
-        }))
+        let mut batch = ChatBatchBuilder::new(room.into());
+        for seq in seqs {
+            batch.push_event(seq, |out| {
+                out.extend_from_slice(format!("m{seq}").as_bytes())
+            });
+        }
+        Outbound::Chat(Arc::new(batch.finish()))
     }
 
     fn text(s: &str) -> Outbound {
@@ -970,6 +1031,40 @@ mod tests {
             rx.unblock();
         }
         flushed.left.into_vec()
+    }
+
+    /// A batch is its messages' frames back to back, and what a subscriber lacks of it is
+    /// always one span of them: the messages above its mark.
+    #[test]
+    fn a_batch_leaves_each_subscriber_one_span_to_send() {
+        let Outbound::Chat(batch) = chat("r", 4..=6) else {
+            unreachable!("chat() makes a chat batch")
+        };
+        let framed = |seqs: &[u64]| -> Vec<u8> {
+            seqs.iter()
+                .flat_map(|seq| crate::websocket::text_frame(format!("m{seq}").as_bytes()))
+                .collect()
+        };
+        assert_eq!(batch.frames, framed(&[4, 5, 6]));
+        assert_eq!(batch.seqs().collect::<Vec<_>>(), [4, 5, 6]);
+        for (delivered, lacking) in [
+            (0, &[4, 5, 6][..]),
+            (3, &[4, 5, 6]),
+            (4, &[5, 6]),
+            (5, &[6]),
+            (6, &[]),
+            (9, &[]),
+        ] {
+            let unsent = batch.unsent(delivered);
+            match lacking {
+                [] => assert_eq!(unsent, None, "after {delivered}"),
+                _ => {
+                    let (start, newest) = unsent.expect("something to send");
+                    assert_eq!(batch.frames[start..], framed(lacking), "after {delivered}");
+                    assert_eq!(newest, 6);
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -1099,13 +1194,9 @@ mod tests {
             // Single chat messages and events, whose direct writes take different paths; the
             // first (a message) is the write that stops part-way.
             let item = if n % 2 == 0 {
-                Outbound::Chat(Arc::new(ChatBatch {
-                    room: "r".into(),
-                    frames: vec![ChatFrame {
-                        seq: n as u64 + 1,
-                        frame: crate::websocket::text_frame(big(n).as_bytes()),
-                    }],
-                }))
+                let mut batch = ChatBatchBuilder::new("r".into());
+                batch.push_event(n as u64 + 1, |out| out.extend_from_slice(big(n).as_bytes()));
+                Outbound::Chat(Arc::new(batch.finish()))
             } else {
                 text(&big(n))
             };

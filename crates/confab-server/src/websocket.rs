@@ -97,8 +97,9 @@ pub(crate) enum ReadError {
 pub(crate) enum Frame {
     /// A text frame (every event the server sends).
     Text(Utf8Bytes),
-    /// A complete text frame, header included ([`text_frame`]): a chat message is framed once
-    /// and every subscriber's write is that one buffer, with nothing built per delivery.
+    /// Complete text frames, headers included ([`append_text_frame`]): a commit's chat
+    /// messages are framed once, back to back, and every subscriber's write is a span of that
+    /// one buffer, with nothing built per delivery.
     Framed(Bytes),
     /// A heartbeat ping.
     Ping,
@@ -510,25 +511,24 @@ fn finish(opcode: u8, payload: Vec<u8>) -> Result<Incoming, ReadError> {
 /// Longest frame header a server writes (opcode, 127, then a 64-bit length).
 const MAX_HEADER: usize = 10;
 
-/// A complete unmasked text frame holding `write`'s output, built in one buffer: the payload is
-/// written after room for the longest header, and the header goes in front of it once its
-/// length is known. A broadcast's frame is built once and written as it is to every subscriber
-/// ([`Frame::Framed`]), so this saves the copy (and the allocations) of framing an encoded
-/// payload afterwards. `capacity` is the expected payload size.
-pub(crate) fn build_text_frame(capacity: usize, write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
-    let mut buf = Vec::with_capacity(MAX_HEADER + capacity);
-    buf.resize(MAX_HEADER, 0);
-    write(&mut buf);
+/// Appends a complete unmasked text frame holding `write`'s output to `buf`. The payload is
+/// written after room for the longest header and moved up against its header once its length
+/// is known. A commit's messages to one room are framed this way back to back, once, and every
+/// subscriber's write is a span of that buffer ([`Frame::Framed`]).
+pub(crate) fn append_text_frame(buf: &mut Vec<u8>, write: impl FnOnce(&mut Vec<u8>)) {
+    let start = buf.len();
+    buf.resize(start + MAX_HEADER, 0);
+    write(buf);
+    let payload = start + MAX_HEADER;
     let mut head = Heads::new();
-    push_header(&mut head, TEXT, buf.len() - MAX_HEADER);
-    let start = MAX_HEADER - head.len();
-    buf[start..MAX_HEADER].copy_from_slice(&head);
-    let mut frame = Bytes::from(buf);
-    bytes::Buf::advance(&mut frame, start);
-    frame
+    push_header(&mut head, TEXT, buf.len() - payload);
+    let body = start + head.len();
+    buf.copy_within(payload.., body);
+    buf.truncate(buf.len() - (MAX_HEADER - head.len()));
+    buf[start..body].copy_from_slice(&head);
 }
 
-/// A complete unmasked text frame for `payload` (see [`build_text_frame`]).
+/// A complete unmasked text frame for `payload` (see [`append_text_frame`]).
 #[cfg(test)]
 pub(crate) fn text_frame(payload: &[u8]) -> Bytes {
     let mut head = Heads::new();
@@ -569,19 +569,21 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
 
-    /// Frames built in place are the payload behind its header, for every header length
-    /// (and whatever capacity was guessed).
+    /// Frames appended in place are each payload behind its header, back to back, for every
+    /// header length (and after a frame of any length).
     #[test]
-    fn frames_built_in_place_match_framed_payloads() {
-        for len in [0, 1, 125, 126, 300, 65_535, 65_536, 70_000] {
-            let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-            for capacity in [0, 512] {
-                let built = build_text_frame(capacity, |out| out.extend_from_slice(&payload));
-                assert_eq!(
-                    built,
-                    text_frame(&payload),
-                    "{len} bytes, capacity {capacity}"
-                );
+    fn frames_appended_in_place_match_framed_payloads() {
+        let lens = [0, 1, 125, 126, 300, 65_535, 65_536, 70_000];
+        for first in lens {
+            for len in lens {
+                let payload =
+                    |len: usize| -> Vec<u8> { (0..len).map(|i| b'a' + (i % 26) as u8).collect() };
+                let mut built = Vec::new();
+                append_text_frame(&mut built, |out| out.extend_from_slice(&payload(first)));
+                append_text_frame(&mut built, |out| out.extend_from_slice(&payload(len)));
+                let mut expected = text_frame(&payload(first)).to_vec();
+                expected.extend_from_slice(&text_frame(&payload(len)));
+                assert_eq!(built, expected, "{first} then {len} bytes");
             }
         }
     }
