@@ -1,6 +1,6 @@
 //! Local bookkeeping of who is subscribed where, and fan-out of pre-encoded frames.
 //!
-//! Rooms live in [`SHARDS`] independently locked maps (by room-name hash), so no lock is shared
+//! Rooms live in `SHARDS` independently locked maps (by room-name hash), so no lock is shared
 //! by all rooms. Each room keeps its subscriber list as an immutable `Arc<[..]>` that is replaced
 //! on subscribe/unsubscribe (copy-on-write): fan-out holds the shard lock only long enough to
 //! clone that `Arc`, then pushes to every queue with no lock held.

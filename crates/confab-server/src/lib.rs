@@ -5,9 +5,9 @@
 //!
 //! # Layout
 //! - [`config`]: every option, its default and where it can be set.
-//! - [`http`] (private): axum router, REST handlers, the `/ws` upgrade, error responses.
+//! - `http` (private): axum router, REST handlers, the `/ws` upgrade, error responses.
 //! - [`session`]: one task per WebSocket connection (reader, writer, heartbeat, close codes).
-//! - [`websocket`] (private): our own RFC 6455 framing; frames are written from shared bytes with
+//! - `websocket` (private): our own RFC 6455 framing; frames are written from shared bytes with
 //!   vectored writes, so a connection keeps no write buffer.
 //! - [`outbound`]: a session's bounded queue and its overflow policy.
 //! - [`node`]: the façade every chat operation goes through, REST and WebSocket alike.

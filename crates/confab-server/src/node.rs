@@ -887,7 +887,7 @@ fn quota(per_second: u32, burst: u32) -> Quota {
 static LIMITER_CLOCK: std::sync::LazyLock<governor::clock::QuantaClock> =
     std::sync::LazyLock::new(governor::clock::QuantaClock::default);
 
-/// [`LIMITER_CLOCK`] as a zero-sized clock: a limiter embeds its clock, and a `QuantaClock`
+/// `LIMITER_CLOCK` as a zero-sized clock: a limiter embeds its clock, and a `QuantaClock`
 /// copy is 40 bytes, twice per session.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SharedClock;

@@ -201,7 +201,7 @@ impl Presence {
     }
 
     /// The sessions the node's heartbeat has to act on at `now` (see
-    /// [`SessionHandle::beat_due`]). Collected under the lock and acted on after it, so pings
+    /// `SessionHandle::beat_due`). Collected under the lock and acted on after it, so pings
     /// are not written while connects wait.
     pub fn sessions_due(
         &self,

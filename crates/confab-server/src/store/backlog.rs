@@ -43,7 +43,7 @@ impl<K: Ord + Clone> Backlog<K> {
         }
     }
 
-    /// The group has filled up: it is due at the next [`Backlog::take_due`].
+    /// The group has filled up: it is due at the next [`Backlog::write_due`].
     pub(super) fn filled(&mut self, group: K) {
         self.full.push(group);
     }
