@@ -11,7 +11,7 @@
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -174,12 +174,6 @@ impl SqliteStore {
             .map_err(db_err)?;
         let (checkpoints, commands) = mpsc::channel::<Checkpoint>();
         let state = Arc::clone(&wal);
-        let checkpoint_thread = std::thread::Builder::new()
-            .name("confab-sqlite-checkpoint".into())
-            .spawn(move || {
-                run_checkpointer(checkpoint_conn, commands, &state, wal_restart_frames / 4)
-            })
-            .map_err(|err| StoreError::Database(format!("cannot start checkpointer: {err}")))?;
 
         // The history index entries left waiting by the last run, for the writer and readers.
         let tails = Arc::new(Mutex::new(TailCache::default()));
@@ -206,6 +200,19 @@ impl SqliteStore {
             deliveries: Vec::with_capacity(MAX_JOBS_PER_COMMIT),
         }));
         let in_place = matches!(sync, SqliteSync::Normal).then(|| Arc::clone(&writer));
+        let rewinder = Arc::downgrade(&writer);
+        let checkpoint_thread = std::thread::Builder::new()
+            .name("confab-sqlite-checkpoint".into())
+            .spawn(move || {
+                run_checkpointer(
+                    checkpoint_conn,
+                    commands,
+                    &state,
+                    &rewinder,
+                    wal_restart_frames / 4,
+                )
+            })
+            .map_err(|err| StoreError::Database(format!("cannot start checkpointer: {err}")))?;
         let writer_thread = std::thread::Builder::new()
             .name("confab-sqlite-writer".into())
             .spawn(move || {
@@ -294,9 +301,9 @@ impl SqliteStore {
     /// core, 14,700 context switches in 5 s against 3,900 in place (the CPU saved, up to
     /// 6 %, is within that host's noise). The committer's appends are already batched, so
     /// they lose nothing by not waiting in the writer's queue. Never blocks: a busy connection means the writer thread
-    /// is committing or rewinding the WAL (two fsyncs), and the job queues behind that. The
-    /// rewinds themselves always run on the writer thread, and so does the first commit into
-    /// a WAL that starts over (see [`WalRestarts::starts_over`]).
+    /// is committing, or the writer or checkpointer thread is rewinding the WAL (two fsyncs),
+    /// and the job queues behind that. Neither a rewind nor the first commit into a WAL that
+    /// starts over (see [`WalRestarts::starts_over`]) is made here.
     fn commit_in_place(&self, job: WriteJob, in_place: bool) -> Result<(), WriteJob> {
         if !in_place {
             return Err(job);
@@ -436,11 +443,15 @@ const WAL_RESTART_FRAMES: u32 = 16 * 1024;
 struct WalState {
     /// Frames in the WAL after the writer's last commit (from the connection's WAL hook).
     frames: AtomicU32,
-    /// Set by the checkpointer when it has finished a pass the writer asked for.
+    /// Set by the checkpointer when it has finished the passes the writer asked for but could
+    /// not rewind the WAL itself (readers in the way): the writer then does.
     pass_done: AtomicBool,
     /// Rewound WALs whose pages the checkpointer has asked the kernel to read back in (see
     /// [`prefetch_wal`]).
     prefetched: AtomicU32,
+    /// Rewinds the checkpointer made itself, between two of the writer's commits (see
+    /// [`rewind_between_commits`]); the rest were the writer's.
+    rewound_between_commits: AtomicU32,
 }
 
 /// Commands for the checkpointer thread.
@@ -456,10 +467,11 @@ enum Checkpoint {
 }
 
 /// The writer's side of rewinding the WAL. The checkpointer copies the bulk of the WAL while
-/// the writer goes on committing; then the writer itself copies the little committed meanwhile,
-/// between two of its transactions, and rewinds the WAL. Done by
-/// the writer alone, the whole copy and its fsync (40 to 75 ms at W4's rate) stalled every
-/// commit behind it.
+/// the writer goes on committing; then it takes the write connection between two commits,
+/// copies the little committed meanwhile and rewinds the WAL ([`rewind_between_commits`]).
+/// Only if it cannot (readers in the way), or falls too far behind, does the writer thread do
+/// that itself. Done by the writer alone, the whole copy and its fsync (40 to 75 ms at W4's
+/// rate) stalled every commit behind it.
 struct WalRestarts {
     wal: Arc<WalState>,
     checkpointer: mpsc::Sender<Checkpoint>,
@@ -513,16 +525,24 @@ impl WalRestarts {
         // a later commit tries again (asking again would only queue more passes to collide
         // with).
         if rewind(conn) {
-            self.requested = false;
-            self.wal.frames.store(0, Ordering::Relaxed);
+            self.rewound();
             let _ = self.checkpointer.send(Checkpoint::Prefetch);
         }
         false
     }
+
+    /// Notes that the WAL was rewound (by the writer or the checkpointer): the next commit
+    /// starts it over, and nothing is asked of anyone any more.
+    fn rewound(&mut self) {
+        self.requested = false;
+        self.handed_over = false;
+        self.wal.pass_done.store(false, Ordering::Release);
+        self.wal.frames.store(0, Ordering::Relaxed);
+    }
 }
 
-/// How long the writer waits for a checkpoint or readers in the way of rewinding the WAL before
-/// it gives up and tries again after a later commit.
+/// How long a rewind waits for a checkpoint or readers in its way before it gives up (the
+/// writer tries again after a later commit).
 const REWIND_WAIT: Duration = Duration::from_millis(10);
 
 /// The writer's usual busy timeout (only a rewind ever waits for anything).
@@ -565,7 +585,7 @@ fn checkpoint(conn: &Connection) -> Option<u32> {
     }
 }
 
-/// Frames the checkpointer leaves for the writer's rewind to copy: it passes over the WAL
+/// Frames the checkpointer leaves for the rewind to copy: it passes over the WAL
 /// again while more than this many were committed during its last pass.
 ///
 /// The rewind stalls every commit for its copy and two fsyncs, and a pass takes long enough
@@ -581,15 +601,18 @@ const CATCH_UP_FRAMES: u32 = 64;
 const CATCH_UP_PASSES: u32 = 8;
 
 /// The checkpointer thread: PASSIVE checkpoints whenever the writer asks for them (repeated
-/// until little is left for the writer's rewind, see [`CATCH_UP_FRAMES`]), and now and then
-/// once the WAL holds `from_frames` frames, until the store closes. It never blocks the writer
-/// or readers.
+/// until little is left to copy, see [`CATCH_UP_FRAMES`]) and then the WAL's rewind, between
+/// two of the writer's commits ([`rewind_between_commits`]); and now and then once the WAL
+/// holds `from_frames` frames, until the store closes. Its passes never block the writer or
+/// readers.
 fn run_checkpointer(
     conn: Connection,
     commands: mpsc::Receiver<Checkpoint>,
     wal: &WalState,
+    writer: &Weak<Mutex<Writer>>,
     from_frames: u32,
 ) {
+    let db_path = conn.path().map(PathBuf::from);
     let wal_path = conn.path().map(|db| PathBuf::from(format!("{db}-wal")));
     loop {
         let requested = match commands.recv_timeout(CHECKPOINT_EVERY) {
@@ -617,8 +640,77 @@ fn run_checkpointer(
                 copied = checkpoint(&conn);
                 passes += 1;
             }
-            wal.pass_done.store(true, Ordering::Release);
+            // The rewind syncs both files while every commit waits: what they hold unsynced
+            // is flushed here first, while commits go on, so little is left for it.
+            for path in [&db_path, &wal_path].into_iter().flatten() {
+                flush_file(path);
+            }
+            match rewind_between_commits(writer) {
+                Rewind::Done => {
+                    wal.rewound_between_commits.fetch_add(1, Ordering::Relaxed);
+                    if let Some(path) = &wal_path {
+                        prefetch_wal(path);
+                        wal.prefetched.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Rewind::NotNeeded => {}
+                Rewind::Failed => wal.pass_done.store(true, Ordering::Release),
+            }
         }
+    }
+}
+
+/// Has the kernel write a file's dirty pages to disk (`fsync` flushes the file, whichever
+/// descriptor wrote them).
+///
+/// A checkpoint pass that leaves part of the WAL uncopied does not sync the database file, so
+/// the rewind's sync of it used to flush everything every pass had copied since the last
+/// rewind: 7 to 15 ms at 75 % of W2's load, while commits waited (BENCHMARKS.md, 2026-12-03,
+/// last).
+fn flush_file(path: &Path) {
+    if let Err(err) = std::fs::File::open(path).and_then(|file| file.sync_all()) {
+        tracing::debug!(error = %err, path = %path.display(), "cannot flush before a rewind");
+    }
+}
+
+/// What [`rewind_between_commits`] did.
+enum Rewind {
+    /// The WAL starts over at the next commit.
+    Done,
+    /// The writer rewound the WAL meanwhile, or the store is closing.
+    NotNeeded,
+    /// Readers on older snapshots were in the way (or the checkpoint failed): the writer
+    /// tries after a later commit.
+    Failed,
+}
+
+/// Rewinds the WAL from the checkpointer's thread, with the write connection, right after the
+/// checkpointer's last pass, so the rewind copies only what was committed during that pass.
+///
+/// Left to the writer, the rewind waited for a commit to notice the finished pass, then (for a
+/// commit made in place) for the writer thread, which does not preempt the runtime, to be
+/// scheduled: the runtime committed hundreds of frames meanwhile, all of which the rewind then
+/// copied while every commit waited. At 75 % of W2's load a rewind copied about 190 pages,
+/// 14 ms of the 28 ms it held commits up (traced; BENCHMARKS.md, 2026-12-03, last). Holding the
+/// writer's lock keeps commits out meanwhile: commits in place find the connection busy and
+/// queue for the writer thread, which commits them together once the rewind is done (that
+/// commit, which starts the WAL over and syncs its header, is the writer thread's anyway).
+fn rewind_between_commits(writer: &Weak<Mutex<Writer>>) -> Rewind {
+    let Some(writer) = writer.upgrade() else {
+        return Rewind::NotNeeded;
+    };
+    let Ok(mut writer) = writer.lock() else {
+        return Rewind::NotNeeded;
+    };
+    let Writer { conn, restarts, .. } = &mut *writer;
+    if !restarts.requested {
+        return Rewind::NotNeeded;
+    }
+    if rewind(conn) {
+        restarts.rewound();
+        Rewind::Done
+    } else {
+        Rewind::Failed
     }
 }
 
@@ -2766,25 +2858,46 @@ mod tests {
         store.close();
     }
 
-    /// Under a steady stream of commits the WAL is rewound instead of growing with every one.
-    #[tokio::test]
-    async fn the_wal_is_rewound_under_steady_writes() {
-        const RESTART_FRAMES: u32 = 64;
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open_with(dir.path(), SqliteSync::Normal, RESTART_FRAMES).unwrap();
+    /// A store whose WAL is rewound from 64 frames on, with 20 rooms that "a" is a member of.
+    async fn store_with_small_wal(dir: &Path) -> (SqliteStore, Vec<String>) {
+        let store = SqliteStore::open_with(dir, SqliteSync::Normal, 64).unwrap();
         let rooms: Vec<String> = (0..20).map(|n| format!("r{n}")).collect();
         for id in &rooms {
             store.create_room(&room(id), &["a".into()]).await.unwrap();
         }
+        (store, rooms)
+    }
+
+    /// Commits round `n` of messages: one of ~300 bytes to each room, in one append.
+    async fn append_round(store: &SqliteStore, rooms: &[String], n: u64) {
+        let batch = rooms
+            .iter()
+            .map(|id| message(id, "a", &"x".repeat(200), Some(&format!("{id}-{n}"))))
+            .collect();
+        for result in store.append(batch).await.unwrap() {
+            result.unwrap();
+        }
+    }
+
+    /// What the writer and the checkpointer share about `store`'s WAL.
+    fn wal_state(store: &SqliteStore) -> Arc<WalState> {
+        let writer = store
+            .in_place
+            .lock()
+            .unwrap()
+            .clone()
+            .expect("commits in place");
+        Arc::clone(&writer.lock().unwrap().restarts.wal)
+    }
+
+    /// Under a steady stream of commits the WAL is rewound instead of growing with every one.
+    #[tokio::test]
+    async fn the_wal_is_rewound_under_steady_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rooms) = store_with_small_wal(dir.path()).await;
         let mut largest = 0;
         for n in 0..300 {
-            let batch = rooms
-                .iter()
-                .map(|id| message(id, "a", &"x".repeat(200), Some(&format!("{id}-{n}"))))
-                .collect();
-            for result in store.append(batch).await.unwrap() {
-                result.unwrap();
-            }
+            append_round(&store, &rooms, n).await;
             let wal = std::fs::metadata(dir.path().join("confab.db-wal")).unwrap();
             largest = largest.max(wal.len());
         }
@@ -2798,13 +2911,7 @@ mod tests {
             assert_eq!(last_seq(&store, id).await, 300);
         }
         // After each rewind the checkpointer has the kernel read the WAL back in for the writer.
-        let writer = store
-            .in_place
-            .lock()
-            .unwrap()
-            .clone()
-            .expect("commits in place");
-        let wal = Arc::clone(&writer.lock().unwrap().restarts.wal);
+        let wal = wal_state(&store);
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while wal.prefetched.load(Ordering::Relaxed) == 0 {
             assert!(
@@ -2812,6 +2919,35 @@ mod tests {
                 "no rewound WAL was prefetched"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Once its passes have caught up with the writer, the checkpointer rewinds the WAL itself,
+    /// between two commits, and every message committed around the rewinds is kept.
+    #[tokio::test]
+    async fn the_checkpointer_rewinds_the_wal_between_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rooms) = store_with_small_wal(dir.path()).await;
+        let wal = wal_state(&store);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut commits = 0;
+        while wal.rewound_between_commits.load(Ordering::Relaxed) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the checkpointer did not rewind the WAL"
+            );
+            append_round(&store, &rooms, commits).await;
+            commits += 1;
+            // Leaves the checkpointer's thread room to run between commits.
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for id in &rooms {
+            assert_eq!(last_seq(&store, id).await, commits);
+        }
+        store.close();
+        let reopened = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        for id in &rooms {
+            assert_eq!(last_seq(&reopened, id).await, commits);
         }
     }
 
