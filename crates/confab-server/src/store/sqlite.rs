@@ -665,7 +665,7 @@ fn run_checkpointer(
 ///
 /// A checkpoint pass that leaves part of the WAL uncopied does not sync the database file, so
 /// the rewind's sync of it used to flush everything every pass had copied since the last
-/// rewind: 7 to 15 ms at 75 % of W2's load, while commits waited (BENCHMARKS.md, 2026-12-03,
+/// rewind: up to 15 ms at 75 % of W2's load, while commits waited (BENCHMARKS.md, 2026-12-03,
 /// last).
 fn flush_file(path: &Path) {
     if let Err(err) = std::fs::File::open(path).and_then(|file| file.sync_all()) {
