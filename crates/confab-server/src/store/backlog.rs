@@ -43,7 +43,7 @@ impl<K: Ord + Clone> Backlog<K> {
         }
     }
 
-    /// The group has filled up: it is due at the next [`Backlog::write_due`].
+    /// The group has filled up: it is due from the next [`Backlog::write_due`] on.
     pub(super) fn filled(&mut self, group: K) {
         self.full.push(group);
     }
@@ -60,10 +60,15 @@ impl<K: Ord + Clone> Backlog<K> {
 
     /// Writes the groups due now with `write`, which takes a group's rows out of memory,
     /// writes them and returns the lowest message rowid among them (`None` if it had none
-    /// left: a group may be due twice). Due are the groups that filled up, and at most
+    /// left: a group may be due twice). Due are at most `at_most` of the groups that filled
+    /// up (the first to fill first; the others stay due, and grow meanwhile), and at most
     /// `at_most` of those whose oldest row is `behind` or more messages behind `newest` (the
     /// append's last rowid). Returns the low mark to store if it moved: the oldest waiting
     /// row's message, or past `newest` when nothing waits.
+    ///
+    /// Groups fill up together when their rows come in step (every room of a busy server
+    /// taking a message a second, say): all of them at once made one commit write hundreds
+    /// of thousands of rows while every message waited for it.
     pub(super) fn write_due<E>(
         &mut self,
         newest: Option<i64>,
@@ -71,7 +76,7 @@ impl<K: Ord + Clone> Backlog<K> {
         at_most: usize,
         mut write: impl FnMut(&K) -> Result<Option<i64>, E>,
     ) -> Result<Option<i64>, E> {
-        let mut due = std::mem::take(&mut self.full);
+        let mut due: Vec<K> = self.full.drain(..self.full.len().min(at_most)).collect();
         if let Some(newest) = newest {
             due.extend(
                 self.oldest
@@ -135,5 +140,33 @@ mod tests {
             "unmoved"
         );
         assert_eq!(written, ["c", "a", "b"]);
+    }
+
+    #[test]
+    fn full_groups_are_written_a_few_per_append_first_filled_first() {
+        let firsts = HashMap::from([("a", 1), ("b", 2), ("c", 3)]);
+        let mut backlog = Backlog::default();
+        for (group, first) in &firsts {
+            backlog.started(*first, *group);
+        }
+        for group in ["b", "a", "c"] {
+            backlog.filled(group);
+        }
+        let write_due = |backlog: &mut Backlog<&str>, written: &mut Vec<String>| {
+            backlog.write_due(None, 1_000, 2, |group| {
+                written.push(group.to_string());
+                Ok::<_, ()>(Some(firsts[group]))
+            })
+        };
+        let mut written = Vec::new();
+        // Two per append: c waits for the next one, and the low mark with it.
+        assert_eq!(write_due(&mut backlog, &mut written), Ok(Some(3)));
+        assert_eq!(written, ["b", "a"]);
+        assert_eq!(
+            write_due(&mut backlog, &mut written),
+            Ok(None),
+            "nothing waits and no newest: no mark to store"
+        );
+        assert_eq!(written, ["b", "a", "c"]);
     }
 }

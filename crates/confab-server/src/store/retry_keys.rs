@@ -42,9 +42,10 @@ const MERGE_AT: usize = if cfg!(test) { 32 } else { 256 };
 /// messages behind the newest: this bounds the memory they take and the messages read at start.
 const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
 
-/// Authors whose keys are written because they fell behind, at most, per append: the work is
-/// spread over commits instead of falling on one.
-const MERGE_BEHIND_PER_APPEND: usize = 64;
+/// Authors whose keys are written, at most, per append, of those that reached [`MERGE_AT`] and
+/// again of those that fell behind: the work is spread over commits instead of falling on one
+/// (authors who write in step reach either together; see `room_index::FLUSH_PER_APPEND`).
+const MERGE_PER_APPEND: usize = 8;
 
 /// Authors whose greatest stored key is remembered, at most; past it the memory is emptied and
 /// refilled by the authors who send next (a statement each).
@@ -59,7 +60,7 @@ pub(super) struct RetryKeys {
     /// Each author's waiting keys: `client_id` and the message's rowid, in insert order.
     waiting: HashMap<String, Vec<(String, i64)>>,
     /// Authors with waiting keys, and which are due to be written (those who reached
-    /// [`MERGE_AT`], in an append or while loading, are written at the next append), with
+    /// [`MERGE_AT`], in an append or while loading, are written from the next append on), with
     /// `low_marks.client_keys` as stored.
     backlog: Backlog<String>,
     /// For recent authors, a `client_id` at or above every key of theirs, waiting or in
@@ -205,30 +206,30 @@ impl RetryKeys {
         newest: Option<i64>,
     ) -> Result<(), StoreError> {
         let waiting = &mut self.waiting;
-        let low =
-            self.backlog
-                .write_due(newest, MERGE_BEHIND, MERGE_BEHIND_PER_APPEND, |user| {
-                    // An author can be due twice (full and behind); the first write took them.
-                    let Some(mut keys) = waiting.remove(user) else {
-                        return Ok(None);
-                    };
-                    let mut insert = conn
-                        .prepare_cached(
-                            "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
+        let low = self
+            .backlog
+            .write_due(newest, MERGE_BEHIND, MERGE_PER_APPEND, |user| {
+                // An author can be due twice (full and behind); the first write took them.
+                let Some(mut keys) = waiting.remove(user) else {
+                    return Ok(None);
+                };
+                let mut insert = conn
+                    .prepare_cached(
+                        "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
                          VALUES (?1, ?2, ?3)",
-                        )
+                    )
+                    .map_err(db_err)?;
+                let first = first_rowid(&keys);
+                // Stable: of two entries for one key (the first naming a deleted message),
+                // the later is written last and stays.
+                keys.sort_by(|a, b| a.0.cmp(&b.0));
+                for (client_id, rowid) in &keys {
+                    insert
+                        .execute(params![user, client_id, rowid])
                         .map_err(db_err)?;
-                    let first = first_rowid(&keys);
-                    // Stable: of two entries for one key (the first naming a deleted message),
-                    // the later is written last and stays.
-                    keys.sort_by(|a, b| a.0.cmp(&b.0));
-                    for (client_id, rowid) in &keys {
-                        insert
-                            .execute(params![user, client_id, rowid])
-                            .map_err(db_err)?;
-                    }
-                    Ok(Some(first))
-                })?;
+                }
+                Ok(Some(first))
+            })?;
         if let Some(low) = low {
             conn.prepare_cached("UPDATE low_marks SET client_keys = ?1")
                 .and_then(|mut stmt| stmt.execute([low]))

@@ -41,9 +41,13 @@ pub(super) const FLUSH_AT: usize = if cfg!(test) { 8 } else { 256 };
 /// messages read at start.
 pub(super) const FLUSH_BEHIND: i64 = if cfg!(test) { 40 } else { 100_000 };
 
-/// Rooms whose entries are written because they fell behind, at most, per append: the work is
-/// spread over commits instead of falling on one.
-const FLUSH_BEHIND_PER_APPEND: usize = 64;
+/// Rooms whose entries are written, at most, per append, of those that filled up and again of
+/// those that fell behind: the work is spread over commits instead of falling on one. At
+/// 7,500 messages a second in 750 rooms (W2's shape), every room filled up within the same
+/// second every 25.6 s, and the commit that wrote them all (192,000 entries) held up every
+/// message: the slowest seconds of each run (BENCHMARKS.md, 2026-12-03, last). Eight rooms
+/// is at most about 4,000 entries per commit, twice what a commit of 1,024 messages can fill.
+const FLUSH_PER_APPEND: usize = 8;
 
 /// A room's index entries that are not in `room_index` yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -138,7 +142,7 @@ pub(super) struct IndexWriter {
     /// Each room's waiting entries; rooms with none are absent.
     rooms: HashMap<i64, Waiting>,
     /// Rooms with waiting entries, and which are due to be written (those that reached
-    /// [`FLUSH_AT`] are written at the next append), with `low_marks.room_index` as stored.
+    /// [`FLUSH_AT`] are written from the next append on), with `low_marks.room_index` as stored.
     backlog: Backlog<i64>,
     /// Rooms whose entries the open transaction changed, and how, to publish once it commits.
     changed: HashMap<i64, Change>,
@@ -257,26 +261,26 @@ impl IndexWriter {
         newest: Option<i64>,
     ) -> Result<(), StoreError> {
         let (rooms, changed) = (&mut self.rooms, &mut self.changed);
-        let low =
-            self.backlog
-                .write_due(newest, FLUSH_BEHIND, FLUSH_BEHIND_PER_APPEND, |&key| {
-                    // A room can be due twice (full and behind); the first write took it.
-                    let Some(waiting) = rooms.remove(&key) else {
-                        return Ok(None);
-                    };
-                    // `OR FAIL`: see the messages insert in `append_batch`.
-                    let mut insert = conn
-                        .prepare_cached(
-                            "INSERT OR FAIL INTO room_index (room_key, seq, message)
+        let low = self
+            .backlog
+            .write_due(newest, FLUSH_BEHIND, FLUSH_PER_APPEND, |&key| {
+                // A room can be due twice (full and behind); the first write took it.
+                let Some(waiting) = rooms.remove(&key) else {
+                    return Ok(None);
+                };
+                // `OR FAIL`: see the messages insert in `append_batch`.
+                let mut insert = conn
+                    .prepare_cached(
+                        "INSERT OR FAIL INTO room_index (room_key, seq, message)
                          VALUES (?1, ?2, ?3)",
-                        )
-                        .map_err(db_err)?;
-                    for (seq, rowid) in (waiting.indexed + 1..).zip(&waiting.rowids) {
-                        insert.execute(params![key, seq, rowid]).map_err(db_err)?;
-                    }
-                    changed.insert(key, Change::Replaced);
-                    Ok(Some(waiting.first_rowid()))
-                })?;
+                    )
+                    .map_err(db_err)?;
+                for (seq, rowid) in (waiting.indexed + 1..).zip(&waiting.rowids) {
+                    insert.execute(params![key, seq, rowid]).map_err(db_err)?;
+                }
+                changed.insert(key, Change::Replaced);
+                Ok(Some(waiting.first_rowid()))
+            })?;
         if let Some(low) = low {
             conn.prepare_cached("UPDATE low_marks SET room_index = ?1")
                 .and_then(|mut stmt| stmt.execute([low]))
