@@ -316,10 +316,10 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 }
 
 /// [`try_write`] for the usual delivery, pre-framed chat messages (a span of a commit's shared
-/// buffer): one `send(2)` of it and nothing assembled around it. Building the general path's headers and
-/// slices for a single frame was about 400 of the 850 instructions a W1 delivery cost in user
-/// space. A socket that takes part of it returns `Partly` at once, as the general path would
-/// after its next try (the socket is full).
+/// buffer): one `send(2)` of it and nothing assembled around it. Building the general path's
+/// headers and slices for a single frame was about 400 of the 850 instructions a W1 delivery
+/// cost in user space. A socket that takes part of it returns `Partly` at once, as the general
+/// path would after its next try (the socket is full).
 pub(crate) fn try_send_framed(socket: BorrowedFd<'_>, framed: &[u8]) -> io::Result<Written> {
     match rustix::net::send(socket, framed, SEND_FLAGS) {
         Ok(0) if !framed.is_empty() => Err(io::ErrorKind::WriteZero.into()),

@@ -619,8 +619,7 @@ fn run_checkpointer(
             Ok(Checkpoint::Now) => true,
             Ok(Checkpoint::Prefetch) => {
                 if let Some(path) = &wal_path {
-                    prefetch_wal(path);
-                    wal.prefetched.fetch_add(1, Ordering::Relaxed);
+                    prefetch_wal(wal, path);
                 }
                 continue;
             }
@@ -649,8 +648,7 @@ fn run_checkpointer(
                 Rewind::Done => {
                     wal.rewound_between_commits.fetch_add(1, Ordering::Relaxed);
                     if let Some(path) = &wal_path {
-                        prefetch_wal(path);
-                        wal.prefetched.fetch_add(1, Ordering::Relaxed);
+                        prefetch_wal(wal, path);
                     }
                 }
                 Rewind::NotNeeded => {}
@@ -721,14 +719,16 @@ fn rewind_between_commits(writer: &Weak<Mutex<Writer>>) -> Rewind {
 /// caches first reads that page from disk, inside the commit, and a commit made in place holds
 /// up the runtime meanwhile. Pages a few seconds old do get dropped: on a host whose kernel
 /// pages out cold memory on its own (DAMON), W2 at full load had 176 such reads in 8 s, all on
-/// the runtime's thread (`perf record -e block:block_rq_issue`).
-fn prefetch_wal(path: &Path) {
-    let advised = std::fs::File::open(path).and_then(|wal| {
-        rustix::fs::fadvise(&wal, 0, None, rustix::fs::Advice::WillNeed).map_err(Into::into)
+/// the runtime's thread (`perf record -e block:block_rq_issue`). Counted in
+/// `wal.prefetched`, whether or not the kernel took the advice.
+fn prefetch_wal(wal: &WalState, path: &Path) {
+    let advised = std::fs::File::open(path).and_then(|file| {
+        rustix::fs::fadvise(&file, 0, None, rustix::fs::Advice::WillNeed).map_err(Into::into)
     });
     if let Err(err) = advised {
         tracing::debug!(error = %err, "cannot prefetch the rewound WAL");
     }
+    wal.prefetched.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Readers run on tokio's blocking pool: each of its threads is woken without preempting its
