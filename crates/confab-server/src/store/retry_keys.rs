@@ -25,7 +25,7 @@ use foldhash::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use super::backlog::Backlog;
+use super::backlog::{Backlog, WRITTEN_PER_MESSAGE};
 use super::sqlite::db_err;
 
 /// An author's waiting keys are written together once there are this many (32 in tests).
@@ -41,11 +41,6 @@ const MERGE_AT: usize = if cfg!(test) { 32 } else { 256 };
 /// An author's waiting keys are written, whatever their number, once the oldest is this many
 /// messages behind the newest: this bounds the memory they take and the messages read at start.
 const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
-
-/// Authors whose keys are written, at most, per append, of those that reached [`MERGE_AT`] and
-/// again of those that fell behind: the work is spread over commits instead of falling on one
-/// (authors who write in step reach either together; see `room_index::FLUSH_PER_APPEND`).
-const MERGE_PER_APPEND: usize = 8;
 
 /// Authors whose greatest stored key is remembered, at most; past it the memory is emptied and
 /// refilled by the authors who send next (a statement each).
@@ -197,18 +192,21 @@ impl RetryKeys {
         }
     }
 
-    /// At the end of an append, in its transaction: writes the keys that are due to
-    /// `client_keys` (authors with [`MERGE_AT`] waiting, and a few of those whose oldest fell
-    /// [`MERGE_BEHIND`] behind `newest`, the append's last rowid) and moves the low mark.
+    /// At the end of an append of `stored` messages, in its transaction: writes keys that are
+    /// due to `client_keys` (of authors with [`MERGE_AT`] waiting, then of those whose oldest
+    /// fell [`MERGE_BEHIND`] behind `newest`, the append's last rowid), about twice as many as
+    /// the append stored (see [`WRITTEN_PER_MESSAGE`]), and moves the low mark.
     pub(super) fn write_due(
         &mut self,
         conn: &Connection,
         newest: Option<i64>,
+        stored: usize,
     ) -> Result<(), StoreError> {
         let waiting = &mut self.waiting;
+        let budget = stored * WRITTEN_PER_MESSAGE;
         let low = self
             .backlog
-            .write_due(newest, MERGE_BEHIND, MERGE_PER_APPEND, |user| {
+            .write_due(newest, MERGE_BEHIND, budget, |user| {
                 // An author can be due twice (full and behind); the first write took them.
                 let Some(mut keys) = waiting.remove(user) else {
                     return Ok(None);
@@ -228,7 +226,7 @@ impl RetryKeys {
                         .execute(params![user, client_id, rowid])
                         .map_err(db_err)?;
                 }
-                Ok(Some(first))
+                Ok(Some((first, keys.len())))
             })?;
         if let Some(low) = low {
             conn.prepare_cached("UPDATE low_marks SET client_keys = ?1")

@@ -7,8 +7,8 @@
 //! to the WAL and again at the next checkpoint (without that index, W2 at half load cost
 //! 7.7 % less server CPU: BENCHMARKS.md, 2026-12-03). Instead a room's newest entries wait in
 //! memory and are written to the `room_index` table together: once the room has
-//! [`FLUSH_AT`] waiting, or once the oldest is [`FLUSH_BEHIND`] messages behind the newest.
-//! Many entries then share each page written.
+//! about [`FLUSH_AT`] waiting, or once the oldest is [`FLUSH_BEHIND`] messages behind the
+//! newest. Many entries then share each page written.
 //!
 //! A room's entries in `room_index` are always a prefix of its seqs (1 up to some seq), and
 //! the waiting ones the rest, in order. Readers need both as of their snapshot: the writer
@@ -21,13 +21,14 @@
 //! waiting entry, in the same transactions, and at start the entries of the messages from
 //! there on that `room_index` lacks are read back.
 
+use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::{Connection, params};
 
 use super::StoreError;
-use super::backlog::Backlog;
+use super::backlog::{Backlog, WRITTEN_PER_MESSAGE};
 use super::sqlite::{db_err, select_room_key};
 
 /// A room's waiting entries are written together once there are this many (8 in tests).
@@ -36,18 +37,18 @@ use super::sqlite::{db_err, select_room_key};
 /// room's last page and perhaps one new one.
 pub(super) const FLUSH_AT: usize = if cfg!(test) { 8 } else { 256 };
 
+/// How far a room's due size strays from [`FLUSH_AT`], either way, varied from room to room
+/// and from one flush to the next (none in tests, which count on exact flushes). Rooms whose
+/// messages come in step (W2: 750 rooms taking 10 a second each) all reached 256 within the
+/// same second every 25.6 s, and their 192,000 entries made the slowest seconds of every run
+/// (BENCHMARKS.md, 2026-12-03, last); due at 192 to 320 they spread over 13 s the first time
+/// and drift apart after.
+const FLUSH_SPREAD: usize = if cfg!(test) { 0 } else { FLUSH_AT / 4 };
+
 /// A room's waiting entries are written, whatever their number, once the oldest is this many
 /// messages behind the newest: this bounds the memory they take (8 bytes each) and the
 /// messages read at start.
 pub(super) const FLUSH_BEHIND: i64 = if cfg!(test) { 40 } else { 100_000 };
-
-/// Rooms whose entries are written, at most, per append, of those that filled up and again of
-/// those that fell behind: the work is spread over commits instead of falling on one. At
-/// 7,500 messages a second in 750 rooms (W2's shape), every room filled up within the same
-/// second every 25.6 s, and the commit that wrote them all (192,000 entries) held up every
-/// message: the slowest seconds of each run (BENCHMARKS.md, 2026-12-03, last). Eight rooms
-/// is at most about 4,000 entries per commit, twice what a commit of 1,024 messages can fill.
-const FLUSH_PER_APPEND: usize = 8;
 
 /// A room's index entries that are not in `room_index` yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,6 +75,23 @@ impl Waiting {
     fn first_rowid(&self) -> i64 {
         self.rowids.iter().copied().min().unwrap_or(i64::MAX)
     }
+
+    /// How many entries waiting make the room `key` due (see [`due_size`]).
+    fn due_size(&self, key: i64) -> usize {
+        due_size(FLUSH_AT, FLUSH_SPREAD, key, self.indexed)
+    }
+}
+
+/// The number of waiting entries that makes room `key` due, whose greatest indexed seq is
+/// `indexed`: `at` give or take up to `spread`, the same for the same room and flush (so an
+/// append that reaches it is the one that fills the room, and a restart agrees), different
+/// from room to room and, as `indexed` moves on, from one flush to the next.
+fn due_size(at: usize, spread: usize, key: i64, indexed: u64) -> usize {
+    if spread == 0 {
+        return at;
+    }
+    let hash = foldhash::quality::FixedState::default().hash_one((key, indexed));
+    at - spread + (hash % (2 * spread as u64 + 1)) as usize
 }
 
 /// The committed waiting entries of every room that has some, as readers see them. Its lock
@@ -141,8 +159,8 @@ pub(super) struct IndexWriter {
     loaded: bool,
     /// Each room's waiting entries; rooms with none are absent.
     rooms: HashMap<i64, Waiting>,
-    /// Rooms with waiting entries, and which are due to be written (those that reached
-    /// [`FLUSH_AT`] are written from the next append on), with `low_marks.room_index` as stored.
+    /// Rooms with waiting entries, and which are due to be written (those that reached their
+    /// due size are written from the next append on), with `low_marks.room_index` as stored.
     backlog: Backlog<i64>,
     /// Rooms whose entries the open transaction changed, and how, to publish once it commits.
     changed: HashMap<i64, Change>,
@@ -193,7 +211,7 @@ impl IndexWriter {
         for (key, waiting) in seen {
             if !waiting.rowids.is_empty() {
                 self.backlog.started(waiting.first_rowid(), key);
-                if waiting.rowids.len() >= FLUSH_AT {
+                if waiting.rowids.len() >= waiting.due_size(key) {
                     self.backlog.filled(key);
                 }
                 self.rooms.insert(key, waiting);
@@ -234,7 +252,7 @@ impl IndexWriter {
                     }
                 }
                 waiting.rowids.push(rowid);
-                if waiting.rowids.len() == FLUSH_AT {
+                if waiting.rowids.len() == waiting.due_size(key) {
                     self.backlog.filled(key);
                 }
             }
@@ -252,18 +270,22 @@ impl IndexWriter {
         }
     }
 
-    /// At the end of an append, in its transaction: writes the entries that are due to
-    /// `room_index` (rooms with [`FLUSH_AT`] waiting, and a few of those whose oldest fell
-    /// [`FLUSH_BEHIND`] behind `newest`, the append's last rowid) and moves the low mark.
+    /// At the end of an append of `stored` messages, in its transaction: writes entries that
+    /// are due to `room_index` (of rooms with their due size waiting, then of those whose
+    /// oldest fell [`FLUSH_BEHIND`] behind `newest`, the append's last rowid), about twice as
+    /// many as the append stored (see [`WRITTEN_PER_MESSAGE`]; at least one room's), and
+    /// moves the low mark.
     pub(super) fn write_due(
         &mut self,
         conn: &Connection,
         newest: Option<i64>,
+        stored: usize,
     ) -> Result<(), StoreError> {
         let (rooms, changed) = (&mut self.rooms, &mut self.changed);
+        let budget = stored * WRITTEN_PER_MESSAGE;
         let low = self
             .backlog
-            .write_due(newest, FLUSH_BEHIND, FLUSH_PER_APPEND, |&key| {
+            .write_due(newest, FLUSH_BEHIND, budget, |&key| {
                 // A room can be due twice (full and behind); the first write took it.
                 let Some(waiting) = rooms.remove(&key) else {
                     return Ok(None);
@@ -279,7 +301,7 @@ impl IndexWriter {
                     insert.execute(params![key, seq, rowid]).map_err(db_err)?;
                 }
                 changed.insert(key, Change::Replaced);
-                Ok(Some(waiting.first_rowid()))
+                Ok(Some((waiting.first_rowid(), waiting.rowids.len())))
             })?;
         if let Some(low) = low {
             conn.prepare_cached("UPDATE low_marks SET room_index = ?1")
@@ -415,5 +437,35 @@ mod tests {
         assert_eq!(waiting.rowid(13), Some(109));
         assert_eq!(waiting.rowid(14), None);
         assert_eq!(waiting.first_rowid(), 100);
+    }
+
+    /// Rooms that start together are due at sizes spread over the whole range, and a room's
+    /// due size changes from one flush to the next.
+    #[test]
+    fn due_sizes_vary_by_room_and_by_flush() {
+        let (at, spread) = (256, 64);
+        let firsts: Vec<usize> = (1..=750).map(|key| due_size(at, spread, key, 0)).collect();
+        assert!(firsts.iter().all(|size| (192..=320).contains(size)));
+        let distinct: std::collections::BTreeSet<_> = firsts.iter().collect();
+        assert!(distinct.len() > 100, "{} distinct sizes", distinct.len());
+        let below = firsts.iter().filter(|&&size| size < at).count();
+        assert!((300..450).contains(&below), "{below} of 750 below {at}");
+        // One room's successive flushes, each starting where the last ended.
+        let mut indexed = 0;
+        let sizes: Vec<usize> = (0..20)
+            .map(|_| {
+                let size = due_size(at, spread, 7, indexed);
+                indexed += size as u64;
+                size
+            })
+            .collect();
+        let distinct: std::collections::BTreeSet<_> = sizes.iter().collect();
+        assert!(distinct.len() > 10, "{sizes:?}");
+        assert_eq!(
+            due_size(at, spread, 7, 0),
+            sizes[0],
+            "the same for the same flush"
+        );
+        assert_eq!(due_size(8, 0, 7, 123), 8, "exact without a spread");
     }
 }

@@ -1185,8 +1185,9 @@ fn append_locked(
     cache.retry.load(conn)?;
     cache.index.load(conn)?;
     let mut results = Vec::with_capacity(batch.len());
-    // The last rowid inserted, for the retry keys' low mark.
+    // The last rowid inserted, for the retry keys' low mark, and how many were.
     let mut newest = None;
+    let mut stored = 0;
     // `OR FAIL`: nothing in this single-row statement can fail half-way, and without it
     // SQLite keeps a statement journal for each execution, copying
     // every page the transaction already dirtied.
@@ -1235,6 +1236,7 @@ fn append_locked(
             .map_err(db_err)?;
         let rowid = conn.last_insert_rowid();
         newest = Some(rowid);
+        stored += 1;
         cache.index.add(key, seq, rowid);
         if let Some(client_id) = &msg.client_id {
             cache.retry.add(&msg.user.id, client_id.clone(), rowid);
@@ -1254,8 +1256,8 @@ fn append_locked(
         }));
     }
     drop(insert);
-    cache.retry.write_due(conn, newest)?;
-    cache.index.write_due(conn, newest)?;
+    cache.retry.write_due(conn, newest, stored)?;
+    cache.index.write_due(conn, newest, stored)?;
     cache.pending = Some(conn.total_changes());
     Ok(results)
 }
