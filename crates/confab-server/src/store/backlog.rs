@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, VecDeque};
 /// that every message queued behind. Twice the rate rows come in keeps up with them and
 /// spreads such a wave over half its period: W2 at half load, p99 at arrival 1.2-1.5 ms
 /// against 3.5-3.9 (BENCHMARKS.md, 2026-12-03, a third EPYC host).
-pub(super) const WRITTEN_PER_MESSAGE: usize = 2;
+const WRITTEN_PER_MESSAGE: usize = 2;
 
 /// Groups with rows waiting, by the rowid of the oldest message among them.
 #[derive(Debug)]
@@ -72,8 +72,9 @@ impl<K: Ord + Clone> Backlog<K> {
     /// them and returns the lowest message rowid among them and how many rows it wrote (`None`
     /// if it had none left: a group may be due twice). Due are the groups that filled up (the
     /// first to fill first), then those whose oldest row is `behind` or more messages behind
-    /// `newest` (the append's last rowid), oldest first; they are written until `budget` rows
-    /// are, at least one group, and the others stay due for the next append. Returns the low
+    /// `newest` (the append's last rowid), oldest first; they are written until
+    /// [`WRITTEN_PER_MESSAGE`] rows per message the append `stored` are, at least one group,
+    /// and the others stay due for the next append. Returns the low
     /// mark to store: the oldest waiting row's message (or past `newest` when nothing waits)
     /// if it is below the stored one, or a quarter of `behind` or more above it. A mark left
     /// a little low only has a restart read back a few more messages, while storing each
@@ -83,9 +84,10 @@ impl<K: Ord + Clone> Backlog<K> {
         &mut self,
         newest: Option<i64>,
         behind: i64,
-        budget: usize,
+        stored: usize,
         mut write: impl FnMut(&K) -> Result<Option<(i64, usize)>, E>,
     ) -> Result<Option<i64>, E> {
+        let budget = (stored * WRITTEN_PER_MESSAGE).max(1);
         let mut written = 0;
         loop {
             let (group, was_behind) = if let Some(group) = self.full.pop_front() {
@@ -109,7 +111,7 @@ impl<K: Ord + Clone> Backlog<K> {
                 }
                 None => {}
             }
-            if written >= budget.max(1) {
+            if written >= budget {
                 break;
             }
         }
@@ -138,10 +140,10 @@ mod tests {
         backlog: &mut Backlog<&'static str>,
         groups: &mut HashMap<&'static str, (i64, usize)>,
         newest: Option<i64>,
-        budget: usize,
+        stored: usize,
         written: &mut Vec<&'static str>,
     ) -> Result<Option<i64>, ()> {
-        backlog.write_due(newest, 80, budget, |group| {
+        backlog.write_due(newest, 80, stored, |group| {
             written.push(group);
             Ok(groups.remove(group))
         })
@@ -158,25 +160,26 @@ mod tests {
         backlog.filled("c");
         let mut written = Vec::new();
         // c filled up; a and b are 80 or more behind rowid 130, the oldest first. c's 5 rows
-        // and a's 3 reach the budget of 6: b waits, and the low mark moves up to it.
-        let low = write_due(&mut backlog, &mut groups, Some(130), 6, &mut written);
+        // and a's 3 reach the 6 of an append of 3 messages: b waits, and the low mark moves
+        // up to it.
+        let low = write_due(&mut backlog, &mut groups, Some(130), 3, &mut written);
         assert_eq!(low, Ok(Some(40)));
         assert_eq!(written, ["c", "a"]);
         // A deleted room's rowid handed out again to b: the mark goes down at once.
         backlog.moved_down(40, 5, "b");
         groups.insert("b", (5, 3));
-        let low = write_due(&mut backlog, &mut groups, None, 6, &mut written);
+        let low = write_due(&mut backlog, &mut groups, None, 3, &mut written);
         assert_eq!(low, Ok(Some(5)), "nothing due without a newest message");
         // b is written: nothing waits, so the mark goes past the newest message.
-        let low = write_due(&mut backlog, &mut groups, Some(300), 6, &mut written);
+        let low = write_due(&mut backlog, &mut groups, Some(300), 3, &mut written);
         assert_eq!(low, Ok(Some(301)));
         assert_eq!(written, ["c", "a", "b"]);
         // A new group 9 above the stored mark: under a quarter of `behind`, so left.
         backlog.started(310, "d");
-        let low = write_due(&mut backlog, &mut groups, Some(320), 6, &mut written);
+        let low = write_due(&mut backlog, &mut groups, Some(320), 3, &mut written);
         assert_eq!(low, Ok(None), "moved too little to store");
         groups.insert("d", (310, 1));
-        let low = write_due(&mut backlog, &mut groups, Some(400), 6, &mut written);
+        let low = write_due(&mut backlog, &mut groups, Some(400), 3, &mut written);
         assert_eq!(low, Ok(Some(401)), "d written as it fell behind");
         assert_eq!(written, ["c", "a", "b", "d"]);
     }
@@ -192,13 +195,13 @@ mod tests {
             backlog.filled(group);
         }
         let mut written = Vec::new();
-        for budget in [4, 0] {
-            write_due(&mut backlog, &mut groups, None, budget, &mut written).unwrap();
+        for stored in [2, 0] {
+            write_due(&mut backlog, &mut groups, None, stored, &mut written).unwrap();
         }
         assert_eq!(written, ["b", "a"], "one group per append");
         // c, then b again (already written).
         for _ in 0..2 {
-            write_due(&mut backlog, &mut groups, None, 4, &mut written).unwrap();
+            write_due(&mut backlog, &mut groups, None, 2, &mut written).unwrap();
         }
         assert_eq!(written, ["b", "a", "c", "b"]);
     }

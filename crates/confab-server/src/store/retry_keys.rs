@@ -25,7 +25,7 @@ use foldhash::HashMap;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::StoreError;
-use super::backlog::{Backlog, WRITTEN_PER_MESSAGE};
+use super::backlog::Backlog;
 use super::sqlite::db_err;
 
 /// An author's waiting keys are written together once there are this many (32 in tests).
@@ -195,7 +195,7 @@ impl RetryKeys {
     /// At the end of an append of `stored` messages, in its transaction: writes keys that are
     /// due to `client_keys` (of authors with [`MERGE_AT`] waiting, then of those whose oldest
     /// fell [`MERGE_BEHIND`] behind `newest`, the append's last rowid), about twice as many as
-    /// the append stored (see [`WRITTEN_PER_MESSAGE`]), and moves the low mark.
+    /// the append stored (see `Backlog::write_due`), and moves the low mark.
     pub(super) fn write_due(
         &mut self,
         conn: &Connection,
@@ -203,10 +203,9 @@ impl RetryKeys {
         stored: usize,
     ) -> Result<(), StoreError> {
         let waiting = &mut self.waiting;
-        let budget = stored * WRITTEN_PER_MESSAGE;
         let low = self
             .backlog
-            .write_due(newest, MERGE_BEHIND, budget, |user| {
+            .write_due(newest, MERGE_BEHIND, stored, |user| {
                 // An author can be due twice (full and behind); the first write took them.
                 let Some(mut keys) = waiting.remove(user) else {
                     return Ok(None);

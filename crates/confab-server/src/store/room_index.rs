@@ -28,7 +28,7 @@ use foldhash::{HashMap, HashMapExt};
 use rusqlite::{Connection, params};
 
 use super::StoreError;
-use super::backlog::{Backlog, WRITTEN_PER_MESSAGE};
+use super::backlog::Backlog;
 use super::sqlite::{db_err, select_room_key};
 
 /// A room's waiting entries are written together once there are this many (8 in tests).
@@ -273,7 +273,7 @@ impl IndexWriter {
     /// At the end of an append of `stored` messages, in its transaction: writes entries that
     /// are due to `room_index` (of rooms with their due size waiting, then of those whose
     /// oldest fell [`FLUSH_BEHIND`] behind `newest`, the append's last rowid), about twice as
-    /// many as the append stored (see [`WRITTEN_PER_MESSAGE`]; at least one room's), and
+    /// many as the append stored (see `Backlog::write_due`; at least one room's), and
     /// moves the low mark.
     pub(super) fn write_due(
         &mut self,
@@ -282,10 +282,9 @@ impl IndexWriter {
         stored: usize,
     ) -> Result<(), StoreError> {
         let (rooms, changed) = (&mut self.rooms, &mut self.changed);
-        let budget = stored * WRITTEN_PER_MESSAGE;
         let low = self
             .backlog
-            .write_due(newest, FLUSH_BEHIND, budget, |&key| {
+            .write_due(newest, FLUSH_BEHIND, stored, |&key| {
                 // A room can be due twice (full and behind); the first write took it.
                 let Some(waiting) = rooms.remove(&key) else {
                     return Ok(None);
