@@ -41,7 +41,7 @@ fn confab(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn user_add_and_token_work_with_a_running_server() {
+async fn user_add_and_token_work_beside_a_running_server_and_not_on_its_database() {
     let dir = tempfile::tempdir().unwrap();
     // The shell commands and the server share the secret kept in the data directory.
     let (ok, out, err) = confab(&["user", "add", "alice"], dir.path(), Some("s3cret-pass\n"));
@@ -80,6 +80,14 @@ async fn user_add_and_token_work_with_a_running_server() {
         .find(|w| w.starts_with("http://"))
         .unwrap()
         .to_string();
+    // The server holds its database: a second process is refused at once, and told why.
+    let (ok, _, err) = confab(
+        &["user", "add", "bob", "--password", "pass-word"],
+        dir.path(),
+        None,
+    );
+    assert!(!ok);
+    assert!(err.contains("is in use by another process"), "{err}");
     let client = confab_client::Client::new(&base);
     let login = client.login("alice", "s3cret-pass").await.unwrap();
     assert_eq!(login.user.name, "alice");

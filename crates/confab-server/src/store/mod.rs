@@ -39,6 +39,14 @@ pub enum StoreError {
     /// The user is not a member of the room.
     #[error("{0}")]
     NotMember(String),
+    /// Another process holds the database: the store takes it for itself (see
+    /// `SqliteStore::open`), so a second server, or `confab user add`, beside a running one
+    /// is told so at once.
+    #[error(
+        "{0} is in use by another process; stop the confab server using it first \
+         (a running server creates accounts with POST /api/register)"
+    )]
+    InUse(String),
     /// The store has been shut down.
     #[error("store is closed")]
     Closed,
