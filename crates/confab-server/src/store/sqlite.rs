@@ -123,8 +123,9 @@ impl std::fmt::Debug for SqliteStore {
 /// file when it first opens it and keeps it until its last connection closes. SQLite then
 /// coordinates its own connections (writer, checkpointer, readers) in memory, and the WAL's
 /// index lives in the heap instead of a shared `-shm` file: a transaction no longer makes
-/// the six `fcntl` locking calls it made on that file (W2: a commit every 0.8 ms, each
-/// `fcntl` a microsecond). A second server, or any other process, opening the same database
+/// the six `fcntl` locking calls it made on that file, each about a microsecond (W2 at half
+/// load: 5-7 % less CPU per delivery, W5 14 % faster; BENCHMARKS.md, 2026-12-04). A second
+/// server, or any other process, opening the same database
 /// is refused ("database is locked") instead of racing this one's in-memory state.
 /// Read-only connections would bypass this and take the system's locks themselves
 /// (`unixFileLock`), so readers open read-write with `query_only`.
