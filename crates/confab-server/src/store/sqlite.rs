@@ -125,10 +125,10 @@ impl std::fmt::Debug for SqliteStore {
 /// index lives in the heap instead of a shared `-shm` file: a transaction no longer makes
 /// the six `fcntl` locking calls it made on that file, each about a microsecond (W2 at half
 /// load: 5-7 % less CPU per delivery, W5 14 % faster; BENCHMARKS.md, 2026-12-04). A second
-/// server, or any other process, opening the same database
-/// is refused ("database is locked") instead of racing this one's in-memory state.
-/// Read-only connections would bypass this and take the system's locks themselves
-/// (`unixFileLock`), so readers open read-write with `query_only`.
+/// server, or any other process, opening the same database is refused
+/// ([`StoreError::InUse`]) instead of racing this one's in-memory state. Read-only
+/// connections would bypass this and take the system's locks themselves (`unixFileLock`), so
+/// readers open read-write with `query_only`.
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
     Connection::open_with_flags_and_vfs(path, flags, c"unix-excl").map_err(db_err)
 }
