@@ -52,17 +52,37 @@ const CEILINGS_KEPT: usize = if cfg!(test) { 4 } else { 65_536 };
 pub(super) struct RetryKeys {
     /// Whether this holds what the database says; false at first and after a failed commit.
     loaded: bool,
-    /// Each author's waiting keys: `client_id` and the message's rowid, in insert order.
-    waiting: HashMap<String, Vec<(String, i64)>>,
+    /// What is kept of each author with keys waiting or a greatest key remembered: one entry,
+    /// so that storing a message looks its author up once in memory that has gone cold since
+    /// the author's last message (W2: every author sends once a second).
+    authors: HashMap<String, Author>,
+    /// Authors whose greatest key is remembered, for [`CEILINGS_KEPT`].
+    ceilings_known: usize,
     /// Authors with waiting keys, and which are due to be written (those who reached
     /// [`MERGE_AT`], in an append or while loading, are written from the next append on), with
     /// `low_marks.client_keys` as stored.
     backlog: Backlog<String>,
-    /// For recent authors, a `client_id` at or above every key of theirs, waiting or in
-    /// `client_keys` (`None`: they have none). It only ever grows, so it stays an upper bound
-    /// when keys go with a deleted room. Compared as SQLite compares text (bytes), which is
-    /// how `str` compares.
-    ceilings: HashMap<String, Option<String>>,
+}
+
+/// One author's waiting keys and greatest key.
+#[derive(Debug, Default)]
+struct Author {
+    /// `client_id` and the message's rowid of each waiting key, in insert order.
+    waiting: Vec<(String, i64)>,
+    /// Whether the author's greatest key is remembered, and what it is.
+    ceiling: Ceiling,
+}
+
+/// A `client_id` at or above every key of an author's, waiting or in `client_keys`.
+#[derive(Debug, Default)]
+enum Ceiling {
+    /// Not remembered: to be read from `client_keys` and the waiting keys when needed.
+    #[default]
+    Unknown,
+    /// It only ever grows, so it stays an upper bound when keys go with a deleted room
+    /// (`None`: the author has no key). Compared as SQLite compares text (bytes), which is how
+    /// `str` compares.
+    Known(Option<String>),
 }
 
 impl RetryKeys {
@@ -111,15 +131,18 @@ impl RetryKeys {
         user: &str,
         client_id: &str,
     ) -> Result<Option<i64>, StoreError> {
-        if self.above_ceiling(conn, user, client_id)? {
+        let author = self.author_with_ceiling(conn, user)?;
+        if let Ceiling::Known(ceiling) = &author.ceiling
+            && ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling)
+        {
             return Ok(None);
         }
-        let waiting = self.waiting.get(user).and_then(|keys| {
-            keys.iter()
-                .rev()
-                .find(|(key, _)| key == client_id)
-                .map(|&(_, rowid)| rowid)
-        });
+        let waiting = author
+            .waiting
+            .iter()
+            .rev()
+            .find(|(key, _)| key == client_id)
+            .map(|&(_, rowid)| rowid);
         if waiting.is_some() {
             return Ok(waiting);
         }
@@ -131,64 +154,64 @@ impl RetryKeys {
             .map_err(db_err)
     }
 
-    /// Whether `client_id` is above every key `user` has: then it is new. Remembers the
-    /// author's greatest key first if it is not remembered (one statement).
-    fn above_ceiling(
+    /// The author's entry, with their greatest key remembered: read from `client_keys` and
+    /// the waiting keys (one statement) if it was not.
+    fn author_with_ceiling(
         &mut self,
         conn: &Connection,
         user: &str,
-        client_id: &str,
-    ) -> Result<bool, StoreError> {
-        let ceiling = match self.ceilings.get(user) {
-            Some(ceiling) => ceiling,
-            None => {
-                if self.ceilings.len() >= CEILINGS_KEPT {
-                    self.ceilings.clear();
-                }
-                let written: Option<String> = conn
-                    .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
-                    .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
-                    .map_err(db_err)?;
-                let waiting = self
-                    .waiting
-                    .get(user)
-                    .and_then(|keys| keys.iter().map(|(key, _)| key).max());
-                self.ceilings
-                    .entry(user.to_owned())
-                    .or_insert(written.max(waiting.cloned()))
+    ) -> Result<&mut Author, StoreError> {
+        let known = self
+            .authors
+            .get(user)
+            .is_some_and(|author| matches!(author.ceiling, Ceiling::Known(_)));
+        if !known {
+            if self.ceilings_known >= CEILINGS_KEPT {
+                // Start over; authors with keys waiting stay, their ceilings forgotten.
+                self.authors.retain(|_, author| {
+                    author.ceiling = Ceiling::Unknown;
+                    !author.waiting.is_empty()
+                });
+                self.ceilings_known = 0;
             }
-        };
-        Ok(ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling))
+            let written: Option<String> = conn
+                .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
+                .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
+                .map_err(db_err)?;
+            let author = author_mut(&mut self.authors, user);
+            let waiting = author.waiting.iter().map(|(key, _)| key).max();
+            author.ceiling = Ceiling::Known(written.max(waiting.cloned()));
+            self.ceilings_known += 1;
+        }
+        Ok(author_mut(&mut self.authors, user))
     }
 
     /// Records the key of a message just inserted as `rowid`.
     pub(super) fn add(&mut self, user: &str, client_id: String, rowid: i64) {
-        if let Some(ceiling) = self.ceilings.get_mut(user)
+        let author = author_mut(&mut self.authors, user);
+        if let Ceiling::Known(ceiling) = &mut author.ceiling
             && ceiling.as_ref().is_none_or(|ceiling| client_id > *ceiling)
         {
             // Into the old ceiling's buffer: keys of one author are mostly of one length.
             ceiling.get_or_insert_default().clone_from(&client_id);
         }
-        match self.waiting.get_mut(user) {
-            Some(keys) => {
-                // Rowids only grow, unless a deleted room took the newest messages: then the
-                // author's oldest may be this one.
-                if keys.last().is_some_and(|&(_, last)| rowid < last) {
-                    let first = first_rowid(keys);
-                    if rowid < first {
-                        self.backlog.moved_down(first, rowid, user.to_owned());
-                    }
-                }
-                keys.push((client_id, rowid));
-                if keys.len() == MERGE_AT {
-                    self.backlog.filled(user.to_owned());
-                }
+        let keys = &mut author.waiting;
+        if keys.is_empty() {
+            keys.push((client_id, rowid));
+            self.backlog.started(rowid, user.to_owned());
+            return;
+        }
+        // Rowids only grow, unless a deleted room took the newest messages: then the author's
+        // oldest may be this one.
+        if keys.last().is_some_and(|&(_, last)| rowid < last) {
+            let first = first_rowid(keys);
+            if rowid < first {
+                self.backlog.moved_down(first, rowid, user.to_owned());
             }
-            None => {
-                self.backlog.started(rowid, user.to_owned());
-                self.waiting
-                    .insert(user.to_owned(), vec![(client_id, rowid)]);
-            }
+        }
+        keys.push((client_id, rowid));
+        if keys.len() == MERGE_AT {
+            self.backlog.filled(user.to_owned());
         }
     }
 
@@ -202,14 +225,21 @@ impl RetryKeys {
         newest: Option<i64>,
         stored: usize,
     ) -> Result<(), StoreError> {
-        let waiting = &mut self.waiting;
+        let authors = &mut self.authors;
         let low = self
             .backlog
             .write_due(newest, MERGE_BEHIND, stored, |user| {
-                // An author can be due twice (full and behind); the first write took them.
-                let Some(mut keys) = waiting.remove(user) else {
+                let Some(author) = authors.get_mut(user) else {
                     return Ok(None);
                 };
+                let mut keys = std::mem::take(&mut author.waiting);
+                if matches!(author.ceiling, Ceiling::Unknown) {
+                    authors.remove(user);
+                }
+                // An author can be due twice (full and behind); the first write took them.
+                if keys.is_empty() {
+                    return Ok(None);
+                }
                 let mut insert = conn
                     .prepare_cached(
                         "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
@@ -238,8 +268,20 @@ impl RetryKeys {
     /// Keys waiting in memory, for tests.
     #[cfg(test)]
     pub(super) fn waiting(&self) -> usize {
-        self.waiting.values().map(Vec::len).sum()
+        self.authors
+            .values()
+            .map(|author| author.waiting.len())
+            .sum()
     }
+}
+
+/// The author's entry, made if there is none.
+fn author_mut<'a>(authors: &'a mut HashMap<String, Author>, user: &str) -> &'a mut Author {
+    // Not `entry`: it would copy the name for every look-up of an author already here.
+    if !authors.contains_key(user) {
+        authors.insert(user.to_owned(), Author::default());
+    }
+    authors.get_mut(user).expect("just made")
 }
 
 /// The lowest rowid among an author's waiting keys: the author's place in the backlog.
