@@ -1,16 +1,26 @@
-//! The two events every chat message produces, `message` and `ack`, written as JSON by hand.
+//! The JSON of a chat message's hot path, by hand: the `message` command read, and the two
+//! events every message produces, `message` and `ack`, written.
 //!
-//! Each stored message is encoded once for its room and once for its sender's ack, and serde's
-//! JSON writer inspects every byte of every string on its own to decide whether it must be
-//! escaped (the largest single cost of encoding in a W2 profile). These writers check a whole
-//! string at once and copy it when nothing in it needs escaping, which is what chat text
-//! almost always is; otherwise serde writes that string. The output is byte for byte what
+//! Reading: serde reads an internally tagged enum such as [`ClientCommand`] by first copying
+//! the whole object into a tree of its own, and even a plain struct goes through a visitor per
+//! field (together about a tenth of the server's own instructions per message in a W2
+//! profile). [`read_message_command`] scans the object once and copies each string straight
+//! into its field, and gives up (`None`) on anything it does not expect, which the general
+//! path then parses and explains. Whenever it answers, it answers what serde would (a property
+//! test in the crate root holds it to that).
+//!
+//! Writing: each stored message is encoded once for its room and once for its sender's ack,
+//! and serde's JSON writer inspects every byte of every string on its own to decide whether it
+//! must be escaped (the largest single cost of encoding in a W2 profile). These writers check
+//! a whole string at once and copy it when nothing in it needs escaping, which is what chat
+//! text almost always is; otherwise serde writes that string. The output is byte for byte what
 //! `serde_json` writes for the same [`ServerEvent`] (property tests hold the two equal), so
 //! the derived `Serialize` stays the definition of the wire format.
 //!
+//! [`ClientCommand`]: crate::ClientCommand
 //! [`ServerEvent`]: crate::ServerEvent
 
-use crate::{ChatMessage, Ref};
+use crate::{ChatMessage, ClientCommand, Ref};
 
 /// Appends the `message` event that broadcasts `message`: what `serde_json` writes for
 /// `ServerEvent::Message(message)`.
@@ -57,6 +67,211 @@ pub fn write_ack_event(
     out.extend_from_slice(br#","client_id":"#);
     write_optional_str(out, client_id);
     out.push(b'}');
+}
+
+/// A `message` command (`{"type":"message","room":…,"content":…}` with an optional `ref`
+/// and `client_id`, in any order), read in one pass; `None` for anything else or anything
+/// unusual in one: a string with an escape, a `ref` that is not a string, an integer or
+/// null, a field twice, an unknown field whose value is an object or an array.
+pub(crate) fn read_message_command(text: &str) -> Option<ClientCommand> {
+    let mut reader = Reader { text, at: 0 };
+    let mut is_message = false;
+    let mut reference = None;
+    let mut room = None;
+    let mut content = None;
+    let mut client_id = None;
+    // The fields seen, one bit each, to refuse repeats as serde does.
+    let mut seen = 0u8;
+    reader.expect(b'{')?;
+    if reader.peek()? == b'}' {
+        return None;
+    }
+    loop {
+        let key = reader.key()?;
+        reader.expect(b':')?;
+        let bit = match key {
+            "type" => {
+                is_message = reader.plain_str()? == "message";
+                1
+            }
+            "ref" => {
+                reference = reader.reference()?;
+                2
+            }
+            "room" => {
+                room = Some(reader.plain_str()?);
+                4
+            }
+            "content" => {
+                content = Some(reader.plain_str()?);
+                8
+            }
+            "client_id" => {
+                client_id = reader.optional_str()?;
+                16
+            }
+            _ => {
+                reader.skip_scalar()?;
+                0
+            }
+        };
+        if seen & bit != 0 {
+            return None;
+        }
+        seen |= bit;
+        match reader.next()? {
+            b',' => continue,
+            b'}' => break,
+            _ => return None,
+        }
+    }
+    if !is_message || reader.peek().is_some() {
+        return None;
+    }
+    Some(ClientCommand::Message {
+        reference,
+        room: room?.to_owned(),
+        content: content?.to_owned(),
+        client_id: client_id.map(str::to_owned),
+    })
+}
+
+/// A cursor over a JSON text that skips whitespace before every token.
+struct Reader<'a> {
+    text: &'a str,
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// The next token's first byte, left in place (`None` at the end).
+    fn peek(&mut self) -> Option<u8> {
+        while let Some(&byte) = self.text.as_bytes().get(self.at) {
+            if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+                return Some(byte);
+            }
+            self.at += 1;
+        }
+        None
+    }
+
+    fn next(&mut self) -> Option<u8> {
+        let byte = self.peek()?;
+        self.at += 1;
+        Some(byte)
+    }
+
+    fn expect(&mut self, wanted: u8) -> Option<()> {
+        (self.next()? == wanted).then_some(())
+    }
+
+    /// A field's name: one of the command's read by comparing the bytes in place (they are
+    /// short, and most of what a command holds), any other as a plain string.
+    fn key(&mut self) -> Option<&'a str> {
+        self.peek()?;
+        let rest = &self.text.as_bytes()[self.at..];
+        for key in [
+            "\"type\"",
+            "\"ref\"",
+            "\"room\"",
+            "\"content\"",
+            "\"client_id\"",
+        ] {
+            if rest.starts_with(key.as_bytes()) {
+                self.at += key.len();
+                return Some(&key[1..key.len() - 1]);
+            }
+        }
+        self.plain_str()
+    }
+
+    /// A string without escapes or control characters (both rare in what clients send, and
+    /// left to serde), borrowed from the text.
+    fn plain_str(&mut self) -> Option<&'a str> {
+        self.expect(b'"')?;
+        let start = self.at;
+        let end = start + memchr::memchr(b'"', &self.text.as_bytes()[start..])?;
+        // Like `write_str`'s check: over every byte, so the compiler tests many per step.
+        let unusual = self.text.as_bytes()[start..end]
+            .iter()
+            .fold(false, |seen, &byte| seen | (byte == b'\\') | (byte < 0x20));
+        if unusual {
+            return None;
+        }
+        self.at = end + 1;
+        // Cut at two ASCII quotes, so on character boundaries.
+        self.text.get(start..end)
+    }
+
+    /// A plain string or `null`.
+    fn optional_str(&mut self) -> Option<Option<&'a str>> {
+        if self.peek()? == b'n' {
+            self.literal("null")?;
+            return Some(None);
+        }
+        self.plain_str().map(Some)
+    }
+
+    /// A `ref`: a plain string, an integer that fits in 64 bits, or `null` (for none, as
+    /// serde reads `Option<Value>`).
+    fn reference(&mut self) -> Option<Option<Ref>> {
+        match self.peek()? {
+            b'"' => Some(Some(Ref::from(self.plain_str()?))),
+            b'n' => self.literal("null").map(|()| None),
+            _ => self.integer().map(Some),
+        }
+    }
+
+    /// `-?(0|[1-9][0-9]*)` not followed by a fraction or an exponent, as the same JSON
+    /// number serde reads: unsigned unless negative, and a float (left to serde) past 64 bits
+    /// or for `-0`.
+    fn integer(&mut self) -> Option<Ref> {
+        let negative = self.peek()? == b'-';
+        let bytes = self.text.as_bytes();
+        let start = self.at + usize::from(negative);
+        let digits = bytes[start..]
+            .iter()
+            .take_while(|byte| byte.is_ascii_digit())
+            .count();
+        let end = start + digits;
+        if digits == 0
+            || (digits > 1 && bytes[start] == b'0')
+            || matches!(bytes.get(end), Some(b'.' | b'e' | b'E'))
+        {
+            return None;
+        }
+        let magnitude = bytes[start..end].iter().try_fold(0u64, |value, digit| {
+            value.checked_mul(10)?.checked_add(u64::from(digit - b'0'))
+        })?;
+        let value = if negative {
+            Ref::from(
+                i64::try_from(-i128::from(magnitude))
+                    .ok()
+                    .filter(|&n| n != 0)?,
+            )
+        } else {
+            Ref::from(magnitude)
+        };
+        self.at = end;
+        Some(value)
+    }
+
+    fn literal(&mut self, word: &str) -> Option<()> {
+        self.peek()?;
+        let end = self.at + word.len();
+        (self.text.as_bytes().get(self.at..end)? == word.as_bytes()).then(|| self.at = end)
+    }
+
+    /// The value of a field the command does not have, when it is a plain string, an integer,
+    /// `true`, `false` or `null` (serde ignores such fields; anything else is left to it).
+    fn skip_scalar(&mut self) -> Option<()> {
+        match self.peek()? {
+            b'"' => self.plain_str().map(drop),
+            b't' => self.literal("true"),
+            b'f' => self.literal("false"),
+            b'n' => self.literal("null"),
+            _ => self.integer().map(drop),
+        }
+    }
 }
 
 /// A JSON string. serde_json escapes exactly the control characters, `"` and `\`; the check

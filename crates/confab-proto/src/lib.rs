@@ -625,42 +625,12 @@ pub fn parse_command(text: &str) -> Result<ClientCommand, (Option<Ref>, String)>
     }
 }
 
-/// A well-formed `message` command, read straight into its fields; `None` for anything else,
-/// which the general path then parses (and explains). Messages are most of what clients send,
-/// and serde reads an internally tagged enum such as [`ClientCommand`] by first copying the
-/// whole object into a tree of its own: this path skips that copy. Whenever it succeeds it
-/// gives what the general path would (a property test holds it to that).
+/// A well-formed `message` command, read by hand ([`fast_json::read_message_command`]);
+/// `None` for anything else, which the general path then parses (and explains). Messages are
+/// most of what clients send. Whenever it succeeds it gives what the general path would (a
+/// property test holds it to that).
 fn parse_message(text: &str) -> Option<ClientCommand> {
-    /// The only `type` accepted here.
-    #[derive(Deserialize)]
-    #[serde(rename_all = "snake_case")]
-    enum MessageTag {
-        Message,
-    }
-
-    #[derive(Deserialize)]
-    struct MessageFields {
-        #[serde(rename = "type")]
-        _tag: MessageTag,
-        #[serde(rename = "ref", default)]
-        reference: Option<Ref>,
-        room: String,
-        content: String,
-        #[serde(default)]
-        client_id: Option<String>,
-    }
-
-    // An object only: serde would also read a struct from an array.
-    if !text.trim_start().starts_with('{') {
-        return None;
-    }
-    let fields: MessageFields = serde_json::from_str(text).ok()?;
-    Some(ClientCommand::Message {
-        reference: fields.reference,
-        room: fields.room,
-        content: fields.content,
-        client_id: fields.client_id,
-    })
+    fast_json::read_message_command(text)
 }
 
 const KNOWN_COMMANDS: &[&str] = &[
@@ -851,6 +821,17 @@ mod tests {
                             Just("[1,{}]".to_string()),
                             Just(r#""mess\u0061ge""#.to_string()),
                             any::<i64>().prop_map(|n| n.to_string()),
+                            any::<u64>().prop_map(|n| n.to_string()),
+                            Just("-0".to_string()),
+                            Just("007".to_string()),
+                            Just("1.5".to_string()),
+                            Just("2e3".to_string()),
+                            Just("123456789012345678901".to_string()),
+                            Just("true".to_string()),
+                            Just("false".to_string()),
+                            Just("nul".to_string()),
+                            Just("{}".to_string()),
+                            Just("\"tab\there\"".to_string()),
                             "[a-z\"\\\\é]{0,8}".prop_map(|s| serde_json::to_string(&s).unwrap()),
                         ],
                     ),
@@ -876,11 +857,32 @@ mod tests {
                     std::hash::Hash::hash(&(entry, order), &mut h);
                     std::hash::Hasher::finish(&h)
                 });
-                let text = format!("{{{}}}", body.join(","));
+                let separator = [",", " , ", ",\n\t", "\r\n,"][(order % 4) as usize];
+                let text = format!("{{{}}}", body.join(separator));
                 if let Some(fast) = parse_message(&text) {
                     let general = serde_json::from_str::<ClientCommand>(&text);
                     prop_assert_eq!(Some(fast), general.ok(), "{}", text);
                 }
+            }
+
+            /// The common shapes are read by the fast path, not only agreed with.
+            #[test]
+            fn plain_messages_take_the_message_path(
+                reference in proptest::option::of(any::<i64>()),
+                room in "[a-z0-9][a-z0-9_-]{0,20}",
+                content in "[^\"\\\\\u{0}-\u{1f}]{1,50}",
+                client_id in proptest::option::of("[a-z0-9-]{1,36}"),
+            ) {
+                let command = ClientCommand::Message {
+                    reference: reference.map(Ref::from),
+                    room,
+                    content,
+                    client_id,
+                };
+                let text = serde_json::to_string(&command).unwrap();
+                prop_assert_eq!(parse_message(&text), Some(command.clone()));
+                let spaced = serde_json::to_string_pretty(&command).unwrap();
+                prop_assert_eq!(parse_message(&spaced), Some(command));
             }
 
             #[test]
