@@ -225,10 +225,13 @@ impl SqliteStore {
         }));
         let in_place = matches!(sync, SqliteSync::Normal).then(|| Arc::clone(&writer));
         let rewinder = Arc::downgrade(&writer);
+        // The checkpointer keeps the default scheduling policy. At `SCHED_IDLE` a core the
+        // runtime fills (W4) starved it in the middle of a pass, holding the checkpoint lock
+        // that the writer's own rewind needs: the WAL grew to 5.5 GB in 60 s (BENCHMARKS.md,
+        // 2026-12-04, Xeon).
         let checkpoint_thread = std::thread::Builder::new()
             .name("confab-sqlite-checkpoint".into())
             .spawn(move || {
-                run_only_when_idle();
                 run_checkpointer(
                     checkpoint_conn,
                     commands,
@@ -785,41 +788,18 @@ fn reading_thread() {
 /// committer's gathering (see `committer`).
 fn wake_without_preempting() {
     #[cfg(target_os = "linux")]
-    set_policy(libc::SCHED_BATCH);
-}
-
-/// Has the calling thread (the checkpointer) run only while nothing else on its core wants
-/// to: Linux's `SCHED_IDLE` policy. Nothing is waiting for its passes, and a woken runtime
-/// preempts it at once.
-///
-/// Under the default policy a pass that had slept a quarter of a second came back ahead of
-/// the runtime (it had used less of the core) and kept the core for the milliseconds its
-/// copy took, while every delivery on it waited. W4 on an Intel Xeon, where the server's
-/// core is never idle: ack p99 12.1-15.3 → 9.6-10.0 ms, throughput unchanged
-/// (BENCHMARKS.md, 2026-12-04, Xeon). There `SCHED_IDLE` still gets a sliver of the core,
-/// and the runtime's backlog of commits stops its sessions reading soon enough to let the
-/// checkpointer finish what it holds (the writer's lock during a rewind); past twice the
-/// WAL's rewind size the writer rewinds it itself anyway ([`WalRestarts::after_commit`]).
-fn run_only_when_idle() {
-    #[cfg(target_os = "linux")]
-    set_policy(libc::SCHED_IDLE);
-}
-
-/// Sets the calling thread's scheduling policy (one of the two that take priority 0 and need
-/// no privilege); a thread that cannot keeps the default, which is only slower.
-#[cfg(target_os = "linux")]
-fn set_policy(policy: libc::c_int) {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: `sched_setscheduler` only reads `param` during the call; pid 0 is this thread,
-    // and SCHED_BATCH and SCHED_IDLE take priority 0 and need no privilege.
-    #[allow(unsafe_code)]
-    let result = unsafe { libc::sched_setscheduler(0, policy, &param) };
-    if result != 0 {
-        tracing::debug!(
-            error = %std::io::Error::last_os_error(),
-            policy,
-            "an SQLite thread keeps the default scheduling policy"
-        );
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: `sched_setscheduler` only reads `param` during the call; pid 0 is this
+        // thread, and SCHED_BATCH takes priority 0 and needs no privilege.
+        #[allow(unsafe_code)]
+        let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+        if result != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "an SQLite thread keeps the default scheduling policy"
+            );
+        }
     }
 }
 
@@ -3080,9 +3060,8 @@ mod tests {
     }
 
     /// The writer thread and the threads that have run a read are `SCHED_BATCH` (see
-    /// `wake_without_preempting`), the checkpointer `SCHED_IDLE` (`run_only_when_idle`). Other
-    /// tests' stores have such threads too, and some may not have started yet: ours, which
-    /// have answered, must be among those that are.
+    /// `wake_without_preempting`). Other tests' stores have such threads too, and some may not
+    /// have started yet: ours, which have answered, must be among those that are.
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn sqlite_threads_do_not_preempt_their_wakers() {
@@ -3097,16 +3076,6 @@ mod tests {
                 "{thread}: {:?}",
                 thread_policies(thread)
             );
-        }
-        // The checkpointer sets its policy first thing, maybe not yet.
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        while !thread_policies("confab-sqlite-c").contains(&libc::SCHED_IDLE) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "checkpointer: {:?}",
-                thread_policies("confab-sqlite-c")
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
