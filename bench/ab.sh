@@ -16,8 +16,9 @@
 # arrival: to the kernel's receive timestamp, without the generator's delay), lost deliveries, how
 # late the generator's own runtime got at worst in each run (a p99 near it is partly its), the
 # share of the window the most robbed CPU was stolen by other guests of a virtual machine, and
-# RSS per connection (W3), acked/s (W4) or time until all caught up (W5) where they apply, and
-# whether the generator was saturated in any run (its figures are then lower bounds).
+# RSS per connection (W3), acked/s (W4) or time until all caught up (W5) where they apply, the
+# size of confab's WAL at the end of each run (past 64 MiB for long, checkpoints fell behind),
+# and whether the generator was saturated in any run (its figures are then lower bounds).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -84,6 +85,8 @@ for entry in "${LABELS[@]}"; do
                \", acked/s \(map(.durable.acked_per_s) | median | r(0)) [\(map(.durable.acked_per_s | r(0)) | join(\" \"))]\" else \"\" end)
           + (if .[0].resume != null then
                \", all caught up ms [\(map(.resume.all_caught_up_ms | r(0)) | join(\" \"))], gaps \(map(.resume.gaps) | add), duplicates \(map(.resume.duplicates) | add)\" else \"\" end)
+          + (if .[0].driver.wal_bytes != null then
+               \", WAL MiB at the end [\(map(.driver.wal_bytes / 1048576 | r(0)) | join(\" \"))]\" else \"\" end)
           + (if any(.[]; .generator.saturated) then \", generator saturated\" else \"\" end)
     " "${files[@]}"
 done

@@ -215,9 +215,19 @@ STATUS=0
 wait "$GEN_PID" || STATUS=$?
 GEN_PID=
 wait "$TEE_PID" || true
+# What confab's store holds on disk once the window is over, before the server stops: a WAL
+# past its rewind size (64 MiB) for long means checkpoints fell behind, which a run's CPU and
+# latency do not show (a starved checkpointer once looked like a better p99; BENCHMARKS.md,
+# 2026-12-04, Xeon).
+DATA_BYTES=null WAL_BYTES=null
+if [ "$PEER" = confab ] && [ -d "$TMP/data" ]; then
+    DATA_BYTES=$(du -sb "$TMP/data" | cut -f1)
+    WAL_BYTES=$(stat -c %s "$TMP/data/confab.db-wal" 2>/dev/null || echo 0)
+fi
 {
     echo
     echo "# command: confab ${ARGS[*]/$SECRET/SECRET}"
+    [ "$DATA_BYTES" = null ] || echo "# store on disk: $DATA_BYTES bytes, of which the WAL $WAL_BYTES"
     echo "# server: $TARGET, pid $SERVER_PID${SERVER_ENV[*]:+, ${SERVER_ENV[*]}}; log tail:"
     tail -${LOG_TAIL:-20} "$LOG"
 } >>"$TXT"
@@ -233,9 +243,11 @@ jq --arg workload "$WORKLOAD" --arg target "$LABEL" --arg peer "$PEER" --arg var
     --arg params "$PARAMS" --argjson run "$RUN" --arg date "$DATE" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --arg server_env "${SERVER_ENV[*]:-}" --argjson exit_status "$STATUS" \
+    --argjson data_bytes "$DATA_BYTES" --argjson wal_bytes "$WAL_BYTES" \
     '. + {driver: {workload: $workload, target: $target, peer: $peer, variant: $variant,
                    params: $params, run: $run, date: $date, commit: $commit,
-                   server_env: $server_env, exit_status: $exit_status}}' \
+                   server_env: $server_env, exit_status: $exit_status,
+                   data_bytes: $data_bytes, wal_bytes: $wal_bytes}}' \
     "$TMP/report.json" >"$JSON"
 echo "wrote $JSON" >&2
 exit "$STATUS"
