@@ -85,6 +85,11 @@ pub struct Config {
     /// W2 at half load spent about 12 % less CPU with 2 ms, its median latency 0.5 → 3.3 ms.
     /// A lone message never waits, nor does a backlog that built up during a commit.
     pub commit_linger_ms: u64,
+    /// How long a `user_joined`/`user_left` notice may wait for the notices after it, so a room
+    /// filling up (a reconnect storm) sends each member its notices in a few writes instead of
+    /// one per arrival, in milliseconds (0: every notice at once). Other frames are never held
+    /// back, and none overtakes a waiting notice.
+    pub notice_linger_ms: u64,
     /// Longest time graceful shutdown may take before the process exits anyway, in
     /// milliseconds.
     pub shutdown_timeout_ms: u64,
@@ -130,6 +135,7 @@ impl Default for Config {
             max_history_page: 500,
             sqlite_synchronous: SqliteSync::Normal,
             commit_linger_ms: 0,
+            notice_linger_ms: 250,
             shutdown_timeout_ms: 10_000,
         }
     }
@@ -204,6 +210,11 @@ impl Config {
     /// `commit_linger_ms` as a duration.
     pub fn commit_linger(&self) -> Duration {
         Duration::from_millis(self.commit_linger_ms)
+    }
+
+    /// `notice_linger_ms` as a duration.
+    pub fn notice_linger(&self) -> Duration {
+        Duration::from_millis(self.notice_linger_ms)
     }
 
     /// `heartbeat_interval_ms` as a duration.

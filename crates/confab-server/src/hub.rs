@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use foldhash::fast::RandomState;
 use foldhash::{HashMap, HashMapExt};
 
-use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, UserKey};
+use crate::outbound::{NoticeLinger, Outbound, Priority, SessionHandle, SessionId, UserKey};
 
 /// Number of independently locked room maps.
 const SHARDS: usize = 64;
@@ -78,6 +78,8 @@ pub struct Hub {
     shards: Box<[Mutex<RoomMap>]>,
     hasher: RandomState,
     next_departure: AtomicU64,
+    /// Where [`Priority::Notice`] frames wait for company.
+    notices: NoticeLinger,
 }
 
 impl Default for Hub {
@@ -87,13 +89,25 @@ impl Default for Hub {
 }
 
 impl Hub {
-    /// An empty hub.
+    /// An empty hub that sends notices at once.
     pub fn new() -> Hub {
+        Hub::with_notice_linger(std::time::Duration::ZERO)
+    }
+
+    /// An empty hub whose notices may wait up to `linger` for company (see [`NoticeLinger`]);
+    /// its [`Hub::notices`] must then be run.
+    pub fn with_notice_linger(linger: std::time::Duration) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::default(),
             next_departure: AtomicU64::new(1),
+            notices: NoticeLinger::new(linger),
         }
+    }
+
+    /// The sweep that lets lingering notices go: the node runs it on its task tracker.
+    pub fn notices(&self) -> &NoticeLinger {
+        &self.notices
     }
 
     // A std mutex: every critical section below is a few map operations and never awaits.
@@ -258,6 +272,10 @@ impl Hub {
         except: Option<SessionId>,
     ) {
         let subscribers = self.subscribers(room);
+        if priority == Priority::Notice && self.notices.is_on() {
+            self.deliver_notice(&subscribers, item, except);
+            return;
+        }
         for (at, subscriber) in subscribers.iter().enumerate() {
             // Each push's first reads of its handle were cache misses (4-5 % of W1's server
             // CPU): the kernel's work for one socket evicts the next handle. Asking for the
@@ -275,6 +293,24 @@ impl Hub {
                 subscriber.push(item, priority);
             }
         }
+    }
+
+    /// [`Hub::deliver`] of a notice that may wait for company: idle subscribers keep it
+    /// queued and go to the [`NoticeLinger`], whose sweep wakes them.
+    fn deliver_notice(
+        &self,
+        subscribers: &[Arc<SessionHandle>],
+        item: &Outbound,
+        except: Option<SessionId>,
+    ) {
+        let linger_ms = self.notices.linger_ms();
+        let mut lingering = Vec::new();
+        for subscriber in subscribers {
+            if Some(subscriber.id) != except && subscriber.push_notice(item, linger_ms) {
+                lingering.push(Arc::clone(subscriber));
+            }
+        }
+        self.notices.enlist(&mut lingering);
     }
 
     /// Forgets a room entirely (it was deleted) and returns who was subscribed.

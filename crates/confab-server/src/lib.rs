@@ -118,7 +118,7 @@ impl Server {
             .map_err(|err| StoreError::Database(err.to_string()))??
         };
         let store = Arc::new(store);
-        let hub = Arc::new(Hub::new());
+        let hub = Arc::new(Hub::with_notice_linger(config.notice_linger()));
         let broker = Arc::new(LocalBroker::new(Arc::clone(&hub)));
         let committer_stop = CancellationToken::new();
         let (committer, committer_run) = Committer::start(

@@ -153,6 +153,12 @@ impl Node {
         });
         node.tasks.spawn(Arc::clone(&node).run_housekeeping());
         node.tasks.spawn(heartbeat::run(Arc::clone(&node)));
+        {
+            let hub = Arc::clone(&node.hub);
+            let shutdown = node.shutdown.clone();
+            node.tasks
+                .spawn(async move { hub.notices().run(shutdown).await });
+        }
         node.tasks
             .spawn(Arc::clone(&node).run_presence_announcer(presence_queue));
         node
@@ -737,7 +743,7 @@ impl Node {
             user: user.clone(),
             status: self.presence.status(&user.id),
         };
-        self.publish(room, &event, Priority::Reliable, Some(session));
+        self.publish(room, &event, Priority::Notice, Some(session));
     }
 
     /// Tells a room that a user's last session left it.
@@ -746,7 +752,7 @@ impl Node {
             room: room.to_string(),
             user: user.clone(),
         };
-        self.publish(room, &event, Priority::Reliable, None);
+        self.publish(room, &event, Priority::Notice, None);
     }
 
     /// Sends a user's new status to every session subscribed to a room the user belongs to

@@ -320,3 +320,57 @@ async fn typing_needs_a_joined_room() {
         .unwrap_err();
     assert_eq!(err.code(), Some(confab_proto::ErrorCode::BadRequest));
 }
+
+/// A room filling up (a reconnect storm): notices that follow one another within the linger
+/// are held back and sent together. Each member still gets every `user_joined` of those who
+/// came after it, in the order they came, and nothing overtakes a held notice (a newcomer's
+/// first message reaches the others after its `user_joined`).
+#[tokio::test]
+async fn a_room_filling_up_gets_every_notice_in_order() {
+    const MEMBERS: usize = 12;
+    let server = TestServer::start_with(|c| c.notice_linger_ms = 300).await;
+    let mut members = Vec::new();
+    for i in 0..MEMBERS {
+        let mut conn = server.connect(&format!("m{i:02}")).await;
+        conn.join("r", None).await.unwrap();
+        members.push(conn);
+    }
+    let last = members.last_mut().unwrap();
+    let (_, said) = last.say("r", "hello from the last", None).await.unwrap();
+
+    let first = &mut members[0];
+    let mut joined = Vec::new();
+    let message = within(5, async {
+        loop {
+            match first.next_event().await.unwrap() {
+                ServerEvent::UserJoined { room, user, .. } => {
+                    assert_eq!(room, "r");
+                    joined.push(user.id);
+                }
+                ServerEvent::Message(message) => return message,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert_eq!(message.seq, said);
+    let expected: Vec<String> = (1..MEMBERS).map(|i| format!("id-m{i:02}")).collect();
+    assert_eq!(
+        joined, expected,
+        "every later arrival, in order, before the message"
+    );
+
+    // The middle member heard of exactly those who came after it.
+    let middle = MEMBERS / 2;
+    let conn = &mut members[middle];
+    let mut heard = Vec::new();
+    while heard.len() < MEMBERS - 1 - middle {
+        let pick = |e: &ServerEvent| match e {
+            ServerEvent::UserJoined { user, .. } => Some(user.id.clone()),
+            _ => None,
+        };
+        heard.push(within(5, conn.wait_for(pick)).await.unwrap());
+    }
+    assert_eq!(heard, expected[middle..]);
+    assert_silent_except(conn, 400, |e| matches!(e, ServerEvent::Message(_))).await;
+}
