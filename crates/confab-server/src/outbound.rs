@@ -900,9 +900,6 @@ impl OutboundReceiver {
         take: usize,
     ) -> Flushed {
         let mut outlet = self.handle.outlet();
-        // Whatever notices were waiting for company go out with this write (or the next, if
-        // `take` stops short of them): the task is writing now.
-        outlet.lingering = false;
         let mut frames = Frames::new();
         let mut skip = 0;
         if let Some((rest, written)) = outlet.unfinished.take().map(|unfinished| *unfinished) {
@@ -911,6 +908,15 @@ impl OutboundReceiver {
         }
         if let Some(held) = outlet.held.take() {
             event_frames(&held, &mut frames);
+        }
+        if std::mem::take(&mut outlet.lingering) {
+            // Notices waiting for company lead the queue. Had they not waited they would be in
+            // the socket already, ahead of the task's own frames: they go first, as they would
+            // have (a `left` reply must not precede a notice about the room from before).
+            while let Some(Outbound::Event(_) | Outbound::Events(_)) = outlet.queue.front() {
+                let notice = outlet.queue.pop_front().expect("looked at");
+                event_frames(&notice, &mut frames);
+            }
         }
         frames.extend(first.iter().cloned());
         if let Some((room, mark)) = open {
@@ -1455,6 +1461,26 @@ mod tests {
         assert!(!handle.push_notice(&text("left a"), 0));
         assert!(!handle.push_notice(&text("left b"), 0));
         assert_eq!(read_texts(&mut client, 2).await, ["left a", "left b"]);
+    }
+
+    /// The task's own frames (a reply) come after notices that were waiting for company, as
+    /// they would have if the notices had gone at once; the rest of the queue still follows
+    /// the reply (a join's live frames must).
+    #[tokio::test]
+    async fn a_reply_does_not_overtake_waiting_notices() {
+        let (socket, mut client, handle, mut rx) = attached(16).await;
+        assert!(!handle.push_notice(&text("joined a"), 1_000));
+        assert!(handle.push_notice(&text("joined b"), 1_000));
+        assert!(!handle.push_notice(&text("left a"), 1_000));
+        handle.outlet().rooms.insert("r".into(), Some(0));
+        assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
+        let reply = [Frame::Text("reply".into())];
+        let flushed = rx.flush(&socket, &reply, None, usize::MAX);
+        assert!(matches!(flushed.outcome, FlushOutcome::Done));
+        assert_eq!(
+            read_texts(&mut client, 5).await,
+            ["joined a", "joined b", "left a", "reply", "m1"]
+        );
     }
 
     /// Waiting notices fill at most half the queue: the next one wakes the task, so a storm of
