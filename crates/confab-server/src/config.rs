@@ -79,11 +79,13 @@ pub struct Config {
     /// SQLite `synchronous` mode: `normal` survives a process crash (the default), `full` also
     /// survives power loss at some cost in commit latency.
     pub sqlite_synchronous: SqliteSync,
-    /// Once commits carry more than one message, how long a message may wait for others to
-    /// share its commit, in milliseconds, counted from its arrival (0, the default: never).
-    /// Fewer, larger commits for at most that much latency (plus the timer's millisecond):
-    /// W2 at half load spent about 12 % less CPU with 2 ms, its median latency 0.5 → 3.3 ms.
-    /// A lone message never waits, nor does a backlog that built up during a commit.
+    /// Once a commit has stored several messages for one room (a room whose messages come
+    /// faster than they fan out), how long the next commit's oldest message may wait for
+    /// others, in milliseconds (0: never). The room's subscribers then get its messages in
+    /// one write each instead of one per message: W1 (a room of 1,000) at 500-1,000
+    /// messages/s took a quarter less CPU per delivery with 2 ms, its p99 went down and its
+    /// median up by 0.5-1 ms. A lone message never waits, nor does a backlog that built up
+    /// during a commit, and many quiet rooms (W2) never make a commit wait.
     pub commit_linger_ms: u64,
     /// How long a `user_joined`/`user_left` notice may wait for the notices after it, so a room
     /// filling up (a reconnect storm) sends each member its notices in a few writes instead of
@@ -134,7 +136,7 @@ impl Default for Config {
             join_members: 50,
             max_history_page: 500,
             sqlite_synchronous: SqliteSync::Normal,
-            commit_linger_ms: 0,
+            commit_linger_ms: 2,
             notice_linger_ms: 250,
             shutdown_timeout_ms: 10_000,
         }
@@ -304,7 +306,7 @@ mod tests {
             assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
             assert_eq!(config.message_burst, 20);
             assert_eq!(config.commit_linger(), Duration::from_millis(1));
-            assert_eq!(Config::default().commit_linger(), Duration::ZERO);
+            assert_eq!(Config::default().commit_linger(), Duration::from_millis(2));
             Ok(())
         });
     }

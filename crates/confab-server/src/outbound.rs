@@ -104,6 +104,12 @@ impl ChatBatchBuilder {
         &self.room
     }
 
+    /// How many messages the batch holds: several mean the room's messages come faster than
+    /// they fan out (see the committer's linger).
+    pub fn message_count(&self) -> usize {
+        self.starts.len()
+    }
+
     /// Adds a stored message, whose seq must be above every one already added.
     pub fn push(&mut self, message: &ChatMessage) {
         self.push_event(message.seq, |out| {
