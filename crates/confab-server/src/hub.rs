@@ -304,9 +304,10 @@ impl Hub {
         except: Option<SessionId>,
     ) {
         let linger_ms = self.notices.linger_ms();
+        let now_ms = crate::heartbeat::now_ms();
         let mut lingering = Vec::new();
         for subscriber in subscribers {
-            if Some(subscriber.id) != except && subscriber.push_notice(item, linger_ms) {
+            if Some(subscriber.id) != except && subscriber.push_notice(item, now_ms, linger_ms) {
                 lingering.push(Arc::clone(subscriber));
             }
         }

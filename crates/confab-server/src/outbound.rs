@@ -180,9 +180,8 @@ type Frames = SmallVec<[Frame; 16]>;
 /// A notice that follows another within the linger waits for the notices after it, and the
 /// session's task is then woken once to write them all: a room filling up costs each member a
 /// write per linger instead of one per arrival, while a lone join or leave in a quiet room
-/// goes at once. One sweep for the node rather than a
-/// timer per session: a timer lives in the session's future, which every idle connection pays
-/// for (see [`crate::heartbeat`]).
+/// goes at once. One sweep for the node rather than a timer per session: a timer lives in the
+/// session's future, which every idle connection pays for (see [`crate::heartbeat`]).
 #[derive(Debug)]
 pub struct NoticeLinger {
     /// How long a notice may wait; zero sends every notice at once.
@@ -709,13 +708,14 @@ impl SessionHandle {
     /// [`NoticeLinger`] (true is returned), which wakes the task within the linger to write
     /// everything queued by then in one go. Until then further notices join it quietly (up to
     /// half the queue); anything else pushed meanwhile queues behind them and wakes the task
-    /// as usual, so nothing overtakes a notice.
-    pub(crate) fn push_notice(&self, item: &Outbound, linger_ms: u64) -> bool {
+    /// as usual, so nothing overtakes a notice. `now_ms` is a [`heartbeat::now_ms`] reading,
+    /// taken once for the whole fan-out.
+    pub(crate) fn push_notice(&self, item: &Outbound, now_ms: u64, linger_ms: u64) -> bool {
         if self.is_slow() {
             return false;
         }
         let mut outlet = self.outlet();
-        let now = clock32(heartbeat::now_ms());
+        let now = clock32(now_ms);
         let quiet = outlet.noticed_ms == 0 || ms_since(now, outlet.noticed_ms) >= linger_ms;
         outlet.noticed_ms = now;
         let holdable = matches!(item, Outbound::Event(_) | Outbound::Events(_));
@@ -1439,16 +1439,16 @@ mod tests {
         let (socket, mut client, handle, mut rx) = attached(16).await;
         let woken = counting_waker(&handle);
         assert!(
-            !handle.push_notice(&text("joined a"), 1_000),
+            !handle.push_notice(&text("joined a"), heartbeat::now_ms(), 1_000),
             "the first goes at once"
         );
         assert_eq!(read_texts(&mut client, 1).await, ["joined a"]);
         assert!(
-            handle.push_notice(&text("joined b"), 1_000),
+            handle.push_notice(&text("joined b"), heartbeat::now_ms(), 1_000),
             "the next one waits"
         );
         assert!(
-            !handle.push_notice(&text("joined c"), 1_000),
+            !handle.push_notice(&text("joined c"), heartbeat::now_ms(), 1_000),
             "already waiting"
         );
         assert_eq!(woken.0.load(Ordering::SeqCst), 0, "nobody woken for them");
@@ -1464,8 +1464,8 @@ mod tests {
             ["joined b", "joined c", "m1"]
         );
         // With no linger every notice goes at once.
-        assert!(!handle.push_notice(&text("left a"), 0));
-        assert!(!handle.push_notice(&text("left b"), 0));
+        assert!(!handle.push_notice(&text("left a"), heartbeat::now_ms(), 0));
+        assert!(!handle.push_notice(&text("left b"), heartbeat::now_ms(), 0));
         assert_eq!(read_texts(&mut client, 2).await, ["left a", "left b"]);
     }
 
@@ -1475,9 +1475,9 @@ mod tests {
     #[tokio::test]
     async fn a_reply_does_not_overtake_waiting_notices() {
         let (socket, mut client, handle, mut rx) = attached(16).await;
-        assert!(!handle.push_notice(&text("joined a"), 1_000));
-        assert!(handle.push_notice(&text("joined b"), 1_000));
-        assert!(!handle.push_notice(&text("left a"), 1_000));
+        assert!(!handle.push_notice(&text("joined a"), heartbeat::now_ms(), 1_000));
+        assert!(handle.push_notice(&text("joined b"), heartbeat::now_ms(), 1_000));
+        assert!(!handle.push_notice(&text("left a"), heartbeat::now_ms(), 1_000));
         handle.outlet().rooms.insert("r".into(), Some(0));
         assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
         let reply = [Frame::Text("reply".into())];
@@ -1495,17 +1495,17 @@ mod tests {
     async fn waiting_notices_never_fill_the_queue() {
         let (_socket, _client, handle, _rx) = attached(8).await;
         let woken = counting_waker(&handle);
-        assert!(!handle.push_notice(&text("n0"), 1_000));
-        assert!(handle.push_notice(&text("n1"), 1_000));
+        assert!(!handle.push_notice(&text("n0"), heartbeat::now_ms(), 1_000));
+        assert!(handle.push_notice(&text("n1"), heartbeat::now_ms(), 1_000));
         for i in 2..=4 {
-            assert!(!handle.push_notice(&text(&format!("n{i}")), 1_000));
+            assert!(!handle.push_notice(&text(&format!("n{i}")), heartbeat::now_ms(), 1_000));
         }
         assert_eq!(
             woken.0.load(Ordering::SeqCst),
             0,
             "four of eight wait quietly"
         );
-        assert!(!handle.push_notice(&text("n5"), 1_000));
+        assert!(!handle.push_notice(&text("n5"), heartbeat::now_ms(), 1_000));
         assert_eq!(
             woken.0.load(Ordering::SeqCst),
             1,
@@ -1528,8 +1528,8 @@ mod tests {
             async move { linger.run(stop).await }
         });
         let woken = counting_waker(&handle);
-        assert!(!handle.push_notice(&text("a"), linger.linger_ms()));
-        assert!(handle.push_notice(&text("b"), linger.linger_ms()));
+        assert!(!handle.push_notice(&text("a"), heartbeat::now_ms(), linger.linger_ms()));
+        assert!(handle.push_notice(&text("b"), heartbeat::now_ms(), linger.linger_ms()));
         let started = std::time::Instant::now();
         linger.enlist(&mut vec![Arc::clone(&handle)]);
         while woken.0.load(Ordering::SeqCst) == 0 {
