@@ -7,7 +7,8 @@
 //!
 //! The hub also counts each user's sessions per room, which is what turns many devices into one
 //! `user_joined` (first session in) and one `user_left` (last session out, or gone past the
-//! presence grace period after a disconnect).
+//! presence grace period after a disconnect), and holds those notices back for company while
+//! a room fills up or empties fast (see [`NoticeLinger`]).
 
 use std::hash::BuildHasher;
 use std::num::NonZeroU64;
@@ -16,8 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use foldhash::fast::RandomState;
 use foldhash::{HashMap, HashMapExt};
+use tungstenite::Utf8Bytes;
 
-use crate::outbound::{NoticeLinger, Outbound, Priority, SessionHandle, SessionId, UserKey};
+use crate::outbound::{Outbound, Priority, SessionHandle, SessionId, UserKey, clock32, ms_since};
 
 /// Number of independently locked room maps.
 const SHARDS: usize = 64;
@@ -67,6 +69,107 @@ struct Room {
     subscribers: Arc<[Arc<SessionHandle>]>,
     /// Per-user session counts.
     users: HashMap<UserKey, UserInRoom>,
+    /// `user_joined`/`user_left` waiting for company.
+    notices: HeldNotices,
+}
+
+/// Most notices a room holds back at once; the next one sends them all. Bounds one write to
+/// a member (two slices a notice), however large the room and fast the storm.
+const MAX_HELD_NOTICES: usize = 256;
+
+/// A room's notices waiting for company (see [`NoticeLinger`]).
+#[derive(Debug, Default)]
+struct HeldNotices {
+    /// When the room's last notice was published ([`clock32`]): one after a quiet spell goes
+    /// at once.
+    last_ms: Option<u32>,
+    /// The notices waiting, in order, each with the session it must not reach (the one whose
+    /// arrival it announces).
+    frames: Vec<(Utf8Bytes, Option<SessionId>)>,
+    /// Sessions that subscribed while notices were waiting, with how many were waiting then:
+    /// they get only the ones after, as they would have had the notices gone at once.
+    late: Vec<(SessionId, usize)>,
+}
+
+impl HeldNotices {
+    /// Whether a notice published now waits: it follows the room's previous one within
+    /// `linger_ms`, or others wait already.
+    fn must_wait(&mut self, now_ms: u64, linger_ms: u64) -> bool {
+        let now = clock32(now_ms);
+        let quiet = self
+            .last_ms
+            .is_none_or(|last| ms_since(now, last) >= linger_ms);
+        self.last_ms = Some(now);
+        !quiet || !self.frames.is_empty()
+    }
+
+    /// Takes what waits, if anything.
+    fn take(&mut self) -> Option<Released> {
+        if self.frames.is_empty() {
+            return None;
+        }
+        Some(Released {
+            frames: std::mem::take(&mut self.frames),
+            late: std::mem::take(&mut self.late),
+        })
+    }
+}
+
+/// Notices let go together, for [`fan_out_notices`].
+#[derive(Debug)]
+struct Released {
+    frames: Vec<(Utf8Bytes, Option<SessionId>)>,
+    late: Vec<(SessionId, usize)>,
+}
+
+/// Where rooms' notices wait for company, and the task that lets them go.
+///
+/// A notice (`user_joined`, `user_left`) that follows the room's previous one within the linger
+/// waits in the room for the ones after it; when the linger ends they all go to each member
+/// in one write. A room filling up (a reconnect storm, a class logging in) then costs each
+/// member a write per linger instead of one per arrival, and a lone join or leave in a quiet
+/// room goes at once. Held in the room, not in each member's queue: a storm's notices cost
+/// memory once, not once per member, and the members' tasks are not woken for them (the
+/// release writes straight to each socket, as fan-out does). Anything else published to the
+/// room first lets its waiting notices go, so nothing overtakes them. One sweep for the node
+/// rather than a timer per room.
+#[derive(Debug)]
+pub struct NoticeLinger {
+    /// How long a notice may wait; zero sends every notice at once.
+    linger: std::time::Duration,
+    /// Rooms with notices waiting, in the order they began to.
+    waiting: Mutex<Vec<Arc<str>>>,
+    /// Raised when `waiting` stops being empty: the sweep starts its linger.
+    started: tokio::sync::Notify,
+}
+
+impl NoticeLinger {
+    fn new(linger: std::time::Duration) -> NoticeLinger {
+        NoticeLinger {
+            linger,
+            waiting: Mutex::new(Vec::new()),
+            started: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn is_on(&self) -> bool {
+        !self.linger.is_zero()
+    }
+
+    fn linger_ms(&self) -> u64 {
+        u64::try_from(self.linger.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Has the sweep let `room`'s notices go when the current linger ends.
+    fn enlist(&self, room: Arc<str>) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let first = waiting.is_empty();
+        waiting.push(room);
+        drop(waiting);
+        if first {
+            self.started.notify_one();
+        }
+    }
 }
 
 /// One shard of rooms, keyed by the interned room name.
@@ -95,7 +198,7 @@ impl Hub {
     }
 
     /// An empty hub whose notices may wait up to `linger` for company (see [`NoticeLinger`]);
-    /// its [`Hub::notices`] must then be run.
+    /// its [`Hub::run_notices`] must then be run.
     pub fn with_notice_linger(linger: std::time::Duration) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -105,9 +208,47 @@ impl Hub {
         }
     }
 
-    /// The sweep that lets lingering notices go: the node runs it on its task tracker.
-    pub fn notices(&self) -> &NoticeLinger {
-        &self.notices
+    /// The sweep that lets waiting notices go (see [`NoticeLinger`]), until `shutdown`: the
+    /// node runs it on its task tracker. What still waits at shutdown is dropped with the
+    /// sessions it was for.
+    pub async fn run_notices(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut due = Vec::new();
+        loop {
+            tokio::select! {
+                () = self.notices.started.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.notices.linger) => {}
+                () = shutdown.cancelled() => return,
+            }
+            std::mem::swap(
+                &mut due,
+                &mut *self
+                    .notices
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for room in due.drain(..) {
+                self.release_notices(&room);
+            }
+        }
+    }
+
+    /// Lets a room's waiting notices go now.
+    fn release_notices(&self, room: &str) {
+        let (subscribers, released) = {
+            let mut shard = self.shard(room);
+            let Some(entry) = shard.get_mut(room) else {
+                return;
+            };
+            let Some(released) = entry.notices.take() else {
+                return;
+            };
+            (Arc::clone(&entry.subscribers), released)
+        };
+        fan_out_notices(&subscribers, released);
     }
 
     // A std mutex: every critical section below is a few map operations and never awaits.
@@ -142,6 +283,10 @@ impl Hub {
         let mut subscribers = entry.subscribers.to_vec();
         subscribers.push(Arc::clone(handle));
         entry.subscribers = subscribers.into();
+        if !entry.notices.frames.is_empty() {
+            let waiting = entry.notices.frames.len();
+            entry.notices.late.push((handle.id, waiting));
+        }
         let user = entry
             .users
             .entry(UserKey(Arc::clone(&handle.user)))
@@ -263,7 +408,9 @@ impl Hub {
             .unwrap_or_else(|| Arc::new([]))
     }
 
-    /// Pushes one encoded frame to every subscriber of `room` except `except`.
+    /// Pushes one encoded frame to every subscriber of `room` except `except`. A
+    /// [`Priority::Notice`] may wait in the room for company instead (see [`NoticeLinger`]);
+    /// anything else lets the room's waiting notices go first.
     pub fn deliver(
         &self,
         room: &str,
@@ -271,10 +418,45 @@ impl Hub {
         priority: Priority,
         except: Option<SessionId>,
     ) {
-        let subscribers = self.subscribers(room);
-        if priority == Priority::Notice && self.notices.is_on() {
-            self.deliver_notice(&subscribers, item, except);
-            return;
+        let (subscribers, released) = {
+            let mut shard = self.shard(room);
+            let Some(entry) = shard.get_mut(room) else {
+                return;
+            };
+            if priority == Priority::Notice
+                && self.notices.is_on()
+                && let Outbound::Event(frame) = item
+                && entry
+                    .notices
+                    .must_wait(crate::heartbeat::now_ms(), self.notices.linger_ms())
+            {
+                entry.notices.frames.push((frame.clone(), except));
+                let waiting = entry.notices.frames.len();
+                if waiting < MAX_HELD_NOTICES {
+                    // The first to wait has the sweep come for the room, under the hub's
+                    // interned name.
+                    let room = (waiting == 1)
+                        .then(|| shard.get_key_value(room).map(|(key, _)| Arc::clone(key)))
+                        .flatten();
+                    drop(shard);
+                    if let Some(room) = room {
+                        self.notices.enlist(room);
+                    }
+                    return;
+                }
+                // As many as one write should carry: they all go now, this one with them.
+                let released = entry.notices.take();
+                let subscribers = Arc::clone(&entry.subscribers);
+                drop(shard);
+                if let Some(released) = released {
+                    fan_out_notices(&subscribers, released);
+                }
+                return;
+            }
+            (Arc::clone(&entry.subscribers), entry.notices.take())
+        };
+        if let Some(released) = released {
+            fan_out_notices(&subscribers, released);
         }
         for (at, subscriber) in subscribers.iter().enumerate() {
             // Each push's first reads of its handle were cache misses (4-5 % of W1's server
@@ -295,25 +477,6 @@ impl Hub {
         }
     }
 
-    /// [`Hub::deliver`] of a notice that may wait for company: idle subscribers keep it
-    /// queued and go to the [`NoticeLinger`], whose sweep wakes them.
-    fn deliver_notice(
-        &self,
-        subscribers: &[Arc<SessionHandle>],
-        item: &Outbound,
-        except: Option<SessionId>,
-    ) {
-        let linger_ms = self.notices.linger_ms();
-        let now_ms = crate::heartbeat::now_ms();
-        let mut lingering = Vec::new();
-        for subscriber in subscribers {
-            if Some(subscriber.id) != except && subscriber.push_notice(item, now_ms, linger_ms) {
-                lingering.push(Arc::clone(subscriber));
-            }
-        }
-        self.notices.enlist(&mut lingering);
-    }
-
     /// Forgets a room entirely (it was deleted) and returns who was subscribed.
     pub fn remove_room(&self, room: &str) -> Vec<Arc<SessionHandle>> {
         self.shard(room)
@@ -329,6 +492,51 @@ impl Hub {
             .filter(|s| s.user.id == user_id)
             .cloned()
             .collect()
+    }
+}
+
+/// Writes notices let go together to a room's subscribers: one push of all of them to each
+/// (one write), shared by every subscriber that gets them all. A session gets only those
+/// published after it subscribed, and not the one announcing its own arrival.
+fn fan_out_notices(subscribers: &[Arc<SessionHandle>], released: Released) {
+    let Released { frames, late } = released;
+    let all = match frames.as_slice() {
+        [(one, _)] => Outbound::Event(one.clone()),
+        _ => Outbound::Events(frames.iter().map(|(frame, _)| frame.clone()).collect()),
+    };
+    // The few sessions that get less than all of them.
+    let mut partial: Vec<SessionId> = frames
+        .iter()
+        .filter_map(|(_, except)| *except)
+        .chain(late.iter().map(|&(id, _)| id))
+        .collect();
+    partial.sort_unstable();
+    partial.dedup();
+    for subscriber in subscribers {
+        if partial.binary_search(&subscriber.id).is_err() {
+            subscriber.push(&all, Priority::Notice);
+            continue;
+        }
+        // Subscribed again since: what was waiting by the last time counts.
+        let from = late
+            .iter()
+            .rev()
+            .find(|&&(id, _)| id == subscriber.id)
+            .map_or(0, |&(_, from)| from);
+        let own: Vec<Utf8Bytes> = frames[from..]
+            .iter()
+            .filter(|(_, except)| *except != Some(subscriber.id))
+            .map(|(frame, _)| frame.clone())
+            .collect();
+        match own.as_slice() {
+            [] => {}
+            [one] => {
+                subscriber.push(&Outbound::Event(one.clone()), Priority::Notice);
+            }
+            _ => {
+                subscriber.push(&Outbound::Events(own.into()), Priority::Notice);
+            }
+        }
     }
 }
 
@@ -468,5 +676,133 @@ mod tests {
         hub.deliver("r", &item, Priority::Reliable, Some(1));
         assert!(a_rx.try_recv().is_none());
         assert!(b_rx.try_recv().is_some());
+    }
+
+    /// What a session has been sent so far (queued: test sessions have no socket), one entry
+    /// per write, each as its frames' texts.
+    fn writes(rx: &mut crate::outbound::OutboundReceiver) -> Vec<Vec<String>> {
+        std::iter::from_fn(|| rx.try_recv())
+            .map(|item| match item {
+                Outbound::Event(frame) => vec![frame.to_string()],
+                Outbound::Events(frames) => frames.iter().map(|f| f.to_string()).collect(),
+                Outbound::Chat(chat) => vec![format!("chat {}", chat.room())],
+                other => vec![format!("{other:?}")],
+            })
+            .collect()
+    }
+
+    fn notice(text: &'static str) -> Outbound {
+        Outbound::Event(tungstenite::Utf8Bytes::from_static(text))
+    }
+
+    fn member(id: SessionId) -> (Arc<SessionHandle>, crate::outbound::OutboundReceiver) {
+        let user = format!("u{id}");
+        SessionHandle::new(
+            id,
+            UserRef {
+                id: user.clone(),
+                name: user,
+            },
+            16,
+        )
+    }
+
+    /// Runs a hub's sweep until the returned token is cancelled.
+    fn sweep(hub: &Arc<Hub>) -> tokio_util::sync::CancellationToken {
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn({
+            let hub = Arc::clone(hub);
+            let stop = stop.clone();
+            async move { hub.run_notices(stop).await }
+        });
+        stop
+    }
+
+    /// A notice in a quiet room goes at once; the ones that follow within the linger wait in
+    /// the room and reach each member together, in one write, when the linger ends. A member
+    /// hears only of what was published after it subscribed, and never of its own arrival.
+    #[tokio::test]
+    async fn a_room_filling_up_holds_its_notices_and_lets_them_go_together() {
+        let hub = Arc::new(Hub::with_notice_linger(std::time::Duration::from_millis(
+            40,
+        )));
+        let stop = sweep(&hub);
+        let (a, mut a_rx) = member(1);
+        hub.subscribe("r", &a);
+        let (b, mut b_rx) = member(2);
+        hub.subscribe("r", &b);
+        hub.deliver("r", &notice("b joined"), Priority::Notice, Some(2));
+        assert_eq!(writes(&mut a_rx), [["b joined"]], "the first goes at once");
+        let (c, mut c_rx) = member(3);
+        hub.subscribe("r", &c);
+        hub.deliver("r", &notice("c joined"), Priority::Notice, Some(3));
+        let (d, mut d_rx) = member(4);
+        hub.subscribe("r", &d);
+        hub.deliver("r", &notice("d joined"), Priority::Notice, Some(4));
+        assert!(writes(&mut a_rx).is_empty(), "the next ones wait");
+        assert!(writes(&mut b_rx).is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+        assert_eq!(writes(&mut a_rx), [["c joined", "d joined"]]);
+        assert_eq!(writes(&mut b_rx), [["c joined", "d joined"]]);
+        assert_eq!(
+            writes(&mut c_rx),
+            [["d joined"]],
+            "not its own, not from before it"
+        );
+        assert!(writes(&mut d_rx).is_empty());
+        stop.cancel();
+    }
+
+    /// Anything else published to a room lets its waiting notices go first: a newcomer's
+    /// first message never reaches a member before its `user_joined`.
+    #[test]
+    fn nothing_published_to_the_room_overtakes_its_waiting_notices() {
+        let hub = Hub::with_notice_linger(std::time::Duration::from_secs(60));
+        let (a, mut a_rx) = member(1);
+        hub.subscribe("r", &a);
+        hub.deliver("r", &notice("x joined"), Priority::Notice, None);
+        hub.deliver("r", &notice("y joined"), Priority::Notice, None);
+        hub.deliver("r", &notice("z joined"), Priority::Notice, None);
+        assert_eq!(writes(&mut a_rx), [["x joined"]]);
+        hub.deliver("r", &notice("z says hi"), Priority::Reliable, None);
+        assert_eq!(
+            writes(&mut a_rx),
+            [vec!["y joined", "z joined"], vec!["z says hi"]]
+        );
+        // Other rooms' notices wait on their own.
+        hub.subscribe("q", &a);
+        hub.deliver("q", &notice("q1"), Priority::Notice, None);
+        hub.deliver("q", &notice("q2"), Priority::Notice, None);
+        hub.deliver("r", &notice("r1"), Priority::Reliable, None);
+        assert_eq!(writes(&mut a_rx), [["q1"], ["r1"]]);
+    }
+
+    /// However fast a storm, a room holds at most [`MAX_HELD_NOTICES`]: the one that fills it
+    /// sends them all, in order, in one write.
+    #[test]
+    fn a_room_holds_a_bounded_number_of_notices() {
+        let hub = Hub::with_notice_linger(std::time::Duration::from_secs(60));
+        let (a, mut a_rx) = member(1);
+        hub.subscribe("r", &a);
+        let texts: Vec<String> = (0..=MAX_HELD_NOTICES).map(|i| format!("n{i}")).collect();
+        for text in &texts {
+            let frame = tungstenite::Utf8Bytes::from(text.clone());
+            hub.deliver("r", &Outbound::Event(frame), Priority::Notice, None);
+        }
+        let written = writes(&mut a_rx);
+        assert_eq!(written.len(), 2);
+        assert_eq!(written[0], texts[..1]);
+        assert_eq!(written[1], texts[1..]);
+    }
+
+    /// With no linger every notice goes at once.
+    #[test]
+    fn without_a_linger_notices_go_at_once() {
+        let hub = Hub::new();
+        let (a, mut a_rx) = member(1);
+        hub.subscribe("r", &a);
+        hub.deliver("r", &notice("x joined"), Priority::Notice, None);
+        hub.deliver("r", &notice("y joined"), Priority::Notice, None);
+        assert_eq!(writes(&mut a_rx), [["x joined"], ["y joined"]]);
     }
 }

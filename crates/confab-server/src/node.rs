@@ -157,7 +157,7 @@ impl Node {
             let hub = Arc::clone(&node.hub);
             let shutdown = node.shutdown.clone();
             node.tasks
-                .spawn(async move { hub.notices().run(shutdown).await });
+                .spawn(async move { hub.run_notices(shutdown).await });
         }
         node.tasks
             .spawn(Arc::clone(&node).run_presence_announcer(presence_queue));

@@ -162,11 +162,11 @@ pub enum Outbound {
 pub enum Priority {
     /// Must be delivered or the session closed (chat, acks, joins, reads).
     Reliable,
-    /// Reliable, and may wait up to the hub's notice linger to share a write with the frames
-    /// after it (`user_joined`, `user_left`): a room filling up (a reconnect storm, a class
-    /// logging in) would otherwise cost every member one `send(2)` per arrival, most of a
-    /// join's CPU. Only [`crate::hub::Hub::deliver`] holds such frames back; pushed anywhere
-    /// else they go as [`Priority::Reliable`] ones.
+    /// Reliable, and may wait up to the hub's notice linger to share a write with the room's
+    /// notices after it (`user_joined`, `user_left`): a room filling up (a reconnect storm, a
+    /// class logging in) would otherwise cost every member one `send(2)` per arrival, most of
+    /// a join's CPU. Only [`crate::hub::Hub::deliver`] holds such frames back (see
+    /// [`crate::hub::NoticeLinger`]); a session treats them as [`Priority::Reliable`] ones.
     Notice,
     /// May be dropped when the queue is filling up (typing, presence).
     Droppable,
@@ -174,83 +174,6 @@ pub enum Priority {
 
 /// Frames of one write, on the stack: a write is usually one to a few frames.
 type Frames = SmallVec<[Frame; 16]>;
-
-/// Sessions keeping notices back ([`Priority::Notice`]), and the task that lets them go.
-///
-/// A notice that follows another within the linger waits for the notices after it, and the
-/// session's task is then woken once to write them all: a room filling up costs each member a
-/// write per linger instead of one per arrival, while a lone join or leave in a quiet room
-/// goes at once. One sweep for the node rather than a timer per session: a timer lives in the
-/// session's future, which every idle connection pays for (see [`crate::heartbeat`]).
-#[derive(Debug)]
-pub struct NoticeLinger {
-    /// How long a notice may wait; zero sends every notice at once.
-    linger: std::time::Duration,
-    /// Sessions with notices waiting, in the order they began to.
-    waiting: Mutex<Vec<Arc<SessionHandle>>>,
-    /// Raised when `waiting` stops being empty: the sweep starts its linger.
-    started: tokio::sync::Notify,
-}
-
-impl NoticeLinger {
-    /// Lets notices wait up to `linger` (zero: never).
-    pub fn new(linger: std::time::Duration) -> NoticeLinger {
-        NoticeLinger {
-            linger,
-            waiting: Mutex::new(Vec::new()),
-            started: tokio::sync::Notify::new(),
-        }
-    }
-
-    /// Whether notices may wait at all.
-    pub fn is_on(&self) -> bool {
-        !self.linger.is_zero()
-    }
-
-    /// The linger in milliseconds.
-    pub(crate) fn linger_ms(&self) -> u64 {
-        u64::try_from(self.linger.as_millis()).unwrap_or(u64::MAX)
-    }
-
-    /// Takes the sessions a [`SessionHandle::push_notice`] returned true for: their tasks are
-    /// woken when the current linger ends.
-    pub(crate) fn enlist(&self, sessions: &mut Vec<Arc<SessionHandle>>) {
-        if sessions.is_empty() {
-            return;
-        }
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        let first = waiting.is_empty();
-        waiting.append(sessions);
-        drop(waiting);
-        if first {
-            self.started.notify_one();
-        }
-    }
-
-    /// Runs until `shutdown`: whenever sessions start waiting, lets the linger pass and wakes
-    /// each of them to write what it holds. At shutdown the sessions' own close flushes what
-    /// is still waiting.
-    pub async fn run(&self, shutdown: tokio_util::sync::CancellationToken) {
-        let mut due = Vec::new();
-        loop {
-            tokio::select! {
-                () = self.started.notified() => {}
-                () = shutdown.cancelled() => return,
-            }
-            tokio::select! {
-                () = tokio::time::sleep(self.linger) => {}
-                () = shutdown.cancelled() => return,
-            }
-            std::mem::swap(
-                &mut due,
-                &mut *self.waiting.lock().unwrap_or_else(|p| p.into_inner()),
-            );
-            for session in due.drain(..) {
-                session.ready.wake();
-            }
-        }
-    }
-}
 
 /// The shared half of a session: what the hub, the committer and presence hold.
 ///
@@ -328,12 +251,6 @@ struct Outlet {
     broken: bool,
     /// Set once the session task is gone or has sent its close frame: nothing more is queued.
     closed: bool,
-    /// The queue holds notices kept back for company ([`SessionHandle::push_notice`]): the
-    /// task has not been woken for them, the hub's [`NoticeLinger`] will.
-    lingering: bool,
-    /// When the last notice was pushed ([`clock32`]), 0 for never: one after a quiet spell
-    /// goes at once. Beside the flags, in what would be their padding.
-    noticed_ms: u32,
     /// Acks kept back by [`SessionHandle::hold`] while their commit fans out: they go out in
     /// the same write as the next frame (usually the sender's own copy of its message).
     held: Option<Box<Outbound>>,
@@ -428,7 +345,7 @@ impl RoomMarks {
 /// The low 32 bits of a [`heartbeat::now_ms`] reading, as sessions keep them: two full
 /// readings would cost every connection 8 bytes more, and the heartbeat only ever needs
 /// differences of seconds to minutes (see [`ms_since`]).
-fn clock32(now_ms: u64) -> u32 {
+pub(crate) fn clock32(now_ms: u64) -> u32 {
     // Truncation intended: the clock wraps every 49.7 days and `ms_since` allows for it.
     now_ms as u32
 }
@@ -436,7 +353,7 @@ fn clock32(now_ms: u64) -> u32 {
 /// Milliseconds from `then` to `now`, both [`clock32`] readings: right across the clock's
 /// wrap, and 0 for a `then` a little after `now` (a peer heard while the heartbeat was
 /// sweeping with an older `now`).
-fn ms_since(now: u32, then: u32) -> u64 {
+pub(crate) fn ms_since(now: u32, then: u32) -> u64 {
     let elapsed = now.wrapping_sub(then);
     if elapsed > u32::MAX / 2 {
         0
@@ -701,46 +618,6 @@ impl SessionHandle {
         true
     }
 
-    /// [`SessionHandle::push`] of a [`Priority::Notice`] frame that may wait for company. A
-    /// notice to a session that had none in the last `linger_ms` goes at once, as any frame
-    /// would. One that follows another within the linger (a room filling up) is queued instead,
-    /// without waking the task, and the caller must then hand the session to its
-    /// [`NoticeLinger`] (true is returned), which wakes the task within the linger to write
-    /// everything queued by then in one go. Until then further notices join it quietly (up to
-    /// half the queue); anything else pushed meanwhile queues behind them and wakes the task
-    /// as usual, so nothing overtakes a notice. `now_ms` is a [`heartbeat::now_ms`] reading,
-    /// taken once for the whole fan-out.
-    pub(crate) fn push_notice(&self, item: &Outbound, now_ms: u64, linger_ms: u64) -> bool {
-        if self.is_slow() {
-            return false;
-        }
-        let mut outlet = self.outlet();
-        let now = clock32(now_ms);
-        let quiet = outlet.noticed_ms == 0 || ms_since(now, outlet.noticed_ms) >= linger_ms;
-        outlet.noticed_ms = now;
-        let holdable = matches!(item, Outbound::Event(_) | Outbound::Events(_));
-        if !outlet.closed && holdable {
-            if outlet.lingering && outlet.queue.len() < (self.capacity as usize / 2).max(1) {
-                outlet.queue.push_back(item.clone());
-                return false;
-            }
-            if !quiet
-                && !outlet.lingering
-                && outlet.held.is_none()
-                && outlet.is_open_for_direct_writes()
-            {
-                outlet.queue.push_back(item.clone());
-                outlet.lingering = true;
-                return true;
-            }
-        }
-        // The first notice after a quiet spell, half a queue of them, or a session busy
-        // writing anyway: as a reliable frame, now.
-        outlet.lingering = false;
-        self.push_locked(outlet, item, Priority::Notice);
-        false
-    }
-
     /// Keeps a sender's acks back until [`SessionHandle::release`] or the next push, whichever
     /// comes first. The committer holds each sender's acks while it fans the commit out: the
     /// sender is usually subscribed to the room it wrote to, and its acks then go out in the
@@ -914,15 +791,6 @@ impl OutboundReceiver {
         }
         if let Some(held) = outlet.held.take() {
             event_frames(&held, &mut frames);
-        }
-        if std::mem::take(&mut outlet.lingering) {
-            // Notices waiting for company lead the queue. Had they not waited they would be in
-            // the socket already, ahead of the task's own frames: they go first, as they would
-            // have (a `left` reply must not precede a notice about the room from before).
-            while let Some(Outbound::Event(_) | Outbound::Events(_)) = outlet.queue.front() {
-                let notice = outlet.queue.pop_front().expect("looked at");
-                event_frames(&notice, &mut frames);
-            }
         }
         frames.extend(first.iter().cloned());
         if let Some((room, mark)) = open {
@@ -1406,143 +1274,5 @@ mod tests {
         assert!(marks.contains_key("room-8"));
         let keys: Vec<_> = marks.into_keys().collect();
         assert!(keys.windows(2).all(|pair| pair[0] < pair[1]), "kept sorted");
-    }
-
-    /// A waker that counts its wake-ups, standing in for a session task's.
-    struct CountingWaker(std::sync::atomic::AtomicUsize);
-
-    impl futures_util::task::ArcWake for CountingWaker {
-        fn wake_by_ref(waker: &Arc<Self>) {
-            waker.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
-    fn counting_waker(handle: &SessionHandle) -> Arc<CountingWaker> {
-        let counter = Arc::new(CountingWaker(Default::default()));
-        handle
-            .ready
-            .register(&futures_util::task::waker(Arc::clone(&counter)));
-        counter
-    }
-
-    /// Whether the client's end has anything to read yet.
-    fn readable(client: &TcpStream) -> bool {
-        let mut byte = [0u8; 1];
-        client.try_read(&mut byte).is_ok()
-    }
-
-    /// A notice after a quiet spell goes at once; one that follows it within the linger waits,
-    /// without waking the task, and takes the ones after it along; whatever else comes for the
-    /// session meanwhile queues behind them, so the client reads everything in push order.
-    #[tokio::test]
-    async fn notices_in_quick_succession_wait_for_company_and_are_not_overtaken() {
-        let (socket, mut client, handle, mut rx) = attached(16).await;
-        let woken = counting_waker(&handle);
-        assert!(
-            !handle.push_notice(&text("joined a"), heartbeat::now_ms(), 1_000),
-            "the first goes at once"
-        );
-        assert_eq!(read_texts(&mut client, 1).await, ["joined a"]);
-        assert!(
-            handle.push_notice(&text("joined b"), heartbeat::now_ms(), 1_000),
-            "the next one waits"
-        );
-        assert!(
-            !handle.push_notice(&text("joined c"), heartbeat::now_ms(), 1_000),
-            "already waiting"
-        );
-        assert_eq!(woken.0.load(Ordering::SeqCst), 0, "nobody woken for them");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        assert!(!readable(&client), "nothing written yet");
-        // A chat message does not overtake them: it queues and wakes the task.
-        handle.outlet().rooms.insert("r".into(), Some(0));
-        assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
-        assert_eq!(woken.0.load(Ordering::SeqCst), 1);
-        drain(&mut rx, &socket).await;
-        assert_eq!(
-            read_texts(&mut client, 3).await,
-            ["joined b", "joined c", "m1"]
-        );
-        // With no linger every notice goes at once.
-        assert!(!handle.push_notice(&text("left a"), heartbeat::now_ms(), 0));
-        assert!(!handle.push_notice(&text("left b"), heartbeat::now_ms(), 0));
-        assert_eq!(read_texts(&mut client, 2).await, ["left a", "left b"]);
-    }
-
-    /// The task's own frames (a reply) come after notices that were waiting for company, as
-    /// they would have if the notices had gone at once; the rest of the queue still follows
-    /// the reply (a join's live frames must).
-    #[tokio::test]
-    async fn a_reply_does_not_overtake_waiting_notices() {
-        let (socket, mut client, handle, mut rx) = attached(16).await;
-        assert!(!handle.push_notice(&text("joined a"), heartbeat::now_ms(), 1_000));
-        assert!(handle.push_notice(&text("joined b"), heartbeat::now_ms(), 1_000));
-        assert!(!handle.push_notice(&text("left a"), heartbeat::now_ms(), 1_000));
-        handle.outlet().rooms.insert("r".into(), Some(0));
-        assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
-        let reply = [Frame::Text("reply".into())];
-        let flushed = rx.flush(&socket, &reply, None, usize::MAX);
-        assert!(matches!(flushed.outcome, FlushOutcome::Done));
-        assert_eq!(
-            read_texts(&mut client, 5).await,
-            ["joined a", "joined b", "left a", "reply", "m1"]
-        );
-    }
-
-    /// Waiting notices fill at most half the queue: the next one wakes the task, so a storm of
-    /// arrivals can never make a session look slow.
-    #[tokio::test]
-    async fn waiting_notices_never_fill_the_queue() {
-        let (_socket, _client, handle, _rx) = attached(8).await;
-        let woken = counting_waker(&handle);
-        assert!(!handle.push_notice(&text("n0"), heartbeat::now_ms(), 1_000));
-        assert!(handle.push_notice(&text("n1"), heartbeat::now_ms(), 1_000));
-        for i in 2..=4 {
-            assert!(!handle.push_notice(&text(&format!("n{i}")), heartbeat::now_ms(), 1_000));
-        }
-        assert_eq!(
-            woken.0.load(Ordering::SeqCst),
-            0,
-            "four of eight wait quietly"
-        );
-        assert!(!handle.push_notice(&text("n5"), heartbeat::now_ms(), 1_000));
-        assert_eq!(
-            woken.0.load(Ordering::SeqCst),
-            1,
-            "the fifth wakes the task"
-        );
-        assert!(!handle.is_slow());
-        assert_eq!(handle.outlet().queue.len(), 5);
-    }
-
-    /// The linger's sweep wakes every session that enlisted once the linger has passed, and
-    /// the session's write takes what waited.
-    #[tokio::test]
-    async fn the_sweep_wakes_waiting_sessions_after_the_linger() {
-        let (socket, mut client, handle, mut rx) = attached(16).await;
-        let linger = Arc::new(NoticeLinger::new(std::time::Duration::from_millis(30)));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let sweep = tokio::spawn({
-            let linger = Arc::clone(&linger);
-            let stop = stop.clone();
-            async move { linger.run(stop).await }
-        });
-        let woken = counting_waker(&handle);
-        assert!(!handle.push_notice(&text("a"), heartbeat::now_ms(), linger.linger_ms()));
-        assert!(handle.push_notice(&text("b"), heartbeat::now_ms(), linger.linger_ms()));
-        let started = std::time::Instant::now();
-        linger.enlist(&mut vec![Arc::clone(&handle)]);
-        while woken.0.load(Ordering::SeqCst) == 0 {
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(5),
-                "never woken"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        assert!(started.elapsed() >= std::time::Duration::from_millis(25));
-        drain(&mut rx, &socket).await;
-        assert_eq!(read_texts(&mut client, 2).await, ["a", "b"]);
-        stop.cancel();
-        sweep.await.unwrap();
     }
 }
