@@ -209,19 +209,20 @@ impl Hub {
     }
 
     /// The sweep that lets waiting notices go (see [`NoticeLinger`]), until `shutdown`: the
-    /// node runs it on its task tracker. What still waits at shutdown is dropped with the
-    /// sessions it was for.
+    /// node runs it on its task tracker. At shutdown it lets everything still waiting go at
+    /// once, for the sessions to write before they close.
     pub async fn run_notices(&self, shutdown: tokio_util::sync::CancellationToken) {
         let mut due = Vec::new();
         loop {
-            tokio::select! {
-                () = self.notices.started.notified() => {}
-                () = shutdown.cancelled() => return,
-            }
-            tokio::select! {
-                () = tokio::time::sleep(self.notices.linger) => {}
-                () = shutdown.cancelled() => return,
-            }
+            let stopping = tokio::select! {
+                () = self.notices.started.notified() => {
+                    tokio::select! {
+                        () = tokio::time::sleep(self.notices.linger) => false,
+                        () = shutdown.cancelled() => true,
+                    }
+                }
+                () = shutdown.cancelled() => true,
+            };
             std::mem::swap(
                 &mut due,
                 &mut *self
@@ -232,6 +233,9 @@ impl Hub {
             );
             for room in due.drain(..) {
                 self.release_notices(&room);
+            }
+            if stopping {
+                return;
             }
         }
     }
@@ -751,6 +755,28 @@ mod tests {
         );
         assert!(writes(&mut d_rx).is_empty());
         stop.cancel();
+    }
+
+    /// Shutting down lets what still waits go at once, for the sessions to write before they
+    /// close.
+    #[tokio::test]
+    async fn shutdown_lets_waiting_notices_go() {
+        let hub = Arc::new(Hub::with_notice_linger(std::time::Duration::from_secs(60)));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let sweep = tokio::spawn({
+            let hub = Arc::clone(&hub);
+            let stop = stop.clone();
+            async move { hub.run_notices(stop).await }
+        });
+        let (a, mut a_rx) = member(1);
+        hub.subscribe("r", &a);
+        hub.deliver("r", &notice("x joined"), Priority::Notice, None);
+        hub.deliver("r", &notice("y joined"), Priority::Notice, None);
+        assert_eq!(writes(&mut a_rx), [["x joined"]]);
+        tokio::task::yield_now().await;
+        stop.cancel();
+        sweep.await.unwrap();
+        assert_eq!(writes(&mut a_rx), [["y joined"]]);
     }
 
     /// Anything else published to a room lets its waiting notices go first: a newcomer's
