@@ -422,11 +422,12 @@ impl Hub {
         priority: Priority,
         except: Option<SessionId>,
     ) {
-        let (subscribers, released) = {
+        let (subscribers, released, held) = {
             let mut shard = self.shard(room);
             let Some(entry) = shard.get_mut(room) else {
                 return;
             };
+            let mut held = false;
             if priority == Priority::Notice
                 && self.notices.is_on()
                 && let Outbound::Event(frame) = item
@@ -435,6 +436,7 @@ impl Hub {
                     .must_wait(crate::heartbeat::now_ms(), self.notices.linger_ms())
             {
                 entry.notices.frames.push((frame.clone(), except));
+                held = true;
                 let waiting = entry.notices.frames.len();
                 if waiting < MAX_HELD_NOTICES {
                     // The first to wait has the sweep come for the room, under the hub's
@@ -449,18 +451,14 @@ impl Hub {
                     return;
                 }
                 // As many as one write should carry: they all go now, this one with them.
-                let released = entry.notices.take();
-                let subscribers = Arc::clone(&entry.subscribers);
-                drop(shard);
-                if let Some(released) = released {
-                    fan_out_notices(&subscribers, released);
-                }
-                return;
             }
-            (Arc::clone(&entry.subscribers), entry.notices.take())
+            (Arc::clone(&entry.subscribers), entry.notices.take(), held)
         };
         if let Some(released) = released {
             fan_out_notices(&subscribers, released);
+        }
+        if held {
+            return;
         }
         for (at, subscriber) in subscribers.iter().enumerate() {
             // Each push's first reads of its handle were cache misses (4-5 % of W1's server
@@ -564,6 +562,14 @@ mod tests {
     use confab_proto::UserRef;
 
     fn session(id: SessionId, user: &str) -> Arc<SessionHandle> {
+        with_queue(id, user).0
+    }
+
+    /// A session of `user` (no socket: what is pushed to it queues), with its queue.
+    fn with_queue(
+        id: SessionId,
+        user: &str,
+    ) -> (Arc<SessionHandle>, crate::outbound::OutboundReceiver) {
         SessionHandle::new(
             id,
             UserRef {
@@ -572,7 +578,6 @@ mod tests {
             },
             16,
         )
-        .0
     }
 
     #[test]
@@ -658,22 +663,8 @@ mod tests {
     #[test]
     fn deliver_skips_the_excluded_session() {
         let hub = Hub::new();
-        let (a, mut a_rx) = SessionHandle::new(
-            1,
-            UserRef {
-                id: "a".into(),
-                name: "a".into(),
-            },
-            4,
-        );
-        let (b, mut b_rx) = SessionHandle::new(
-            2,
-            UserRef {
-                id: "b".into(),
-                name: "b".into(),
-            },
-            4,
-        );
+        let (a, mut a_rx) = with_queue(1, "a");
+        let (b, mut b_rx) = with_queue(2, "b");
         hub.subscribe("r", &a);
         hub.subscribe("r", &b);
         let item = Outbound::Event(tungstenite::Utf8Bytes::from_static("x"));
@@ -700,15 +691,7 @@ mod tests {
     }
 
     fn member(id: SessionId) -> (Arc<SessionHandle>, crate::outbound::OutboundReceiver) {
-        let user = format!("u{id}");
-        SessionHandle::new(
-            id,
-            UserRef {
-                id: user.clone(),
-                name: user,
-            },
-            16,
-        )
+        with_queue(id, &format!("u{id}"))
     }
 
     /// Runs a hub's sweep until the returned token is cancelled.
