@@ -615,6 +615,12 @@ async fn connection_task(
     });
     let mut current = *phase.borrow_and_update();
     let mut sent_on_schedule: u64 = 0;
+    // One timer for the connection's life, re-armed only when the next publish's time moves
+    // (once per publish): a fresh `sleep_until` per wake-up registered and cancelled a timer
+    // on every received frame, ten times a second per connection in W2.
+    let publish_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(publish_timer);
+    let mut armed_for: Option<Instant> = None;
     enum Wake {
         Read(Result<(), WireError>),
         Send,
@@ -651,9 +657,15 @@ async fn connection_task(
                 _ => {}
             }
         }
+        if let Some(due) = due
+            && armed_for != Some(due)
+        {
+            publish_timer.as_mut().reset(due.into());
+            armed_for = Some(due);
+        }
         let wake = tokio::select! {
             result = conn.fill() => Wake::Read(result),
-            () = sleep_until_opt(due), if due.is_some() => Wake::Send,
+            () = &mut publish_timer, if due.is_some() => Wake::Send,
             changed = phase.changed() => {
                 if changed.is_err() {
                     break;
@@ -688,12 +700,6 @@ async fn connection_task(
     }
     conn.close().await;
     Some((room, receipts))
-}
-
-async fn sleep_until_opt(due: Option<Instant>) {
-    if let Some(due) = due {
-        tokio::time::sleep_until(due.into()).await;
-    }
 }
 
 /// Queues one stamped message (written by the next flush); false once publishing has stopped.

@@ -1,4 +1,4 @@
-//! A minimal WebSocket client (RFC 6455) over a plain `tokio::net::TcpStream`.
+//! A minimal WebSocket client (RFC 6455) over a plain TCP socket.
 //!
 //! Why not tokio-tungstenite: the load generator must not be what is measured. A general client
 //! library allocates a message per received frame, validates UTF-8, and goes through a `Sink`/
@@ -13,12 +13,19 @@
 //! [`WsConn::fill`] is the only `await` on the read side and is cancel-safe (one `read` call),
 //! so it can sit in a `select!` next to a publish timer; [`WsConn::next_frame`] is synchronous
 //! and returns frames already buffered.
+//!
+//! The socket is driven through tokio's [`AsyncFd`] rather than a `TcpStream` so that a read
+//! that leaves the socket empty can say so: a read shorter than the buffer means the kernel
+//! had nothing more, and the readiness is cleared right there. Without that, every wake-up
+//! cost a second `recvmsg` that only returned `EAGAIN`: half of the generator's `recvmsg`s in
+//! W2 (BENCHMARKS.md, 2026-12-04 late evening).
 
+use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr};
 
 use base64::Engine as _;
 use sha1::{Digest, Sha1};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Read buffer a connection starts with: enough for many small frames per `read`, small
@@ -112,7 +119,7 @@ enum Parsed {
 /// One client WebSocket connection.
 #[derive(Debug)]
 pub struct WsConn {
-    stream: TcpStream,
+    stream: AsyncFd<std::net::TcpStream>,
     /// Storage for received bytes; `rbuf[start..end]` is unparsed.
     rbuf: Vec<u8>,
     start: usize,
@@ -156,14 +163,20 @@ impl WsConn {
         }
         let stream = socket.connect(server).await?;
         stream.set_nodelay(true)?;
-        let mut conn = WsConn::from_stream(stream, rand::random());
+        let mut conn = WsConn::from_stream(stream, rand::random())?;
         conn.handshake(&server.to_string(), path, extra_headers)
             .await?;
         Ok(conn)
     }
 
-    fn from_stream(stream: TcpStream, seed: u64) -> WsConn {
-        WsConn {
+    /// Takes over a connected stream (still non-blocking once out of tokio's hands).
+    fn from_stream(stream: TcpStream, seed: u64) -> std::io::Result<WsConn> {
+        let stream = stream.into_std()?;
+        // SAFETY: the `AsyncFd` owns the stream, so the descriptor it registers stays open
+        // until the `AsyncFd` is dropped (which deregisters it first).
+        #[allow(unsafe_code)]
+        let stream = unsafe { AsyncFd::register(stream) }.map_err(std::io::Error::from)?;
+        Ok(WsConn {
             stream,
             rbuf: vec![0; INITIAL_READ_BUF],
             start: 0,
@@ -177,7 +190,42 @@ impl WsConn {
             close_sent: false,
             stamped: false,
             arrived_wall_ns: 0,
+        })
+    }
+
+    /// One `read` into `rbuf[from..to]` once the socket is readable.
+    async fn read_into(&mut self, from: usize, to: usize) -> std::io::Result<usize> {
+        loop {
+            let mut ready = self.stream.readable_mut().await?;
+            let buf = &mut self.rbuf[from..to];
+            let wanted = buf.len();
+            match ready.try_io(|stream| stream.get_mut().read(buf)) {
+                Ok(result) => {
+                    if matches!(result, Ok(n) if n > 0 && n < wanted) {
+                        ready.clear_ready();
+                    }
+                    return result;
+                }
+                Err(_would_block) => continue,
+            }
         }
+    }
+
+    /// Writes all of `bytes`, waiting for room in the socket's buffer as needed.
+    async fn write_all(
+        stream: &mut AsyncFd<std::net::TcpStream>,
+        mut bytes: &[u8],
+    ) -> std::io::Result<()> {
+        while !bytes.is_empty() {
+            let mut ready = stream.writable_mut().await?;
+            match ready.try_io(|stream| stream.get_mut().write(bytes)) {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => bytes = &bytes[n..],
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
     }
 
     async fn handshake(
@@ -192,7 +240,7 @@ impl WsConn {
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extra_headers}\r\n"
         );
-        self.stream.write_all(request.as_bytes()).await?;
+        Self::write_all(&mut self.stream, request.as_bytes()).await?;
         let head_end = loop {
             if let Some(pos) = memchr::memmem::find(&self.rbuf[..self.end], b"\r\n\r\n") {
                 break pos + 4;
@@ -203,7 +251,7 @@ impl WsConn {
             if self.end == self.rbuf.len() {
                 self.rbuf.resize(self.rbuf.len() * 2, 0);
             }
-            let n = self.stream.read(&mut self.rbuf[self.end..]).await?;
+            let n = self.read_into(self.end, self.rbuf.len()).await?;
             if n == 0 {
                 return Err(WireError::Handshake(
                     "connection closed during the handshake".into(),
@@ -241,7 +289,7 @@ impl WsConn {
         while self.end < wanted {
             let read = tokio::time::timeout(
                 std::time::Duration::from_secs(2),
-                self.stream.read(&mut self.rbuf[self.end..wanted]),
+                self.read_into(self.end, wanted),
             )
             .await;
             match read {
@@ -260,7 +308,7 @@ impl WsConn {
         let n = if self.stamped {
             self.read_stamped().await?
         } else {
-            self.stream.read(&mut self.rbuf[self.end..]).await?
+            self.read_into(self.end, self.rbuf.len()).await?
         };
         if n == 0 {
             return Err(WireError::Eof);
@@ -279,7 +327,7 @@ impl WsConn {
     /// (the generator asks at connect, long before it measures).
     pub fn stamp_arrivals(&mut self) -> Result<(), WireError> {
         nix::sys::socket::setsockopt(
-            &self.stream,
+            self.stream.get_ref(),
             nix::sys::socket::sockopt::ReceiveTimestampns,
             &true,
         )
@@ -307,11 +355,12 @@ impl WsConn {
         struct ControlBuffer([u8; 64]);
 
         loop {
-            self.stream.readable().await?;
-            let fd = self.stream.as_raw_fd();
+            let mut ready = self.stream.readable_mut().await?;
+            let fd = ready.get_ref().as_raw_fd();
             let buf = &mut self.rbuf[self.end..];
+            let wanted = buf.len();
             let arrived = &mut self.arrived_wall_ns;
-            let result = self.stream.try_io(tokio::io::Interest::READABLE, || {
+            let result = ready.try_io(|_| {
                 // Segments queued before the stamps were asked for carry none.
                 *arrived = 0;
                 let mut control = ControlBuffer([0; 64]);
@@ -326,8 +375,13 @@ impl WsConn {
                 Ok(msg.bytes)
             });
             match result {
-                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => return other,
+                Ok(result) => {
+                    if matches!(result, Ok(n) if n > 0 && n < wanted) {
+                        ready.clear_ready();
+                    }
+                    return result;
+                }
+                Err(_would_block) => continue,
             }
         }
     }
@@ -544,7 +598,7 @@ impl WsConn {
     /// Writes every queued frame.
     pub async fn flush(&mut self) -> Result<(), WireError> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
+            Self::write_all(&mut self.stream, &self.wbuf).await?;
             self.wbuf.clear();
         }
         Ok(())
@@ -557,12 +611,12 @@ impl WsConn {
             self.close_sent = true;
         }
         let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        let _ = self.stream.get_ref().shutdown(std::net::Shutdown::Write);
     }
 
     /// The local address (for checking the source-address spread).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.stream.local_addr()
+        self.stream.get_ref().local_addr()
     }
 }
 
@@ -594,7 +648,7 @@ fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncWriteExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A connected pair: our client side and the raw server side.
@@ -602,7 +656,10 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (WsConn::from_stream(client.unwrap(), 42), server.unwrap().0)
+        (
+            WsConn::from_stream(client.unwrap(), 42).unwrap(),
+            server.unwrap().0,
+        )
     }
 
     fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
