@@ -138,10 +138,18 @@ pub struct BenchArgs {
 /// and writes the JSON report if asked. Blocking: call it outside any async runtime.
 pub fn main(args: BenchArgs) -> anyhow::Result<Report> {
     let threads = args.threads.unwrap_or_else(run::allowed_cpus).max(1);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads)
-        .enable_all()
-        .build()?;
+    // On one CPU a current-thread runtime: the same work without the multi-threaded
+    // scheduler's hand-offs on every wake-up (as the server does, `runtime_for_this_machine`).
+    let runtime = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     let report = runtime.block_on(run::run(args.clone()))?;
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     print!("{}", report.summary());

@@ -621,10 +621,14 @@ async fn connection_task(
     let publish_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(publish_timer);
     let mut armed_for: Option<Instant> = None;
+    // Likewise one wait for the next phase, kept across wake-ups: a fresh `changed()` per
+    // wake-up joined and left the channel's list of waiters every time.
+    let phase_change = next_phase(phase);
+    tokio::pin!(phase_change);
     enum Wake {
         Read(Result<(), WireError>),
         Send,
-        Phase,
+        Phase(watch::Receiver<Phase>),
     }
     loop {
         if let Err(error) = handle_frames(&ctx, &mut conn, room, &mut receipts, publisher.as_mut())
@@ -666,11 +670,11 @@ async fn connection_task(
         let wake = tokio::select! {
             result = conn.fill() => Wake::Read(result),
             () = &mut publish_timer, if due.is_some() => Wake::Send,
-            changed = phase.changed() => {
+            (phase, changed) = &mut phase_change => {
                 if changed.is_err() {
                     break;
                 }
-                Wake::Phase
+                Wake::Phase(phase)
             }
         };
         match wake {
@@ -690,16 +694,25 @@ async fn connection_task(
                     }
                 }
             }
-            Wake::Phase => {
+            Wake::Phase(mut phase) => {
                 current = *phase.borrow_and_update();
                 if current == Phase::Close {
                     break;
                 }
+                phase_change.set(next_phase(phase));
             }
         }
     }
     conn.close().await;
     Some((room, receipts))
+}
+
+/// Waits for the run's next phase, giving the receiver back with the outcome.
+async fn next_phase(
+    mut phase: watch::Receiver<Phase>,
+) -> (watch::Receiver<Phase>, Result<(), watch::error::RecvError>) {
+    let changed = phase.changed().await;
+    (phase, changed)
 }
 
 /// Queues one stamped message (written by the next flush); false once publishing has stopped.
