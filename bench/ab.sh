@@ -14,11 +14,12 @@
 # build, and each takes the lock /tmp/confab-bench.lock, so two comparisons never overlap.
 # Prints, per label: CPU per delivery (median and each run), p99 per run (as read, and at
 # arrival: to the kernel's receive timestamp, without the generator's delay), lost deliveries, how
-# late the generator's own runtime got at worst in each run (a p99 near it is partly its), the
-# share of the window the most robbed CPU was stolen by other guests of a virtual machine, and
-# RSS per connection (W3), acked/s (W4) or time until all caught up (W5) where they apply, the
-# size of confab's WAL at the end of each run (past 64 MiB for long, checkpoints fell behind),
-# and whether the generator was saturated in any run (its figures are then lower bounds).
+# late the generator's own runtime got at worst in each run (a p99 near it is partly its) and
+# the cores it used, the share of the window the most robbed CPU was stolen by other guests of
+# a virtual machine, and RSS per connection (W3), acked/s (W4) or time until all caught up (W5)
+# where they apply, the size of confab's WAL at the end of each run (past 64 MiB for long,
+# checkpoints fell behind), and whether the generator was saturated in any run (its figures are
+# then lower bounds).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -76,6 +77,8 @@ for entry in "${LABELS[@]}"; do
           + \", lost [\(map(.lost | tostring) | join(\" \"))]\"
           + (if .[0].mode != \"idle\" and .[0].generator.max_late_ms != null then
                \", generator late ms [\(map(.generator.max_late_ms | r(0)) | join(\" \"))]\" else \"\" end)
+          + (if .[0].generator.cores_used != null then
+               \", generator cores [\(map(.generator.cores_used | r(2)) | join(\" \"))]\" else \"\" end)
           + (if .[0].host.steal_by_cpu != null then
                \", steal % [\(map(.host.steal_by_cpu | max * 100 | r(1)) | join(\" \"))]\" else \"\" end)
           + (if .[0].mode == \"idle\" then

@@ -122,7 +122,8 @@ pub struct BenchArgs {
     /// PID of the server: its CPU time per delivery and RSS per connection are reported.
     #[arg(long)]
     pub server_pid: Option<u32>,
-    /// Worker threads [default: the CPUs this process may run on].
+    /// Worker threads [default: the CPUs this process may run on]; with one, the run goes on a
+    /// current-thread runtime.
     #[arg(long)]
     pub threads: Option<usize>,
     /// No live progress on stderr.
