@@ -195,20 +195,10 @@ impl WsConn {
 
     /// One `read` into `rbuf[from..to]` once the socket is readable.
     async fn read_into(&mut self, from: usize, to: usize) -> std::io::Result<usize> {
-        loop {
-            let mut ready = self.stream.readable_mut().await?;
-            let buf = &mut self.rbuf[from..to];
-            let wanted = buf.len();
-            match ready.try_io(|stream| stream.get_mut().read(buf)) {
-                Ok(result) => {
-                    if matches!(result, Ok(n) if n > 0 && n < wanted) {
-                        ready.clear_ready();
-                    }
-                    return result;
-                }
-                Err(_would_block) => continue,
-            }
-        }
+        read_when_ready(&mut self.stream, &mut self.rbuf[from..to], |stream, buf| {
+            stream.read(buf)
+        })
+        .await
     }
 
     /// Writes all of `bytes`, waiting for room in the socket's buffer as needed.
@@ -354,18 +344,21 @@ impl WsConn {
         #[repr(C, align(8))]
         struct ControlBuffer([u8; 64]);
 
-        loop {
-            let mut ready = self.stream.readable_mut().await?;
-            let fd = ready.get_ref().as_raw_fd();
-            let buf = &mut self.rbuf[self.end..];
-            let wanted = buf.len();
-            let arrived = &mut self.arrived_wall_ns;
-            let result = ready.try_io(|_| {
+        let arrived = &mut self.arrived_wall_ns;
+        read_when_ready(
+            &mut self.stream,
+            &mut self.rbuf[self.end..],
+            |stream, buf| {
                 // Segments queued before the stamps were asked for carry none.
                 *arrived = 0;
                 let mut control = ControlBuffer([0; 64]);
                 let mut iov = [std::io::IoSliceMut::new(buf)];
-                let msg = recvmsg::<()>(fd, &mut iov, Some(&mut control.0), MsgFlags::empty())?;
+                let msg = recvmsg::<()>(
+                    stream.as_raw_fd(),
+                    &mut iov,
+                    Some(&mut control.0),
+                    MsgFlags::empty(),
+                )?;
                 for cmsg in msg.cmsgs()? {
                     if let ControlMessageOwned::ScmTimestampns(at) = cmsg {
                         let ns = at.tv_sec() as u64 * 1_000_000_000 + at.tv_nsec() as u64;
@@ -373,17 +366,9 @@ impl WsConn {
                     }
                 }
                 Ok(msg.bytes)
-            });
-            match result {
-                Ok(result) => {
-                    if matches!(result, Ok(n) if n > 0 && n < wanted) {
-                        ready.clear_ready();
-                    }
-                    return result;
-                }
-                Err(_would_block) => continue,
-            }
-        }
+            },
+        )
+        .await
     }
 
     /// Makes sure there is free space after `end`, enough for the frame being parsed.
@@ -617,6 +602,29 @@ impl WsConn {
     /// The local address (for checking the source-address spread).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.stream.get_ref().local_addr()
+    }
+}
+
+/// One read into `buf` by `read`, once the socket is readable. A read shorter than `buf` left
+/// the socket empty: its readiness is cleared there, so the next read waits for new bytes
+/// instead of spending a system call on `EAGAIN` (tokio clears it only on `EAGAIN`).
+async fn read_when_ready(
+    stream: &mut AsyncFd<std::net::TcpStream>,
+    buf: &mut [u8],
+    mut read: impl FnMut(&mut std::net::TcpStream, &mut [u8]) -> std::io::Result<usize>,
+) -> std::io::Result<usize> {
+    let wanted = buf.len();
+    loop {
+        let mut ready = stream.readable_mut().await?;
+        match ready.try_io(|stream| read(stream.get_mut(), buf)) {
+            Ok(result) => {
+                if matches!(result, Ok(n) if n > 0 && n < wanted) {
+                    ready.clear_ready();
+                }
+                return result;
+            }
+            Err(_would_block) => continue,
+        }
     }
 }
 

@@ -694,15 +694,21 @@ mod tests {
         with_queue(id, &format!("u{id}"))
     }
 
-    /// Runs a hub's sweep until the returned token is cancelled.
-    fn sweep(hub: &Arc<Hub>) -> tokio_util::sync::CancellationToken {
+    /// Runs a hub's sweep until the returned token is cancelled; the handle says when it
+    /// has finished.
+    fn sweep(
+        hub: &Arc<Hub>,
+    ) -> (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let stop = tokio_util::sync::CancellationToken::new();
-        tokio::spawn({
+        let task = tokio::spawn({
             let hub = Arc::clone(hub);
             let stop = stop.clone();
             async move { hub.run_notices(stop).await }
         });
-        stop
+        (stop, task)
     }
 
     /// A notice in a quiet room goes at once; the ones that follow within the linger wait in
@@ -713,7 +719,7 @@ mod tests {
         let hub = Arc::new(Hub::with_notice_linger(std::time::Duration::from_millis(
             40,
         )));
-        let stop = sweep(&hub);
+        let (stop, _) = sweep(&hub);
         let (a, mut a_rx) = member(1);
         hub.subscribe("r", &a);
         let (b, mut b_rx) = member(2);
@@ -745,12 +751,7 @@ mod tests {
     #[tokio::test]
     async fn shutdown_lets_waiting_notices_go() {
         let hub = Arc::new(Hub::with_notice_linger(std::time::Duration::from_secs(60)));
-        let stop = tokio_util::sync::CancellationToken::new();
-        let sweep = tokio::spawn({
-            let hub = Arc::clone(&hub);
-            let stop = stop.clone();
-            async move { hub.run_notices(stop).await }
-        });
+        let (stop, sweep) = sweep(&hub);
         let (a, mut a_rx) = member(1);
         hub.subscribe("r", &a);
         hub.deliver("r", &notice("x joined"), Priority::Notice, None);
