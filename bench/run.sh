@@ -18,6 +18,15 @@
 #   --run N           run number in the file name (default: the next free one)
 #   --out DIR         results folder (default bench/results/YYYY-MM-DD)
 #   --port P          server port (default: the first free one from 9500)
+#   --realtime        run the server and the generator at real-time priority (`chrt`,
+#                     SCHED_FIFO: the server's main thread at 2, its other threads and the
+#                     generator at 1), so that nothing else on their cores can preempt them:
+#                     on these machines the sandbox's own agent (PID 1) takes 20-30 ms of a
+#                     core every ~3.1 s while 20,000 sockets are open, and the generator then
+#                     publishes what it owed in one burst (BENCHMARKS.md, 2026-12-05). Only for
+#                     workloads that leave both cores idle part of the time (W2, W1 at low
+#                     rates): a saturated real-time process starves its core's kernel threads
+#                     down to the kernel's real-time throttle (5 %)
 # Environment:
 #   CONFAB_BIN        the confab binary (server and load generator); default: build
 #                     target/release/confab with `cargo build --release -p confab`
@@ -38,7 +47,7 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}/
 WORKLOAD=$(tr '[:upper:]' '[:lower:]' <<<"$1")
 TARGET=$2
 shift 2
-RATE=100 CONNECTIONS= ROOMS= DURATION= WARMUP= RUN= OUT= PORT= PAYLOAD=64
+RATE=100 CONNECTIONS= ROOMS= DURATION= WARMUP= RUN= OUT= PORT= PAYLOAD=64 REALTIME=
 EXTRA=()
 while [ $# -gt 0 ]; do
     case $1 in
@@ -51,11 +60,20 @@ while [ $# -gt 0 ]; do
         --run) RUN=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
         --port) PORT=$2; shift 2 ;;
+        --realtime) REALTIME=1; shift ;;
         --) shift; EXTRA=("$@"); break ;;
         -h|--help) usage ;;
         *) echo "run.sh: unknown option $1" >&2; usage ;;
     esac
 done
+
+# How the generator is started (`chrt` runs it at SCHED_FIFO 1 with --realtime; the server is
+# switched once it is up, below).
+SCHED=() SCHEDULING=default
+if [ -n "$REALTIME" ]; then
+    chrt -f 1 true 2>/dev/null || { echo "run.sh: --realtime needs chrt and CAP_SYS_NICE" >&2; exit 2; }
+    SCHED=(chrt -f 1) SCHEDULING="fifo: server main thread 2, its other threads 1, generator 1"
+fi
 
 PEER=${TARGET%%:*}
 VARIANT=
@@ -195,6 +213,16 @@ if [ -z "$up" ]; then
     exit 1
 fi
 
+if [ -n "$REALTIME" ]; then
+    # Every thread of the server at SCHED_FIFO 1, then its main thread above them: a server's
+    # helper threads (confab's store writer and checkpointer) must not hold its event loop up
+    # longer than they would at the default policy, where the two share the core by time slices;
+    # at one priority, SCHED_FIFO lets none preempt another. Threads started later take the
+    # policy of the thread that starts them.
+    chrt -a -f -p 1 "$SERVER_PID" >/dev/null
+    chrt -f -p 2 "$SERVER_PID" >/dev/null
+fi
+
 # ---- run the generator on core 1, bounded in time ----
 ARGS=(bench --addr "127.0.0.1:$PORT" --target "$PROTOCOL" --connections "$N" --rooms "$K"
       --duration "$DURATION" --warmup "$WARMUP" --server-pid "$SERVER_PID" --json "$TMP/report.json"
@@ -209,7 +237,7 @@ LIMIT=$(awk -v w="$WARMUP" -v d="$DURATION" -v n="$N" 'BEGIN { printf "%d", w + 
 mkfifo "$TMP/output"
 tee "$TXT" <"$TMP/output" &
 TEE_PID=$!
-timeout --kill-after=10 "$LIMIT" taskset -c 1 "$CONFAB_BIN" "${ARGS[@]}" >"$TMP/output" 2>&1 &
+timeout --kill-after=10 "$LIMIT" taskset -c 1 "${SCHED[@]}" "$CONFAB_BIN" "${ARGS[@]}" >"$TMP/output" 2>&1 &
 GEN_PID=$!
 STATUS=0
 wait "$GEN_PID" || STATUS=$?
@@ -228,6 +256,7 @@ fi
     echo
     echo "# command: confab ${ARGS[*]/$SECRET/SECRET}"
     [ "$DATA_BYTES" = null ] || echo "# store on disk: $DATA_BYTES bytes, of which the WAL $WAL_BYTES"
+    echo "# scheduling of the server and the generator: $SCHEDULING"
     echo "# server: $TARGET, pid $SERVER_PID${SERVER_ENV[*]:+, ${SERVER_ENV[*]}}; log tail:"
     tail -${LOG_TAIL:-20} "$LOG"
 } >>"$TXT"
@@ -242,11 +271,13 @@ fi
 jq --arg workload "$WORKLOAD" --arg target "$LABEL" --arg peer "$PEER" --arg variant "$VARIANT" \
     --arg params "$PARAMS" --argjson run "$RUN" --arg date "$DATE" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
-    --arg server_env "${SERVER_ENV[*]:-}" --argjson exit_status "$STATUS" \
+    --arg server_env "${SERVER_ENV[*]:-}" --arg scheduling "$SCHEDULING" \
+    --argjson exit_status "$STATUS" \
     --argjson data_bytes "$DATA_BYTES" --argjson wal_bytes "$WAL_BYTES" \
     '. + {driver: {workload: $workload, target: $target, peer: $peer, variant: $variant,
                    params: $params, run: $run, date: $date, commit: $commit,
-                   server_env: $server_env, exit_status: $exit_status,
+                   server_env: $server_env, scheduling: $scheduling,
+                   exit_status: $exit_status,
                    data_bytes: $data_bytes, wal_bytes: $wal_bytes}}' \
     "$TMP/report.json" >"$JSON"
 echo "wrote $JSON" >&2
