@@ -1052,9 +1052,10 @@ const TAIL_CACHE_MEMBERS: usize = if cfg!(test) { 8 } else { 262_144 };
 /// connection's change counter (`total_changes`, which counts every row any statement
 /// inserts, updates or deletes) is where the last committed append left it: any other write
 /// (a leave, a deleted room) may have changed what it knows, and empties it, except the
-/// store's own joins and read receipts, which cannot (`TailCache::kept_through`). An append updates it as it goes (a message's room is looked up once, in this
-/// map alone); if its commit does not go through, the whole cache is emptied, so a
-/// rolled-back batch leaves nothing behind.
+/// store's own joins and read receipts, which cannot (`TailCache::kept_through`). An append
+/// updates it as it goes (a message's room is looked up once, in this map alone); if its
+/// commit does not go through, the whole cache is emptied, so a rolled-back batch leaves
+/// nothing behind.
 #[derive(Debug, Default)]
 struct TailCache {
     /// `total_changes` after the append the cache is up to date with.
@@ -1107,18 +1108,22 @@ impl TailCache {
         }
     }
 
-    /// Keeps the cache trusted across a write of the store's own that cannot make anything it
-    /// holds false (a join, a read receipt), whose rows moved the change counter from
-    /// `before` to `after`. Without this such a write emptied it, and the next message of
-    /// every room read its room and its author's membership again: at W2's start (10,000
-    /// joins, then 10,000 authors' first messages in a second) that was 11,000 reads.
-    fn kept_through(&mut self, before: u64, after: u64) {
+    /// Runs `write`, one of the store's own writes that cannot make anything the cache holds
+    /// false (a join, a read receipt), and keeps the cache trusted across the rows it moved
+    /// the change counter by. Without this such a write emptied it, and the next message of
+    /// every room read its room and its author's membership again: a chat's read receipts,
+    /// which come with its messages, kept it nearly empty.
+    fn kept_through<T>(&mut self, conn: &Connection, write: impl FnOnce() -> T) -> T {
+        let before = conn.total_changes();
+        let written = write();
+        let after = conn.total_changes();
         match &mut self.pending {
             Some(pending) if *pending == before => *pending = after,
             Some(_) => {}
             None if self.changes == before => self.changes = after,
             None => {}
         }
+        written
     }
 
     /// Where `user` stands in `room`, as the open transaction sees it: looked up in the cache,
@@ -1563,12 +1568,8 @@ impl Store for SqliteStore {
         let user_id = user_id.to_string();
         let tails = Arc::clone(&self.tails);
         self.write(move |conn| {
-            let mut cache = lock_tails(&tails);
-            let before = conn.total_changes();
-            let inserted = add_member_row(conn, &room, &user_id);
             // A new member is nothing the cache holds (it learns of them at their first message).
-            cache.kept_through(before, conn.total_changes());
-            inserted
+            lock_tails(&tails).kept_through(conn, || add_member_row(conn, &room, &user_id))
         })
         .await
     }
@@ -1656,9 +1657,9 @@ impl Store for SqliteStore {
             let mut cache = lock_tails(&tails);
             let (_, last_seq) =
                 select_room_tail(conn, &cache.index, &room)?.ok_or_else(not_member)?;
-            let before = conn.total_changes();
-            let read = conn
-                .prepare_cached(
+            // A read mark is nothing the cache holds.
+            let read = cache.kept_through(conn, || {
+                conn.prepare_cached(
                     "UPDATE members SET read_seq = max(read_seq, ?3)
                      WHERE room_id = ?1 AND user_id = ?2
                      RETURNING read_seq",
@@ -1667,9 +1668,8 @@ impl Store for SqliteStore {
                     stmt.query_row(params![room, user_id, seq.min(last_seq)], |row| row.get(0))
                         .optional()
                 })
-                .map_err(db_err);
-            // A read mark is nothing the cache holds.
-            cache.kept_through(before, conn.total_changes());
+                .map_err(db_err)
+            });
             read?.ok_or_else(not_member)
         })
         .await
