@@ -13,6 +13,7 @@
 //!   `duplicate = true` and stores nothing.
 
 mod backlog;
+mod chunked_insert;
 mod retry_keys;
 mod room_index;
 mod sqlite;

@@ -21,11 +21,14 @@
 //! the message it names, so one left behind by a rolled-back insert or a deleted room is
 //! ignored (and overwritten when its key is stored again).
 
+use std::sync::LazyLock;
+
 use foldhash::HashMap;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension};
 
 use super::StoreError;
 use super::backlog::Backlog;
+use super::chunked_insert::ChunkedInsert;
 use super::sqlite::db_err;
 
 /// An author's waiting keys are written together once there are this many (32 in tests).
@@ -45,6 +48,18 @@ const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
 /// Authors whose greatest stored key is remembered, at most; past it the memory is emptied and
 /// refilled by the authors who send next (a statement each).
 const CEILINGS_KEPT: usize = if cfg!(test) { 4 } else { 65_536 };
+
+/// Writes an author's waiting keys; a key already there (left by a message since deleted)
+/// takes the new message. `OR FAIL`, like the writer's other inserts (see the messages insert
+/// in `append_batch`: no statement journal; a failure rolls the whole transaction back), with
+/// an upsert for that one conflict, where it used to be `OR REPLACE`.
+static INSERT_KEYS: LazyLock<ChunkedInsert> = LazyLock::new(|| {
+    ChunkedInsert::new(
+        "INSERT OR FAIL INTO client_keys (user_id, client_id, message)",
+        3,
+        "ON CONFLICT (user_id, client_id) DO UPDATE SET message = excluded.message",
+    )
+});
 
 /// The keys not yet in `client_keys`. Owned by the writer thread (through the tail cache's
 /// lock); after a failed commit it is emptied and read back from the database.
@@ -240,21 +255,15 @@ impl RetryKeys {
                 if keys.is_empty() {
                     return Ok(None);
                 }
-                let mut insert = conn
-                    .prepare_cached(
-                        "INSERT OR REPLACE INTO client_keys (user_id, client_id, message)
-                         VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(db_err)?;
                 let first = first_rowid(&keys);
                 // Stable: of two entries for one key (the first naming a deleted message),
                 // the later is written last and stays.
                 keys.sort_by(|a, b| a.0.cmp(&b.0));
-                for (client_id, rowid) in &keys {
-                    insert
-                        .execute(params![user, client_id, rowid])
-                        .map_err(db_err)?;
-                }
+                INSERT_KEYS.run(conn, keys.iter(), |(client_id, rowid), row| {
+                    row.value(user)?;
+                    row.value(client_id)?;
+                    row.value(rowid)
+                })?;
                 Ok(Some((first, keys.len())))
             })?;
         if let Some(low) = low {

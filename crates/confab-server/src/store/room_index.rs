@@ -22,13 +22,14 @@
 //! there on that `room_index` lacks are read back.
 
 use std::hash::BuildHasher;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{LazyLock, Mutex, MutexGuard};
 
 use foldhash::{HashMap, HashMapExt};
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use super::StoreError;
 use super::backlog::Backlog;
+use super::chunked_insert::ChunkedInsert;
 use super::sqlite::{db_err, select_room_key};
 
 /// A room's waiting entries are written together once there are this many (8 in tests).
@@ -49,6 +50,16 @@ const FLUSH_SPREAD: usize = if cfg!(test) { 0 } else { FLUSH_AT / 4 };
 /// messages behind the newest: this bounds the memory they take (8 bytes each) and the
 /// messages read at start.
 pub(super) const FLUSH_BEHIND: i64 = if cfg!(test) { 40 } else { 100_000 };
+
+/// Writes a room's waiting entries. `OR FAIL`: see the messages insert in `append_batch`
+/// (a failure rolls the whole transaction back).
+static INSERT_ENTRIES: LazyLock<ChunkedInsert> = LazyLock::new(|| {
+    ChunkedInsert::new(
+        "INSERT OR FAIL INTO room_index (room_key, seq, message)",
+        3,
+        "",
+    )
+});
 
 /// A room's index entries that are not in `room_index` yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -289,16 +300,16 @@ impl IndexWriter {
                 let Some(waiting) = rooms.remove(&key) else {
                     return Ok(None);
                 };
-                // `OR FAIL`: see the messages insert in `append_batch`.
-                let mut insert = conn
-                    .prepare_cached(
-                        "INSERT OR FAIL INTO room_index (room_key, seq, message)
-                         VALUES (?1, ?2, ?3)",
-                    )
-                    .map_err(db_err)?;
-                for (seq, rowid) in (waiting.indexed + 1..).zip(&waiting.rowids) {
-                    insert.execute(params![key, seq, rowid]).map_err(db_err)?;
-                }
+                let first_seq = waiting.indexed + 1;
+                INSERT_ENTRIES.run(
+                    conn,
+                    waiting.rowids.iter().enumerate(),
+                    |(at, rowid), row| {
+                        row.value(key)?;
+                        row.value(first_seq + at as u64)?;
+                        row.value(rowid)
+                    },
+                )?;
                 changed.insert(key, Change::Replaced);
                 Ok(Some((waiting.first_rowid(), waiting.rowids.len())))
             })?;
