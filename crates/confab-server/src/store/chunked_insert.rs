@@ -22,8 +22,6 @@ const SIZES: [usize; 5] = [16, 8, 4, 2, 1];
 pub(super) struct ChunkedInsert {
     /// The statement's text for each of [`SIZES`].
     sql: [String; SIZES.len()],
-    /// Parameters per row.
-    columns: usize,
 }
 
 impl ChunkedInsert {
@@ -38,7 +36,6 @@ impl ChunkedInsert {
                     vec![row.as_str(); rows].join(", ")
                 )
             }),
-            columns,
         }
     }
 
@@ -66,7 +63,8 @@ impl ChunkedInsert {
                 for row in rows.by_ref().take(*size) {
                     bind(row, &mut binder).map_err(db_err)?;
                 }
-                debug_assert_eq!(binder.next, size * self.columns + 1, "one value per column");
+                let bound = binder.next - 1;
+                debug_assert_eq!(bound, statement.parameter_count(), "one value per column");
                 statement.raw_execute().map_err(db_err)?;
                 left -= size;
             }
