@@ -14,6 +14,7 @@
 
 mod backlog;
 mod chunked_insert;
+mod key_run;
 mod retry_keys;
 mod room_index;
 mod sqlite;

@@ -5,10 +5,18 @@
 //! the index, so every message dirtied a page of its own, and each checkpoint wrote as many
 //! scattered pages as messages had come in: W2's WAL rewinds grew from 8 to 120 ms over a
 //! minute (BENCHMARKS.md, 2026-12-02 afternoon). Instead a message's key waits in memory and
-//! is written to the `client_keys` table together with the same author's next ones: once the
+//! is written to the tables together with the same author's next ones: once the
 //! author has [`MERGE_AT`] waiting, or once the oldest has fallen [`MERGE_BEHIND`] rows behind
 //! the newest message. Several keys then share each page written (many, when `client_id`s
 //! grow with time, as UUIDv7s do).
+//!
+//! Those that come above every key the author has written (keys that grow with time: the
+//! usual case) are written as one row of `client_key_runs`, packed (`key_run.rs`); the others
+//! (random keys, a client's out of order) as rows of their own in `client_keys`. One row per
+//! key had SQLite descend the table, make a cell and now and then split a page for each key:
+//! 2.3 % of W2's server CPU, with two thirds of its WAL frames (BENCHMARKS.md, 2026-12-05). An
+//! author's runs never overlap (each starts above the last), so a key is looked up with one
+//! seek in each table; a row of its own is the newer where both have a key.
 //!
 //! Looking a new key up costs a scan of the author's waiting keys and a statement, most of
 //! the cost of storing a message; so each recent author's greatest key, waiting or written, is
@@ -17,9 +25,11 @@
 //!
 //! Nothing is lost in a crash: `low_marks.client_keys` is kept at or below the rowid of
 //! every waiting key, in the same transactions, and at start the keys of the messages from
-//! there on are read back. Every key found, in memory or in `client_keys`, is checked against
+//! there on are read back. Every key found, in memory or in either table, is checked against
 //! the message it names, so one left behind by a rolled-back insert or a deleted room is
-//! ignored (and overwritten when its key is stored again).
+//! ignored (and overwritten, or outranked by a row of its own, when its key is stored again).
+//! A deleted room's keys are deleted from `client_keys`; in runs, which mix rooms, they stay
+//! and are ignored that way.
 
 use std::sync::LazyLock;
 
@@ -29,6 +39,7 @@ use rusqlite::{Connection, OptionalExtension};
 use super::StoreError;
 use super::backlog::Backlog;
 use super::chunked_insert::ChunkedInsert;
+use super::key_run;
 use super::sqlite::db_err;
 
 /// An author's waiting keys are written together once there are this many (32 in tests).
@@ -61,7 +72,7 @@ static INSERT_KEYS: LazyLock<ChunkedInsert> = LazyLock::new(|| {
     )
 });
 
-/// The keys not yet in `client_keys`. Owned by the writer thread (through the tail cache's
+/// The keys not yet written. Owned by the writer thread (through the tail cache's
 /// lock); after a failed commit it is emptied and read back from the database.
 #[derive(Debug, Default)]
 pub(super) struct RetryKeys {
@@ -88,10 +99,10 @@ struct Author {
     ceiling: Ceiling,
 }
 
-/// A `client_id` at or above every key of an author's, waiting or in `client_keys`.
+/// A `client_id` at or above every key of an author's, waiting or written.
 #[derive(Debug, Default)]
 enum Ceiling {
-    /// Not remembered: to be read from `client_keys` and the waiting keys when needed.
+    /// Not remembered: to be read from the tables and the waiting keys when needed.
     #[default]
     Unknown,
     /// It only ever grows, so it stays an upper bound when keys go with a deleted room
@@ -103,7 +114,7 @@ enum Ceiling {
 impl RetryKeys {
     /// Forgets everything, to be read back from the database before the next use (after a
     /// commit that failed: the waiting keys may name rows that were rolled back, and keys
-    /// moved to `client_keys` in it are not there).
+    /// written in it are not there).
     pub(super) fn forget(&mut self) {
         *self = RetryKeys::default();
     }
@@ -161,15 +172,32 @@ impl RetryKeys {
         if waiting.is_some() {
             return Ok(waiting);
         }
-        conn.prepare_cached("SELECT message FROM client_keys WHERE user_id = ?1 AND client_id = ?2")
+        // A key in both tables is newer in `client_keys`: a run only ever takes keys above
+        // all the author's others.
+        let single: Option<i64> = conn
+            .prepare_cached("SELECT message FROM client_keys WHERE user_id = ?1 AND client_id = ?2")
             .and_then(|mut stmt| {
                 stmt.query_row([user, client_id], |row| row.get(0))
                     .optional()
             })
-            .map_err(db_err)
+            .map_err(db_err)?;
+        if single.is_some() {
+            return Ok(single);
+        }
+        let run: Option<Vec<u8>> = conn
+            .prepare_cached(
+                "SELECT keys FROM client_key_runs WHERE user_id = ?1 AND last_key >= ?2
+                 ORDER BY last_key LIMIT 1",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([user, client_id], |row| row.get(0))
+                    .optional()
+            })
+            .map_err(db_err)?;
+        Ok(run.and_then(|run| key_run::find(&run, client_id)))
     }
 
-    /// The author's entry, with their greatest key remembered: read from `client_keys` and
+    /// The author's entry, with their greatest key remembered: read from the tables and
     /// the waiting keys (one statement) if it was not.
     fn author_with_ceiling(
         &mut self,
@@ -189,10 +217,7 @@ impl RetryKeys {
                 });
                 self.ceilings_known = 0;
             }
-            let written: Option<String> = conn
-                .prepare_cached("SELECT max(client_id) FROM client_keys WHERE user_id = ?1")
-                .and_then(|mut stmt| stmt.query_row([user], |row| row.get(0)))
-                .map_err(db_err)?;
+            let written = greatest_written(conn, user)?;
             let author = author_mut(&mut self.authors, user);
             let waiting = author.waiting.iter().map(|(key, _)| key).max();
             author.ceiling = Ceiling::Known(written.max(waiting.cloned()));
@@ -230,8 +255,8 @@ impl RetryKeys {
         }
     }
 
-    /// At the end of an append of `stored` messages, in its transaction: writes keys that are
-    /// due to `client_keys` (of authors with [`MERGE_AT`] waiting, then of those whose oldest
+    /// At the end of an append of `stored` messages, in its transaction: writes the keys
+    /// that are due (of authors with [`MERGE_AT`] waiting, then of those whose oldest
     /// fell [`MERGE_BEHIND`] behind `newest`, the append's last rowid), about twice as many as
     /// the append stored (see `Backlog::write_due`), and moves the low mark.
     pub(super) fn write_due(
@@ -247,7 +272,7 @@ impl RetryKeys {
                 let Some(author) = authors.get_mut(user) else {
                     return Ok(None);
                 };
-                let mut keys = std::mem::take(&mut author.waiting);
+                let keys = std::mem::take(&mut author.waiting);
                 if matches!(author.ceiling, Ceiling::Unknown) {
                     authors.remove(user);
                 }
@@ -256,15 +281,9 @@ impl RetryKeys {
                     return Ok(None);
                 }
                 let first = first_rowid(&keys);
-                // Stable: of two entries for one key (the first naming a deleted message),
-                // the later is written last and stays.
-                keys.sort_by(|a, b| a.0.cmp(&b.0));
-                INSERT_KEYS.run(conn, keys.iter(), |(client_id, rowid), row| {
-                    row.value(user)?;
-                    row.value(client_id)?;
-                    row.value(rowid)
-                })?;
-                Ok(Some((first, keys.len())))
+                let count = keys.len();
+                write_keys(conn, user, keys)?;
+                Ok(Some((first, count)))
             })?;
         if let Some(low) = low {
             conn.prepare_cached("UPDATE low_marks SET client_keys = ?1")
@@ -282,6 +301,57 @@ impl RetryKeys {
             .map(|author| author.waiting.len())
             .sum()
     }
+}
+
+/// Writes an author's waiting keys: those above every key the author has written as one run,
+/// the others (random keys, or keys that went out of order) one row each, as before runs.
+fn write_keys(
+    conn: &Connection,
+    user: &str,
+    mut keys: Vec<(String, i64)>,
+) -> Result<(), StoreError> {
+    // Stable, then reversed: of two entries for one key (the first naming a deleted
+    // message), the later comes first and is the one `dedup_by` keeps.
+    keys.sort_by(|a, b| a.0.cmp(&b.0));
+    keys.reverse();
+    keys.dedup_by(|a, b| a.0 == b.0);
+    keys.reverse();
+    let greatest = greatest_written(conn, user)?;
+    let mut above = match &greatest {
+        Some(greatest) => keys.partition_point(|(key, _)| key <= greatest),
+        None => 0,
+    };
+    if keys.len() - above < 2 {
+        // A run of one would only be a row with more to it.
+        above = keys.len();
+    }
+    let (below, run) = keys.split_at(above);
+    INSERT_KEYS.run(conn, below.iter(), |(client_id, rowid), row| {
+        row.value(user)?;
+        row.value(client_id)?;
+        row.value(rowid)
+    })?;
+    if let [.., (last, _)] = run {
+        let packed = key_run::encode(run.iter().map(|(key, rowid)| (key.as_str(), *rowid)));
+        conn.prepare_cached(
+            "INSERT OR FAIL INTO client_key_runs (user_id, last_key, keys) VALUES (?1, ?2, ?3)",
+        )
+        .and_then(|mut stmt| stmt.execute(rusqlite::params![user, last, packed]))
+        .map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// The greatest key the author has in either table (`None`: none).
+fn greatest_written(conn: &Connection, user: &str) -> Result<Option<String>, StoreError> {
+    let (single, run): (Option<String>, Option<String>) = conn
+        .prepare_cached(
+            "SELECT (SELECT max(client_id) FROM client_keys WHERE user_id = ?1),
+                    (SELECT max(last_key) FROM client_key_runs WHERE user_id = ?1)",
+        )
+        .and_then(|mut stmt| stmt.query_row([user], |row| Ok((row.get(0)?, row.get(1)?))))
+        .map_err(db_err)?;
+    Ok(single.max(run))
 }
 
 /// The author's entry, made if there is none.

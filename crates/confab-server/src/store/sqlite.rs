@@ -75,6 +75,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0004_member_names.sql"),
     include_str!("../../migrations/sqlite/0005_client_keys.sql"),
     include_str!("../../migrations/sqlite/0006_room_index.sql"),
+    include_str!("../../migrations/sqlite/0007_client_key_runs.sql"),
 ];
 
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
@@ -2256,11 +2257,19 @@ mod tests {
         duplicates
     }
 
-    fn client_keys_rows(dir: &Path) -> i64 {
-        Connection::open(dir.join("confab.db"))
-            .unwrap()
+    /// Retry keys written, one row each in `client_keys` or packed in `client_key_runs`.
+    fn written_keys(dir: &Path) -> usize {
+        let conn = Connection::open(dir.join("confab.db")).unwrap();
+        let single: usize = conn
             .query_row("SELECT count(*) FROM client_keys", [], |row| row.get(0))
+            .unwrap();
+        let mut runs = conn.prepare("SELECT keys FROM client_key_runs").unwrap();
+        let packed: usize = runs
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))
             .unwrap()
+            .map(|run| super::super::key_run::len(&run.unwrap()))
+            .sum();
+        single + packed
     }
 
     /// Retries are recognised whether their key still waits in memory, was written to
@@ -2271,7 +2280,7 @@ mod tests {
         let store = store_with_room(dir.path(), "r", &["a"]).await;
         assert_eq!(send_keyed(&store, 0, 40).await, vec![false; 40]);
         // The first 32 were written together; 8 wait.
-        assert_eq!(client_keys_rows(dir.path()), 32);
+        assert_eq!(written_keys(dir.path()), 32);
         assert_eq!(lock_tails(&store.tails).retry.waiting(), 8);
         // A written key and a waiting one.
         assert_eq!(send_keyed(&store, 3, 1).await, vec![true]);
@@ -2356,7 +2365,7 @@ mod tests {
         assert_eq!(send_keyed(&store, 0, 31).await, vec![false; 31]);
         assert_eq!(lock_tails(&store.tails).retry.waiting(), 32);
         assert_eq!(send_keyed(&store, 31, 20).await, vec![false; 20]);
-        let rows = client_keys_rows(dir.path());
+        let rows = written_keys(dir.path());
         assert_eq!(rows, 32 + 1, "a's first 32 and b's one");
         let low: i64 = Connection::open(dir.path().join("confab.db"))
             .unwrap()
@@ -2392,18 +2401,97 @@ mod tests {
         assert_eq!(retried.message.content, "4");
     }
 
-    /// A deleted room takes its messages' keys with it: they can be used again.
+    /// A deleted room takes its messages' keys with it: they can be used again, whether they
+    /// were rows of their own, packed in a run (which stays, naming rows that are gone, or
+    /// rows that later messages took over) or waiting in memory; and the new ones are found.
     #[tokio::test]
     async fn a_deleted_rooms_keys_can_be_used_again() {
         let dir = tempfile::tempdir().unwrap();
         let store = store_with_room(dir.path(), "r", &["a"]).await;
-        // 33 keys: 32 written to client_keys, one waiting in memory.
+        // 33 keys: 32 written as one run, one waiting in memory; then one below them all,
+        // written as a row of its own with the next 31.
         assert_eq!(send_keyed(&store, 0, 33).await, vec![false; 33]);
+        let below = append_one(&store, message("r", "a", "below", Some("b"))).await;
+        assert!(!below.duplicate);
+        assert_eq!(send_keyed(&store, 100, 31).await, vec![false; 31]);
+        assert_eq!(written_keys(dir.path()), 64);
         store.delete_room("r").await.unwrap();
-        assert_eq!(client_keys_rows(dir.path()), 0);
         store.create_room(&room("r"), &["a".into()]).await.unwrap();
-        assert_eq!(send_keyed(&store, 31, 2).await, vec![false, false]);
+        for round in [false, true] {
+            // Run-packed (c5, c31), waiting (c32), a row of its own ("b").
+            assert_eq!(send_keyed(&store, 31, 2).await, vec![round, round]);
+            assert_eq!(send_keyed(&store, 5, 1).await, vec![round]);
+            let again = append_one(&store, message("r", "a", "below", Some("b"))).await;
+            assert_eq!(again.duplicate, round);
+        }
+        store.close();
+        drop(store);
+        let store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
         assert_eq!(send_keyed(&store, 31, 2).await, vec![true, true]);
+        assert_eq!(send_keyed(&store, 5, 1).await, vec![true]);
+        assert_eq!(send_keyed(&store, 6, 1).await, vec![false]);
+    }
+
+    /// Keys above every key their author has written go out packed as one run; keys below
+    /// (random ones, or a client's out of order) as rows of their own. Every one of them is
+    /// found, before and after a restart, and a key is never stored twice.
+    #[tokio::test]
+    async fn keys_in_runs_and_rows_of_their_own_are_all_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = store_with_room(dir.path(), "r", &["a"]).await;
+        let keyed = async |store: &SqliteStore, keys: &[String]| -> Vec<bool> {
+            let mut duplicates = Vec::new();
+            for key in keys {
+                let appended = append_one(store, message("r", "a", key, Some(key))).await;
+                duplicates.push(appended.duplicate);
+            }
+            duplicates
+        };
+        let count = |sql: &str| -> i64 {
+            Connection::open(dir.path().join("confab.db"))
+                .unwrap()
+                .query_row(sql, [], |row| row.get(0))
+                .unwrap()
+        };
+        // Keys of one width sort as they are sent: k000..k063 are written as two runs of 32.
+        let ascending: Vec<String> = (0..64).map(|n| format!("k{n:03}")).collect();
+        assert_eq!(keyed(&store, &ascending).await, vec![false; 64]);
+        assert_eq!(count("SELECT count(*) FROM client_key_runs"), 2);
+        assert_eq!(count("SELECT count(*) FROM client_keys"), 0);
+        // Keys between and below the runs' (a client with random ids): rows of their own
+        // (32 written, 2 waiting).
+        let scattered: Vec<String> = (0..32)
+            .map(|n| format!("k{:03}x", (n * 37) % 64))
+            .chain(["a".into(), "k".into()])
+            .collect();
+        assert_eq!(keyed(&store, &scattered).await, vec![false; 34]);
+        assert_eq!(count("SELECT count(*) FROM client_key_runs"), 2);
+        assert_eq!(count("SELECT count(*) FROM client_keys"), 32);
+        for round in 0..2 {
+            assert_eq!(
+                keyed(&store, &ascending).await,
+                vec![true; 64],
+                "round {round}"
+            );
+            assert_eq!(
+                keyed(&store, &scattered).await,
+                vec![true; 34],
+                "round {round}"
+            );
+            store.close();
+            drop(store);
+            store = SqliteStore::open(dir.path(), SqliteSync::Normal).unwrap();
+        }
+        // Near misses are new.
+        let new: Vec<String> = ["k0", "k0000", "k063y", "k064", "j"]
+            .map(String::from)
+            .into();
+        assert_eq!(keyed(&store, &new).await, vec![false; 5]);
+        let page = store
+            .history("r", HistoryQuery::Latest { limit: 1000 })
+            .await
+            .unwrap();
+        assert_eq!(page.last_seq, 64 + 34 + 5, "each key stored once");
     }
 
     #[tokio::test]
