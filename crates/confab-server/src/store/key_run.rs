@@ -12,7 +12,9 @@
 //! entry := varint(shared) varint(suffix length) suffix varint(zigzag(rowid - previous rowid))
 //! ```
 //!
-//! with `shared` 0 and the previous rowid 0 for the first entry. Varints are LEB128.
+//! with `shared` 0 and the previous rowid 0 for the first entry (`packing.rs`).
+
+use super::packing::{put_varint, take_varint, unzigzag, zigzag};
 
 /// Packs `entries` (`client_id`, message rowid), which must be sorted by key with no key
 /// twice.
@@ -75,35 +77,6 @@ pub(super) fn len(run: &[u8]) -> usize {
         count += 1;
     }
     count
-}
-
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
-}
-
-fn take_varint(at: &mut &[u8]) -> Option<u64> {
-    let mut value = 0u64;
-    for (index, &byte) in at.iter().enumerate().take(10) {
-        value |= u64::from(byte & 0x7f) << (7 * index);
-        if byte & 0x80 == 0 {
-            *at = &at[index + 1..];
-            return Some(value);
-        }
-    }
-    None
-}
-
-/// Rowids of an author's keys ascend mostly, but sorted by key they may step back.
-fn zigzag(value: i64) -> u64 {
-    ((value << 1) ^ (value >> 63)) as u64
-}
-
-fn unzigzag(value: u64) -> i64 {
-    ((value >> 1) as i64) ^ -((value & 1) as i64)
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 mod backlog;
 mod chunked_insert;
 mod key_run;
+mod packing;
 mod retry_keys;
 mod room_index;
 mod sqlite;

@@ -6,36 +6,39 @@
 //! rooms (W2: 1,000 rooms), a commit of N messages dirtied N index pages, each written whole
 //! to the WAL and again at the next checkpoint (without that index, W2 at half load cost
 //! 7.7 % less server CPU: BENCHMARKS.md, 2026-12-03). Instead a room's newest entries wait in
-//! memory and are written to the `room_index` table together: once the room has
-//! about [`FLUSH_AT`] waiting, or once the oldest is [`FLUSH_BEHIND`] messages behind the
-//! newest. Many entries then share each page written.
+//! memory and are written together: once the room has about [`FLUSH_AT`] waiting, or once
+//! the oldest is [`FLUSH_BEHIND`] messages behind the newest. They go out as one row of
+//! `room_index_runs`, a run: the room, its first and last seq, and the rowids packed as
+//! differences (a byte or two each). One row per entry, as in the `room_index` table before,
+//! cost SQLite's insert work for each (callgrind, W2-shaped: 10 % of the server's
+//! instructions while rooms flushed; BENCHMARKS.md, 2026-12-05). A history page reads the
+//! runs that cover its range and then each message by rowid.
 //!
-//! A room's entries in `room_index` are always a prefix of its seqs (1 up to some seq), and
-//! the waiting ones the rest, in order. Readers need both as of their snapshot: the writer
+//! A room's runs always cover a prefix of its seqs (1 up to some seq), one after the other,
+//! and the waiting entries the rest, in order. Readers need both as of their snapshot: the writer
 //! commits and publishes a commit's entries under one lock ([`RoomIndex`]), and a reader
 //! starts its read transaction and copies what it needs under that lock too. So the waiting
 //! entries a reader holds are exactly those whose messages its snapshot has and whose
-//! `room_index` rows it has not.
+//! runs it has not.
 //!
 //! Nothing is lost in a crash: `low_marks.room_index` is kept at or below the rowid of every
 //! waiting entry, in the same transactions, and at start the entries of the messages from
-//! there on that `room_index` lacks are read back.
+//! there on that the runs lack are read back.
 
 use std::hash::BuildHasher;
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::Connection;
 
 use super::StoreError;
 use super::backlog::Backlog;
-use super::chunked_insert::ChunkedInsert;
+use super::packing::{put_varint, take_varint, unzigzag, zigzag};
 use super::sqlite::{db_err, select_room_key};
 
 /// A room's waiting entries are written together once there are this many (8 in tests).
 ///
-/// 256 entries of 10-20 bytes fill about a page of `room_index`: each flush then writes the
-/// room's last page and perhaps one new one.
+/// 256 entries make a run of about 300-500 bytes: several rooms' runs share a page.
 pub(super) const FLUSH_AT: usize = if cfg!(test) { 8 } else { 256 };
 
 /// How far a room's due size strays from [`FLUSH_AT`], either way, varied from room to room
@@ -51,20 +54,34 @@ const FLUSH_SPREAD: usize = if cfg!(test) { 0 } else { FLUSH_AT / 4 };
 /// messages read at start.
 pub(super) const FLUSH_BEHIND: i64 = if cfg!(test) { 40 } else { 100_000 };
 
-/// Writes a room's waiting entries. `OR FAIL`: see the messages insert in `append_batch`
-/// (a failure rolls the whole transaction back).
-static INSERT_ENTRIES: LazyLock<ChunkedInsert> = LazyLock::new(|| {
-    ChunkedInsert::new(
-        "INSERT OR FAIL INTO room_index (room_key, seq, message)",
-        3,
-        "",
-    )
-});
+/// Writes a room's waiting entries as one run. `OR FAIL`: see the messages insert in
+/// `append_batch` (a failure rolls the whole transaction back).
+const INSERT_RUN: &str =
+    "INSERT OR FAIL INTO room_index_runs (room_key, last_seq, first_seq, rowids)
+     VALUES (?1, ?2, ?3, ?4)";
 
-/// A room's index entries that are not in `room_index` yet.
+/// The runs of a room (`?1`) that hold seqs above `?2` and up to `?3`, newest last. The run
+/// holding `?3` is the first to end at or after it; those after it are not read.
+pub(super) const RUNS_IN_RANGE: &str = "SELECT first_seq, rowids FROM room_index_runs
+     WHERE room_key = ?1 AND last_seq > ?2 AND last_seq <= coalesce(
+         (SELECT min(last_seq) FROM room_index_runs WHERE room_key = ?1 AND last_seq >= ?3),
+         9223372036854775807)
+     ORDER BY last_seq";
+
+/// [`RUNS_IN_RANGE`], newest first.
+pub(super) const RUNS_IN_RANGE_DESC: &str = "SELECT first_seq, rowids FROM room_index_runs
+     WHERE room_key = ?1 AND last_seq > ?2 AND last_seq <= coalesce(
+         (SELECT min(last_seq) FROM room_index_runs WHERE room_key = ?1 AND last_seq >= ?3),
+         9223372036854775807)
+     ORDER BY last_seq DESC";
+
+/// Entries a run holds at most when the legacy `room_index` rows are moved into runs.
+const LEGACY_RUN: usize = FLUSH_AT;
+
+/// A room's index entries that are not written as runs yet.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Waiting {
-    /// The room's greatest seq in `room_index` (0 if none): the waiting seqs follow it.
+    /// The room's greatest seq in its runs (0 if none): the waiting seqs follow it.
     pub(super) indexed: u64,
     /// The rowids of seqs `indexed + 1`, `indexed + 2`, ... in order.
     pub(super) rowids: Vec<i64>,
@@ -157,7 +174,7 @@ enum Change {
     /// copied again (a room's entries are up to [`FLUSH_AT`] rowids, and W2's commits change a
     /// room or two each).
     Added,
-    /// Wrote them to `room_index`, deleted them or started them: the copy is replaced.
+    /// Wrote them as a run, deleted them or started them: the copy is replaced.
     Replaced,
 }
 
@@ -281,8 +298,8 @@ impl IndexWriter {
         }
     }
 
-    /// At the end of an append of `stored` messages, in its transaction: writes entries that
-    /// are due to `room_index` (of rooms with their due size waiting, then of those whose
+    /// At the end of an append of `stored` messages, in its transaction: writes the entries
+    /// that are due as runs (of rooms with their due size waiting, then of those whose
     /// oldest fell [`FLUSH_BEHIND`] behind `newest`, the append's last rowid), about twice as
     /// many as the append stored (see `Backlog::write_due`; at least one room's), and
     /// moves the low mark.
@@ -300,16 +317,7 @@ impl IndexWriter {
                 let Some(waiting) = rooms.remove(&key) else {
                     return Ok(None);
                 };
-                let first_seq = waiting.indexed + 1;
-                INSERT_ENTRIES.run(
-                    conn,
-                    waiting.rowids.iter().enumerate(),
-                    |(at, rowid), row| {
-                        row.value(key)?;
-                        row.value(first_seq + at as u64)?;
-                        row.value(rowid)
-                    },
-                )?;
+                insert_run(conn, key, waiting.indexed + 1, &waiting.rowids)?;
                 changed.insert(key, Change::Replaced);
                 Ok(Some((waiting.first_rowid(), waiting.rowids.len())))
             })?;
@@ -321,35 +329,31 @@ impl IndexWriter {
         Ok(())
     }
 
-    /// Deletes the room's messages, their retry keys and their index entries, in the open
-    /// transaction.
+    /// Deletes the room's messages, their retry keys (those that are rows of their own; see
+    /// `retry_keys.rs`) and their index entries, in the open transaction.
     pub(super) fn delete_room(&mut self, conn: &Connection, key: i64) -> Result<(), StoreError> {
-        conn.execute(
-            "DELETE FROM client_keys WHERE (user_id, client_id) IN (
-                 SELECT m.user_id, m.client_id FROM room_index i
-                 JOIN messages m ON m.rowid = i.message
-                 WHERE i.room_key = ?1 AND m.client_id IS NOT NULL)",
-            [key],
-        )
-        .map_err(db_err)?;
-        conn.execute(
-            "DELETE FROM messages WHERE rowid IN (SELECT message FROM room_index WHERE room_key = ?1)",
-            [key],
-        )
-        .map_err(db_err)?;
-        conn.execute("DELETE FROM room_index WHERE room_key = ?1", [key])
+        let mut rowids = Vec::new();
+        for (_, rowid) in indexed_rowids(conn, key, 0, u64::MAX, false, usize::MAX)? {
+            rowids.push(rowid);
+        }
+        conn.execute("DELETE FROM room_index_runs WHERE room_key = ?1", [key])
             .map_err(db_err)?;
-        if let Some(waiting) = self.rooms.remove(&key) {
-            for rowid in &waiting.rowids {
-                conn.execute(
-                    "DELETE FROM client_keys WHERE (user_id, client_id) =
-                         (SELECT user_id, client_id FROM messages WHERE rowid = ?1)",
-                    [rowid],
-                )
+        let waiting = self.rooms.remove(&key);
+        if let Some(waiting) = &waiting {
+            rowids.extend_from_slice(&waiting.rowids);
+        }
+        for rowid in rowids {
+            conn.prepare_cached(
+                "DELETE FROM client_keys WHERE (user_id, client_id) =
+                     (SELECT user_id, client_id FROM messages WHERE rowid = ?1)",
+            )
+            .and_then(|mut stmt| stmt.execute([rowid]))
+            .map_err(db_err)?;
+            conn.prepare_cached("DELETE FROM messages WHERE rowid = ?1")
+                .and_then(|mut stmt| stmt.execute([rowid]))
                 .map_err(db_err)?;
-                conn.execute("DELETE FROM messages WHERE rowid = ?1", [rowid])
-                    .map_err(db_err)?;
-            }
+        }
+        if let Some(waiting) = waiting {
             self.backlog.done(waiting.first_rowid(), key);
             self.changed.insert(key, Change::Replaced);
         }
@@ -424,16 +428,231 @@ impl IndexWriter {
     }
 }
 
-/// The room's greatest seq in `room_index`, 0 if none: the last entry of its part, one seek.
+/// The room's greatest seq in `room_index_runs`, 0 if none: its last run's, one seek.
 pub(super) fn indexed_last_seq(conn: &Connection, key: i64) -> Result<u64, StoreError> {
-    conn.prepare_cached("SELECT coalesce(max(seq), 0) FROM room_index WHERE room_key = ?1")
-        .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)))
-        .map_err(db_err)
+    conn.prepare_cached(
+        "SELECT coalesce(max(last_seq), 0) FROM room_index_runs WHERE room_key = ?1",
+    )
+    .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)))
+    .map_err(db_err)
+}
+
+/// Writes the entries of seqs `first_seq`, `first_seq + 1`, ... of room `key` as one run.
+fn insert_run(
+    conn: &Connection,
+    key: i64,
+    first_seq: u64,
+    rowids: &[i64],
+) -> Result<(), StoreError> {
+    if rowids.is_empty() {
+        return Ok(());
+    }
+    let last_seq = first_seq + rowids.len() as u64 - 1;
+    conn.prepare_cached(INSERT_RUN)
+        .and_then(|mut stmt| {
+            stmt.execute(rusqlite::params![
+                key,
+                last_seq,
+                first_seq,
+                encode_rowids(rowids)
+            ])
+        })
+        .map_err(db_err)?;
+    Ok(())
+}
+
+/// A run's rowids, each as its difference from the one before (from 0): a room's messages
+/// mostly follow one another closely in the table, so most take a byte or two.
+fn encode_rowids(rowids: &[i64]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rowids.len() * 2 + 8);
+    let mut previous = 0i64;
+    for &rowid in rowids {
+        put_varint(&mut out, zigzag(rowid.wrapping_sub(previous)));
+        previous = rowid;
+    }
+    out
+}
+
+/// The rowids [`encode_rowids`] packed; an error for a damaged run.
+fn decode_rowids(mut packed: &[u8]) -> Result<Vec<i64>, StoreError> {
+    let mut rowids = Vec::with_capacity(packed.len());
+    let mut previous = 0i64;
+    while !packed.is_empty() {
+        let delta = take_varint(&mut packed)
+            .ok_or_else(|| StoreError::Database("history index: a damaged run".into()))?;
+        previous = previous.wrapping_add(unzigzag(delta));
+        rowids.push(previous);
+    }
+    Ok(rowids)
+}
+
+/// The (seq, rowid) of room `key`'s indexed seqs above `lower` and below `upper`, at most
+/// `wanted`, from the oldest or the newest.
+pub(super) fn indexed_rowids(
+    conn: &Connection,
+    key: i64,
+    lower: u64,
+    upper: u64,
+    newest_first: bool,
+    wanted: usize,
+) -> Result<Vec<(u64, i64)>, StoreError> {
+    let mut found = Vec::new();
+    if wanted == 0 || upper <= lower.saturating_add(1) {
+        return Ok(found);
+    }
+    let sql = if newest_first {
+        RUNS_IN_RANGE_DESC
+    } else {
+        RUNS_IN_RANGE
+    };
+    let mut stmt = conn.prepare_cached(sql).map_err(db_err)?;
+    let clamp = |seq: u64| i64::try_from(seq).unwrap_or(i64::MAX);
+    let mut rows = stmt
+        .query(rusqlite::params![key, clamp(lower), clamp(upper - 1)])
+        .map_err(db_err)?;
+    while let Some(row) = rows.next().map_err(db_err)? {
+        let first_seq: u64 = row.get(0).map_err(db_err)?;
+        let packed = row
+            .get_ref(1)
+            .map_err(db_err)?
+            .as_blob()
+            .map_err(|err| StoreError::Database(format!("history index: a run: {err}")))?;
+        let run = decode_rowids(packed)?
+            .into_iter()
+            .enumerate()
+            .map(|(at, rowid)| (first_seq + at as u64, rowid))
+            .filter(|&(seq, _)| seq > lower && seq < upper);
+        let before = found.len();
+        if newest_first {
+            found.extend(run.rev().take(wanted - before));
+        } else {
+            found.extend(run.take(wanted - before));
+        }
+        if found.len() == wanted {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+/// Moves the entries of the legacy `room_index` (a row each) into runs of up to
+/// [`LEGACY_RUN`], and drops that table: run once, by the migration that made runs.
+pub(super) fn convert_legacy_entries(conn: &Connection) -> Result<(), StoreError> {
+    let mut stmt = conn
+        .prepare("SELECT room_key, seq, message FROM room_index ORDER BY room_key, seq")
+        .map_err(db_err)?;
+    let mut rows = stmt.query([]).map_err(db_err)?;
+    // The run being gathered: its room, first seq and rowids.
+    let mut run: Option<(i64, u64, Vec<i64>)> = None;
+    while let Some(row) = rows.next().map_err(db_err)? {
+        let (key, seq, rowid): (i64, u64, i64) = (
+            row.get(0).map_err(db_err)?,
+            row.get(1).map_err(db_err)?,
+            row.get(2).map_err(db_err)?,
+        );
+        if let Some((run_key, first, rowids)) = &mut run {
+            let follows = *run_key == key && *first + rowids.len() as u64 == seq;
+            if follows && rowids.len() < LEGACY_RUN {
+                rowids.push(rowid);
+                continue;
+            }
+            insert_run(conn, *run_key, *first, rowids)?;
+        }
+        run = Some((key, seq, vec![rowid]));
+    }
+    if let Some((key, first, rowids)) = run {
+        insert_run(conn, key, first, &rowids)?;
+    }
+    drop(rows);
+    drop(stmt);
+    conn.execute_batch("DROP TABLE room_index").map_err(db_err)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A database with the legacy `room_index` holding room 1's seqs 1 to 20 and room 2's 1
+    /// to 3 (rowids that interleave, and one that steps back), moved into runs.
+    fn converted() -> (Connection, Vec<(i64, u64, i64)>) {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE room_index (room_key INTEGER NOT NULL, seq INTEGER NOT NULL,
+                 message INTEGER NOT NULL, PRIMARY KEY (room_key, seq)) WITHOUT ROWID;",
+        )
+        .unwrap();
+        conn.execute_batch(include_str!(
+            "../../migrations/sqlite/0008_room_index_runs.sql"
+        ))
+        .unwrap();
+        let mut entries: Vec<(i64, u64, i64)> =
+            (1..=20).map(|seq| (1, seq, seq as i64 * 3)).collect();
+        entries.extend([(2, 1, 2), (2, 2, 1_000_000), (2, 3, 5)]);
+        for (key, seq, rowid) in &entries {
+            conn.execute(
+                "INSERT INTO room_index VALUES (?1, ?2, ?3)",
+                rusqlite::params![key, seq, rowid],
+            )
+            .unwrap();
+        }
+        convert_legacy_entries(&conn).unwrap();
+        (conn, entries)
+    }
+
+    #[test]
+    fn legacy_entries_become_runs_of_at_most_a_flush() {
+        let (conn, _) = converted();
+        let runs: Vec<(i64, u64, u64)> = conn
+            .prepare("SELECT room_key, first_seq, last_seq FROM room_index_runs")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(runs, [(1, 1, 8), (1, 9, 16), (1, 17, 20), (2, 1, 3)]);
+        assert_eq!(indexed_last_seq(&conn, 1).unwrap(), 20);
+        assert_eq!(indexed_last_seq(&conn, 3).unwrap(), 0);
+        let legacy = conn.prepare("SELECT 1 FROM room_index");
+        assert!(legacy.is_err(), "the legacy table is dropped");
+    }
+
+    /// Every range, either way, any limit: what a scan of the entries one by one would give.
+    #[test]
+    fn indexed_rowids_match_the_entries_one_by_one() {
+        let (conn, entries) = converted();
+        for key in [1, 2, 3] {
+            for lower in 0..23u64 {
+                for upper in (lower..24).chain([u64::MAX]) {
+                    for wanted in [0, 1, 5, 9, usize::MAX] {
+                        for newest_first in [false, true] {
+                            let mut expected: Vec<(u64, i64)> = entries
+                                .iter()
+                                .filter(|&&(k, seq, _)| k == key && seq > lower && seq < upper)
+                                .map(|&(_, seq, rowid)| (seq, rowid))
+                                .collect();
+                            if newest_first {
+                                expected.reverse();
+                            }
+                            expected.truncate(wanted);
+                            let found =
+                                indexed_rowids(&conn, key, lower, upper, newest_first, wanted)
+                                    .unwrap();
+                            assert_eq!(found, expected, "{key} ({lower}, {upper}) {wanted}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_run_is_an_error_not_a_wrong_answer() {
+        assert_eq!(
+            decode_rowids(&encode_rowids(&[7, 3, i64::MAX, i64::MIN])).unwrap(),
+            [7, 3, i64::MAX, i64::MIN]
+        );
+        assert!(decode_rowids(&[0x80]).is_err());
+    }
 
     #[test]
     fn waiting_seqs_follow_the_indexed_ones() {

@@ -11,7 +11,7 @@
 use std::ffi::c_int;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::sync::{Arc, LazyLock, Mutex, Weak, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,7 +24,9 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::retry_keys::RetryKeys;
-use super::room_index::{IndexWriter, RoomIndex, Waiting, indexed_last_seq};
+use super::room_index::{
+    IndexWriter, RoomIndex, Waiting, convert_legacy_entries, indexed_last_seq, indexed_rowids,
+};
 use super::{
     Appended, HistoryPage, HistoryQuery, JoinSnapshot, NewMessage, RoomListing, RoomMember,
     RoomRecord, Store, StoreError, format_timestamp, now_ms,
@@ -76,7 +78,12 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0005_client_keys.sql"),
     include_str!("../../migrations/sqlite/0006_room_index.sql"),
     include_str!("../../migrations/sqlite/0007_client_key_runs.sql"),
+    include_str!("../../migrations/sqlite/0008_room_index_runs.sql"),
 ];
+
+/// The migration (counted from 1) after which the history index's entries are moved from
+/// `room_index` into runs, which SQL alone cannot pack.
+const ROOM_INDEX_RUNS_MIGRATION: usize = 8;
 
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
 /// succeeded (to release or roll back the savepoint) plus the function that answers the caller
@@ -433,6 +440,9 @@ fn apply_migrations(conn: &mut Connection, version: usize) -> Result<(), StoreEr
     for (index, sql) in MIGRATIONS.iter().enumerate().skip(version) {
         let tx = conn.transaction().map_err(db_err)?;
         tx.execute_batch(sql).map_err(db_err)?;
+        if index + 1 == ROOM_INDEX_RUNS_MIGRATION {
+            convert_legacy_entries(&tx)?;
+        }
         let broken: Option<String> = tx
             .query_row("PRAGMA foreign_key_check", [], |row| row.get(0))
             .optional()
@@ -1069,7 +1079,7 @@ struct TailCache {
     /// Retry keys not yet in `client_keys`. Unlike the rest, other writes leave them true
     /// (each is checked against its message when found); only a failed append empties them.
     retry: RetryKeys,
-    /// History index entries not yet in `room_index`. Like the retry keys, true whatever
+    /// History index entries not yet written as runs. Like the retry keys, true whatever
     /// else is written; a write that is rolled back has them read back.
     index: IndexWriter,
 }
@@ -1352,7 +1362,7 @@ fn select_retried(
     let Some(rowid) = keys.find(conn, &msg.user.id, client_id)? else {
         return Ok(None);
     };
-    Ok(select_message(conn, rowid)?
+    Ok(select_message(conn, rowid, &mut None)?
         .filter(|message| {
             message.user.id == msg.user.id && message.client_id.as_deref() == Some(client_id)
         })
@@ -1516,7 +1526,7 @@ impl Store for SqliteStore {
                 let mut stmt = conn
                     .prepare_cached(&format!(
                         "SELECT {ROOM_COLUMNS}, mb.read_seq, r.key,
-                             (SELECT coalesce(max(i.seq), 0) FROM room_index i
+                             (SELECT coalesce(max(i.last_seq), 0) FROM room_index_runs i
                               WHERE i.room_key = r.key)
                          FROM rooms r
                          LEFT JOIN members mb ON mb.room_id = r.id AND mb.user_id = ?1
@@ -1772,21 +1782,10 @@ fn count_members(conn: &Connection, room: &str) -> Result<u64, StoreError> {
         .map_err(db_err)
 }
 
-/// Indexed history of a room, in `order` (`ASC` or `DESC`) of seq: a range of its part of
-/// `room_index`, each entry followed to its message.
-fn history_page(order: &str) -> String {
-    format!(
-        "SELECT {MESSAGE_COLUMNS} FROM rooms r
-         JOIN room_index i ON i.room_key = r.key
-         JOIN messages m ON m.rowid = i.message
-         WHERE r.key = ?1 AND i.seq > ?2 AND i.seq < ?3 ORDER BY i.seq {order} LIMIT ?4"
-    )
-}
-
 /// A page of a room's history. Starts the read transaction's snapshot (see
 /// [`RoomIndex::room`]): call it before any other read of the transaction.
 ///
-/// The room's seqs up to some seq are in `room_index`, the rest wait in memory
+/// The room's seqs up to some seq are in the index's runs, the rest wait in memory
 /// (`room_index`'s module); a page takes what it needs from each, the older ones first.
 fn read_history(
     conn: &Connection,
@@ -1819,42 +1818,34 @@ fn read_history(
     let wanted = limit as usize + 1;
     let in_memory =
         lower.max(waiting.indexed).saturating_add(1)..=upper.saturating_sub(1).min(last_seq);
-    let indexed = |messages: &mut Vec<ChatMessage>, order: &str, wanted: usize| {
+    // Consecutive messages of one author share one `UserRef`.
+    let mut last_author = None;
+    let indexed = |messages: &mut Vec<ChatMessage>,
+                   last_author: &mut Option<Arc<UserRef>>,
+                   newest_first: bool,
+                   wanted: usize| {
         if lower >= waiting.indexed || wanted == 0 {
             return Ok(());
         }
         let upper = upper.min(waiting.indexed + 1);
-        let mut stmt = conn.prepare_cached(&history_page(order)).map_err(db_err)?;
-        let mut last_author = None;
-        let rows = stmt
-            .query_map(
-                params![
-                    key,
-                    i64::try_from(lower).unwrap_or(i64::MAX),
-                    i64::try_from(upper).unwrap_or(i64::MAX),
-                    i64::try_from(wanted).unwrap_or(i64::MAX)
-                ],
-                |row| message_from_row(row, &mut last_author),
-            )
-            .map_err(db_err)?;
-        for row in rows {
-            messages.push(row.map_err(db_err)?);
+        for (seq, rowid) in indexed_rowids(conn, key, lower, upper, newest_first, wanted)? {
+            messages.push(select_seq(conn, rowid, seq, last_author)?);
         }
         Ok::<_, StoreError>(())
     };
     let mut messages = Vec::new();
     if newest_first {
         for seq in in_memory.rev().take(wanted) {
-            messages.push(select_waiting(conn, &waiting, seq)?);
+            messages.push(select_waiting(conn, &waiting, seq, &mut last_author)?);
         }
         let rest = wanted - messages.len();
-        indexed(&mut messages, "DESC", rest)?;
+        indexed(&mut messages, &mut last_author, true, rest)?;
         messages.reverse();
     } else {
-        indexed(&mut messages, "ASC", wanted)?;
+        indexed(&mut messages, &mut last_author, false, wanted)?;
         let rest = wanted - messages.len();
         for seq in in_memory.take(rest) {
-            messages.push(select_waiting(conn, &waiting, seq)?);
+            messages.push(select_waiting(conn, &waiting, seq, &mut last_author)?);
         }
     }
     let has_more = messages.len() > limit as usize;
@@ -1877,11 +1868,22 @@ fn select_waiting(
     conn: &Connection,
     waiting: &Waiting,
     seq: u64,
+    last_author: &mut Option<Arc<UserRef>>,
 ) -> Result<ChatMessage, StoreError> {
     let rowid = waiting
         .rowid(seq)
         .ok_or_else(|| StoreError::Database(format!("seq {seq} is not waiting")))?;
-    select_message(conn, rowid)?
+    select_seq(conn, rowid, seq, last_author)
+}
+
+/// The message the history index gives for `seq`, which must be there.
+fn select_seq(
+    conn: &Connection,
+    rowid: i64,
+    seq: u64,
+    last_author: &mut Option<Arc<UserRef>>,
+) -> Result<ChatMessage, StoreError> {
+    select_message(conn, rowid, last_author)?
         .filter(|message| message.seq == seq)
         .ok_or_else(|| {
             StoreError::Database(format!("history index: message {rowid} is not seq {seq}"))
@@ -1889,16 +1891,25 @@ fn select_waiting(
 }
 
 /// The stored message with this rowid, if any.
-fn select_message(conn: &Connection, rowid: i64) -> Result<Option<ChatMessage>, StoreError> {
-    conn.prepare_cached(&format!(
-        "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN rooms r ON r.key = m.room_key
-         WHERE m.rowid = ?1"
-    ))
-    .and_then(|mut stmt| {
-        stmt.query_row([rowid], |row| message_from_row(row, &mut None))
-            .optional()
-    })
-    .map_err(db_err)
+/// `last_author`: the author of the message read before, shared if it is the same.
+fn select_message(
+    conn: &Connection,
+    rowid: i64,
+    last_author: &mut Option<Arc<UserRef>>,
+) -> Result<Option<ChatMessage>, StoreError> {
+    /// Built once: a history page reads every message with it.
+    static SELECT_MESSAGE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN rooms r ON r.key = m.room_key
+             WHERE m.rowid = ?1"
+        )
+    });
+    conn.prepare_cached(&SELECT_MESSAGE)
+        .and_then(|mut stmt| {
+            stmt.query_row([rowid], |row| message_from_row(row, last_author))
+                .optional()
+        })
+        .map_err(db_err)
 }
 
 #[cfg(test)]
@@ -2039,8 +2050,8 @@ mod tests {
                         .get_status(rusqlite::StatementStatus::RePrepare)
                 };
                 Ok([
-                    recompiled(&history_page("DESC")),
-                    recompiled(&history_page("ASC")),
+                    recompiled(super::super::room_index::RUNS_IN_RANGE_DESC),
+                    recompiled(super::super::room_index::RUNS_IN_RANGE),
                     recompiled(MEMBERS_PAGE),
                 ])
             })
@@ -2769,7 +2780,7 @@ mod tests {
         }
     }
 
-    /// Every page shape, over a room whose seqs are partly in `room_index` and partly waiting
+    /// Every page shape, over a room whose seqs are partly in runs and partly waiting
     /// in memory (8 per flush in tests), agrees with the pages worked out directly, after
     /// every append and after a restart (which reads the waiting ones back).
     #[tokio::test]
@@ -2856,8 +2867,8 @@ mod tests {
         let conn = Connection::open(dir.path().join("confab.db")).unwrap();
         let indexed: i64 = conn
             .query_row(
-                "SELECT count(*) FROM room_index i JOIN rooms r ON r.key = i.room_key
-                 WHERE r.id = 'quiet'",
+                "SELECT coalesce(sum(i.last_seq - i.first_seq + 1), 0) FROM room_index_runs i
+                 JOIN rooms r ON r.key = i.room_key WHERE r.id = 'quiet'",
                 [],
                 |row| row.get(0),
             )
@@ -2907,7 +2918,7 @@ mod tests {
             })
             .unwrap()
         };
-        assert_eq!((count("messages"), count("room_index")), (0, 0));
+        assert_eq!((count("messages"), count("room_index_runs")), (0, 0));
         assert_eq!(lock_tails(&store.tails).index.waiting(), 0);
         // The newest room's key is handed out again.
         store.create_room(&room("r2"), &["a".into()]).await.unwrap();
@@ -3136,7 +3147,7 @@ mod tests {
     /// A database created by the first schema keeps its messages, seqs, members and retries'
     /// originals through every later migration (history as a rowid table, then filed under
     /// integer room keys with rebuilt rooms: foreign keys must not cascade into members; then
-    /// indexed in `room_index`).
+    /// indexed in `room_index`, then in runs).
     #[tokio::test]
     async fn migrations_keep_history_members_and_seqs() {
         let dir = tempfile::tempdir().unwrap();
@@ -3197,14 +3208,22 @@ mod tests {
         let first = results[0].as_ref().unwrap();
         assert_eq!((first.message.id.as_str(), first.duplicate), ("m1", true));
         assert_eq!(results[1].as_ref().unwrap().message.seq, 3);
-        // The migrated history is in the (room, seq) index, which refuses a second entry
-        // for a taken seq.
+        // The migrated history is in the (room, seq) index as a run of seqs 1 and 2, which
+        // refuses a second run ending at 2; the legacy table is gone.
         let conn = Connection::open(dir.path().join("confab.db")).unwrap();
         let clash = conn.execute(
-            "INSERT INTO room_index VALUES ((SELECT key FROM rooms WHERE id = 'r'), 2, 99)",
+            "INSERT INTO room_index_runs VALUES ((SELECT key FROM rooms WHERE id = 'r'), 2, 2, x'00')",
             [],
         );
         assert!(clash.is_err());
+        let legacy: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name = 'room_index'",
+                [],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(legacy, 0);
     }
 
     /// The writer thread and the threads that have run a read are `SCHED_BATCH` (see
