@@ -12,7 +12,7 @@
 //! differences (a byte or two each). One row per entry, as in the `room_index` table before,
 //! cost SQLite's insert work for each (callgrind, W2-shaped: 10 % of the server's
 //! instructions while rooms flushed; BENCHMARKS.md, 2026-12-05). A history page reads the
-//! runs that cover its range and then each message by rowid.
+//! runs that cover its range, then its messages by rowid in one statement.
 //!
 //! A room's runs always cover a prefix of its seqs (1 up to some seq), one after the other,
 //! and the waiting entries the rest, in order. Readers need both as of their snapshot: the writer

@@ -397,6 +397,7 @@ impl SqliteStore {
                     ))
                     .map_err(db_err)?;
                     keep_plans(&conn)?;
+                    rusqlite::vtab::array::load_module(&conn).map_err(db_err)?;
                     conn
                 }
             };
@@ -1362,7 +1363,7 @@ fn select_retried(
     let Some(rowid) = keys.find(conn, &msg.user.id, client_id)? else {
         return Ok(None);
     };
-    Ok(select_message(conn, rowid, &mut None)?
+    Ok(select_message(conn, rowid)?
         .filter(|message| {
             message.user.id == msg.user.id && message.client_id.as_deref() == Some(client_id)
         })
@@ -1818,36 +1819,45 @@ fn read_history(
     let wanted = limit as usize + 1;
     let in_memory =
         lower.max(waiting.indexed).saturating_add(1)..=upper.saturating_sub(1).min(last_seq);
-    // Consecutive messages of one author share one `UserRef`.
-    let mut last_author = None;
-    let indexed = |messages: &mut Vec<ChatMessage>,
-                   last_author: &mut Option<Arc<UserRef>>,
-                   newest_first: bool,
-                   wanted: usize| {
+    // The page's (seq, rowid)s, the waiting ones from memory and the older ones from the
+    // index's runs, then every message in one statement.
+    let indexed = |page: &mut Vec<(u64, i64)>, newest_first: bool, wanted: usize| {
         if lower >= waiting.indexed || wanted == 0 {
             return Ok(());
         }
         let upper = upper.min(waiting.indexed + 1);
-        for (seq, rowid) in indexed_rowids(conn, key, lower, upper, newest_first, wanted)? {
-            messages.push(select_seq(conn, rowid, seq, last_author)?);
-        }
+        page.extend(indexed_rowids(
+            conn,
+            key,
+            lower,
+            upper,
+            newest_first,
+            wanted,
+        )?);
         Ok::<_, StoreError>(())
     };
-    let mut messages = Vec::new();
+    let waiting_entry = |seq: u64| {
+        waiting
+            .rowid(seq)
+            .map(|rowid| (seq, rowid))
+            .ok_or_else(|| StoreError::Database(format!("seq {seq} is not waiting")))
+    };
+    let mut page = Vec::new();
     if newest_first {
         for seq in in_memory.rev().take(wanted) {
-            messages.push(select_waiting(conn, &waiting, seq, &mut last_author)?);
+            page.push(waiting_entry(seq)?);
         }
-        let rest = wanted - messages.len();
-        indexed(&mut messages, &mut last_author, true, rest)?;
-        messages.reverse();
+        let rest = wanted - page.len();
+        indexed(&mut page, true, rest)?;
+        page.reverse();
     } else {
-        indexed(&mut messages, &mut last_author, false, wanted)?;
-        let rest = wanted - messages.len();
+        indexed(&mut page, false, wanted)?;
+        let rest = wanted - page.len();
         for seq in in_memory.take(rest) {
-            messages.push(select_waiting(conn, &waiting, seq, &mut last_author)?);
+            page.push(waiting_entry(seq)?);
         }
     }
+    let mut messages = select_page(conn, &page)?;
     let has_more = messages.len() > limit as usize;
     if has_more {
         if newest_first {
@@ -1863,41 +1873,65 @@ fn read_history(
     })
 }
 
-/// The message with a waiting seq, by its rowid.
-fn select_waiting(
-    conn: &Connection,
-    waiting: &Waiting,
-    seq: u64,
-    last_author: &mut Option<Arc<UserRef>>,
-) -> Result<ChatMessage, StoreError> {
-    let rowid = waiting
-        .rowid(seq)
-        .ok_or_else(|| StoreError::Database(format!("seq {seq} is not waiting")))?;
-    select_seq(conn, rowid, seq, last_author)
-}
-
-/// The message the history index gives for `seq`, which must be there.
-fn select_seq(
-    conn: &Connection,
-    rowid: i64,
-    seq: u64,
-    last_author: &mut Option<Arc<UserRef>>,
-) -> Result<ChatMessage, StoreError> {
-    select_message(conn, rowid, last_author)?
-        .filter(|message| message.seq == seq)
-        .ok_or_else(|| {
-            StoreError::Database(format!("history index: message {rowid} is not seq {seq}"))
+/// The messages of `page`'s (seq, rowid)s, in ascending seq, each checked against its seq.
+/// One statement for the page (`rarray`, loaded on every read connection): a statement per
+/// message paid SQLite's per-statement work for each.
+fn select_page(conn: &Connection, page: &[(u64, i64)]) -> Result<Vec<ChatMessage>, StoreError> {
+    /// Built once: every history page uses it.
+    static SELECT_PAGE: LazyLock<String> = LazyLock::new(|| {
+        format!(
+            "SELECT {MESSAGE_COLUMNS} FROM rarray(?1) a
+             JOIN messages m ON m.rowid = a.value JOIN rooms r ON r.key = m.room_key"
+        )
+    });
+    if page.is_empty() {
+        return Ok(Vec::new());
+    }
+    debug_assert!(
+        page.windows(2).all(|pair| pair[0].0 < pair[1].0),
+        "seqs ascend"
+    );
+    let rowids: rusqlite::vtab::array::Array = std::rc::Rc::new(
+        page.iter()
+            .map(|&(_, rowid)| rusqlite::types::Value::Integer(rowid))
+            .collect(),
+    );
+    let mut last_author = None;
+    let mut messages = conn
+        .prepare_cached(&SELECT_PAGE)
+        .and_then(|mut stmt| {
+            stmt.query_map([rowids], |row| message_from_row(row, &mut last_author))?
+                .collect::<Result<Vec<_>, _>>()
         })
+        .map_err(db_err)?;
+    messages.sort_unstable_by_key(|message| message.seq);
+    if messages.len() != page.len()
+        || messages
+            .iter()
+            .zip(page)
+            .any(|(message, &(seq, _))| message.seq != seq)
+    {
+        let found: Vec<u64> = messages.iter().map(|message| message.seq).collect();
+        return Err(StoreError::Database(format!(
+            "history index: seqs {:?} gave messages of seqs {found:?}",
+            page.iter().map(|&(seq, _)| seq).collect::<Vec<_>>()
+        )));
+    }
+    // Consecutive messages of one author share one `UserRef` (the rows came in the order
+    // SQLite chose).
+    for at in 1..messages.len() {
+        let (before, after) = messages.split_at_mut(at);
+        let (previous, message) = (&before[at - 1], &mut after[0]);
+        if !Arc::ptr_eq(&previous.user, &message.user) && previous.user == message.user {
+            message.user = Arc::clone(&previous.user);
+        }
+    }
+    Ok(messages)
 }
 
 /// The stored message with this rowid, if any.
-/// `last_author`: the author of the message read before, shared if it is the same.
-fn select_message(
-    conn: &Connection,
-    rowid: i64,
-    last_author: &mut Option<Arc<UserRef>>,
-) -> Result<Option<ChatMessage>, StoreError> {
-    /// Built once: a history page reads every message with it.
+fn select_message(conn: &Connection, rowid: i64) -> Result<Option<ChatMessage>, StoreError> {
+    /// Built once: every retry is checked with it.
     static SELECT_MESSAGE: LazyLock<String> = LazyLock::new(|| {
         format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages m JOIN rooms r ON r.key = m.room_key
@@ -1906,7 +1940,7 @@ fn select_message(
     });
     conn.prepare_cached(&SELECT_MESSAGE)
         .and_then(|mut stmt| {
-            stmt.query_row([rowid], |row| message_from_row(row, last_author))
+            stmt.query_row([rowid], |row| message_from_row(row, &mut None))
                 .optional()
         })
         .map_err(db_err)
