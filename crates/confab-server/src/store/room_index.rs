@@ -60,20 +60,26 @@ const INSERT_RUN: &str =
     "INSERT OR FAIL INTO room_index_runs (room_key, last_seq, first_seq, rowids)
      VALUES (?1, ?2, ?3, ?4)";
 
-/// The runs of a room (`?1`) that hold seqs above `?2` and up to `?3`, newest last. The run
-/// holding `?3` is the first to end at or after it; those after it are not read.
-pub(super) const RUNS_IN_RANGE: &str = "SELECT first_seq, rowids FROM room_index_runs
-     WHERE room_key = ?1 AND last_seq > ?2 AND last_seq <= coalesce(
-         (SELECT min(last_seq) FROM room_index_runs WHERE room_key = ?1 AND last_seq >= ?3),
-         9223372036854775807)
-     ORDER BY last_seq";
+/// The runs of a room (`?1`) that hold seqs above `?2` and up to `?3`, in `$order` of seq.
+/// The run holding `?3` is the first to end at or after it; those after it are not read.
+macro_rules! runs_in_range {
+    ($order:literal) => {
+        concat!(
+            "SELECT first_seq, rowids FROM room_index_runs
+             WHERE room_key = ?1 AND last_seq > ?2 AND last_seq <= coalesce(
+                 (SELECT min(last_seq) FROM room_index_runs WHERE room_key = ?1 AND last_seq >= ?3),
+                 9223372036854775807)
+             ORDER BY last_seq ",
+            $order
+        )
+    };
+}
 
-/// [`RUNS_IN_RANGE`], newest first.
-pub(super) const RUNS_IN_RANGE_DESC: &str = "SELECT first_seq, rowids FROM room_index_runs
-     WHERE room_key = ?1 AND last_seq > ?2 AND last_seq <= coalesce(
-         (SELECT min(last_seq) FROM room_index_runs WHERE room_key = ?1 AND last_seq >= ?3),
-         9223372036854775807)
-     ORDER BY last_seq DESC";
+/// A range's runs, oldest first (see `runs_in_range!`).
+pub(super) const RUNS_IN_RANGE: &str = runs_in_range!("ASC");
+
+/// A range's runs, newest first.
+pub(super) const RUNS_IN_RANGE_DESC: &str = runs_in_range!("DESC");
 
 /// Entries a run holds at most when the legacy `room_index` rows are moved into runs.
 const LEGACY_RUN: usize = FLUSH_AT;
