@@ -99,16 +99,22 @@ struct Author {
     ceiling: Ceiling,
 }
 
-/// A `client_id` at or above every key of an author's, waiting or written.
+/// A `client_id` at or above every key of an author's, waiting or written, and one at or
+/// above every written key (which decides what a merge may write as a run).
 #[derive(Debug, Default)]
 enum Ceiling {
     /// Not remembered: to be read from the tables and the waiting keys when needed.
     #[default]
     Unknown,
-    /// It only ever grows, so it stays an upper bound when keys go with a deleted room
+    /// Both only ever grow, so they stay upper bounds when keys go with a deleted room
     /// (`None`: the author has no key). Compared as SQLite compares text (bytes), which is how
     /// `str` compares.
-    Known(Option<String>),
+    Known {
+        /// Above every key, waiting or written.
+        all: Option<String>,
+        /// Above every written key: kept so that a merge need not read it again.
+        written: Option<String>,
+    },
 }
 
 impl RetryKeys {
@@ -158,7 +164,7 @@ impl RetryKeys {
         client_id: &str,
     ) -> Result<Option<i64>, StoreError> {
         let author = self.author_with_ceiling(conn, user)?;
-        if let Ceiling::Known(ceiling) = &author.ceiling
+        if let Ceiling::Known { all: ceiling, .. } = &author.ceiling
             && ceiling.as_deref().is_none_or(|ceiling| client_id > ceiling)
         {
             return Ok(None);
@@ -207,7 +213,7 @@ impl RetryKeys {
         let known = self
             .authors
             .get(user)
-            .is_some_and(|author| matches!(author.ceiling, Ceiling::Known(_)));
+            .is_some_and(|author| matches!(author.ceiling, Ceiling::Known { .. }));
         if !known {
             if self.ceilings_known >= CEILINGS_KEPT {
                 // Start over; authors with keys waiting stay, their ceilings forgotten.
@@ -220,7 +226,10 @@ impl RetryKeys {
             let written = greatest_written(conn, user)?;
             let author = author_mut(&mut self.authors, user);
             let waiting = author.waiting.iter().map(|(key, _)| key).max();
-            author.ceiling = Ceiling::Known(written.max(waiting.cloned()));
+            author.ceiling = Ceiling::Known {
+                all: written.clone().max(waiting.cloned()),
+                written,
+            };
             self.ceilings_known += 1;
         }
         Ok(author_mut(&mut self.authors, user))
@@ -229,7 +238,7 @@ impl RetryKeys {
     /// Records the key of a message just inserted as `rowid`.
     pub(super) fn add(&mut self, user: &str, client_id: String, rowid: i64) {
         let author = author_mut(&mut self.authors, user);
-        if let Ceiling::Known(ceiling) = &mut author.ceiling
+        if let Ceiling::Known { all: ceiling, .. } = &mut author.ceiling
             && ceiling.as_ref().is_none_or(|ceiling| client_id > *ceiling)
         {
             // Into the old ceiling's buffer: keys of one author are mostly of one length.
@@ -273,16 +282,23 @@ impl RetryKeys {
                     return Ok(None);
                 };
                 let keys = std::mem::take(&mut author.waiting);
-                if matches!(author.ceiling, Ceiling::Unknown) {
-                    authors.remove(user);
-                }
                 // An author can be due twice (full and behind); the first write took them.
                 if keys.is_empty() {
                     return Ok(None);
                 }
                 let first = first_rowid(&keys);
                 let count = keys.len();
-                write_keys(conn, user, keys)?;
+                match &mut author.ceiling {
+                    Ceiling::Known { written, .. } => {
+                        let greatest = write_keys(conn, user, keys, written.take())?;
+                        *written = greatest;
+                    }
+                    Ceiling::Unknown => {
+                        authors.remove(user);
+                        let greatest = greatest_written(conn, user)?;
+                        write_keys(conn, user, keys, greatest)?;
+                    }
+                }
                 Ok(Some((first, count)))
             })?;
         if let Some(low) = low {
@@ -303,20 +319,21 @@ impl RetryKeys {
     }
 }
 
-/// Writes an author's waiting keys: those above every key the author has written as one run,
-/// the others (random keys, or keys that went out of order) one row each, as before runs.
+/// Writes an author's waiting keys: those above `greatest` (at or above every key the author
+/// has written) as one run, the others (random keys, or keys that went out of order) one row
+/// each, as before runs. Returns the new `greatest`.
 fn write_keys(
     conn: &Connection,
     user: &str,
     mut keys: Vec<(String, i64)>,
-) -> Result<(), StoreError> {
+    greatest: Option<String>,
+) -> Result<Option<String>, StoreError> {
     // Stable, then reversed: of two entries for one key (the first naming a deleted
     // message), the later comes first and is the one `dedup_by` keeps.
     keys.sort_by(|a, b| a.0.cmp(&b.0));
     keys.reverse();
     keys.dedup_by(|a, b| a.0 == b.0);
     keys.reverse();
-    let greatest = greatest_written(conn, user)?;
     let mut above = match &greatest {
         Some(greatest) => keys.partition_point(|(key, _)| key <= greatest),
         None => 0,
@@ -339,7 +356,8 @@ fn write_keys(
         .and_then(|mut stmt| stmt.execute(rusqlite::params![user, last, packed]))
         .map_err(db_err)?;
     }
-    Ok(())
+    let written = keys.pop().map(|(key, _)| key);
+    Ok(greatest.max(written))
 }
 
 /// The greatest key the author has in either table (`None`: none).
