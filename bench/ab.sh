@@ -19,7 +19,10 @@
 # a virtual machine, and RSS per connection (W3), acked/s (W4) or time until all caught up (W5)
 # where they apply, the size of confab's WAL at the end of each run (past 64 MiB for long,
 # checkpoints fell behind), and whether the generator was saturated in any run (its figures are
-# then lower bounds).
+# then lower bounds). Then, for every other label, its CPU per delivery against one label's
+# (AB_AGAINST, default the last one) run by run: the ratio within each pair of runs taken one
+# after the other, and their median, which a host that drifts during the set moves less than
+# the ratio of the two medians.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -92,4 +95,33 @@ for entry in "${LABELS[@]}"; do
                \", WAL MiB at the end [\(map(.driver.wal_bytes / 1048576 | r(0)) | join(\" \"))]\" else \"\" end)
           + (if any(.[]; .generator.saturated) then \", generator saturated\" else \"\" end)
     " "${files[@]}"
+done
+
+# Run by run against one label: each run's ratio to the same run of AB_AGAINST.
+[ ${#LABELS[@]} -ge 2 ] || exit 0
+parse_entry "${LABELS[-1]}"
+against=${AB_AGAINST:-$label}
+shopt -s nullglob
+against_files=("$OUT/$against/$WORKLOAD"-*.json)
+shopt -u nullglob
+[ ${#against_files[@]} -gt 0 ] || exit 0
+for entry in "${LABELS[@]}"; do
+    parse_entry "$entry"
+    [ "$label" != "$against" ] || continue
+    shopt -s nullglob
+    files=("$OUT/$label/$WORKLOAD"-*.json)
+    shopt -u nullglob
+    [ ${#files[@]} -gt 0 ] || continue
+    jq -rn --arg name "$label" --arg against "$against" \
+        --slurpfile these <(cat "${files[@]}") --slurpfile those <(cat "${against_files[@]}") "
+        def median: $median;
+        def cpu_by_run: map(select(.server.cpu_us_per_delivery != null)
+            | {key: (.driver.run | tostring), value: .server.cpu_us_per_delivery}) | from_entries;
+        (\$these | cpu_by_run) as \$mine | (\$those | cpu_by_run) as \$theirs
+        | [\$mine | keys[] | select(\$theirs[.] != null) | {run: ., ratio: (\$mine[.] / \$theirs[.])}]
+          | sort_by(.run | tonumber)
+        | if length == 0 then empty else
+            \"\(\$name) against \(\$against), run by run: \(map(.ratio * 100 | round / 100 | tostring)
+              | join(\" \")), median \(map(.ratio) | median * 100 | round / 100)x\" end
+    "
 done
