@@ -144,6 +144,9 @@ fi
 
 # ---- output ----
 DATE=$(date +%F)
+# Which confab ran: a copied build of an older commit is told apart from this checkout (whose
+# commit `commit` records) by its contents' hash.
+CONFAB_SHA=$(sha256sum "$CONFAB_BIN" 2>/dev/null | cut -c1-12)
 OUT=${OUT:-$ROOT/bench/results/$DATE}
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
@@ -158,7 +161,7 @@ if [ ! -e "$OUT/machine.txt" ]; then
     {
         echo "date: $(date -Is)"
         echo "commit: $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
-        echo "confab: $("$CONFAB_BIN" --version 2>/dev/null || echo unknown) ($CONFAB_BIN)"
+        echo "confab: $("$CONFAB_BIN" --version 2>/dev/null || echo unknown) ($CONFAB_BIN, sha256 ${CONFAB_SHA:-unknown})"
         echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -1), $(nproc) cores"
         echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
         echo "kernel: $(uname -sr)"
@@ -272,12 +275,12 @@ jq --arg workload "$WORKLOAD" --arg target "$LABEL" --arg peer "$PEER" --arg var
     --arg params "$PARAMS" --argjson run "$RUN" --arg date "$DATE" \
     --arg commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --arg server_env "${SERVER_ENV[*]:-}" --arg scheduling "$SCHEDULING" \
-    --argjson exit_status "$STATUS" \
+    --argjson exit_status "$STATUS" --arg confab_sha256 "${CONFAB_SHA:-unknown}" \
     --argjson data_bytes "$DATA_BYTES" --argjson wal_bytes "$WAL_BYTES" \
     '. + {driver: {workload: $workload, target: $target, peer: $peer, variant: $variant,
                    params: $params, run: $run, date: $date, commit: $commit,
                    server_env: $server_env, scheduling: $scheduling,
-                   exit_status: $exit_status,
+                   exit_status: $exit_status, confab_sha256: $confab_sha256,
                    data_bytes: $data_bytes, wal_bytes: $wal_bytes}}' \
     "$TMP/report.json" >"$JSON"
 echo "wrote $JSON" >&2
