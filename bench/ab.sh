@@ -60,11 +60,16 @@ done
 
 median='sort_by(.) | if length == 0 then null elif length % 2 == 1 then .[length / 2 | floor]
         else (.[length / 2 - 1] + .[length / 2]) / 2 end'
+# Sets `files` to LABEL's results of the workload in OUT (none: empty).
+results_of() {
+    shopt -s nullglob
+    files=("$OUT/$1/$WORKLOAD"-*.json)
+    shopt -u nullglob
+}
+
 for entry in "${LABELS[@]}"; do
     parse_entry "$entry"
-    shopt -s nullglob
-    files=("$OUT/$label/$WORKLOAD"-*.json)
-    shopt -u nullglob
+    results_of "$label"
     [ ${#files[@]} -gt 0 ] || { echo "$label: no results"; continue; }
     jq -rs --arg name "$label" "
         def median: $median;
@@ -101,16 +106,13 @@ done
 [ ${#LABELS[@]} -ge 2 ] || exit 0
 parse_entry "${LABELS[-1]}"
 against=${AB_AGAINST:-$label}
-shopt -s nullglob
-against_files=("$OUT/$against/$WORKLOAD"-*.json)
-shopt -u nullglob
+results_of "$against"
+against_files=("${files[@]}")
 [ ${#against_files[@]} -gt 0 ] || exit 0
 for entry in "${LABELS[@]}"; do
     parse_entry "$entry"
     [ "$label" != "$against" ] || continue
-    shopt -s nullglob
-    files=("$OUT/$label/$WORKLOAD"-*.json)
-    shopt -u nullglob
+    results_of "$label"
     [ ${#files[@]} -gt 0 ] || continue
     jq -rn --arg name "$label" --arg against "$against" \
         --slurpfile these <(cat "${files[@]}") --slurpfile those <(cat "${against_files[@]}") "
