@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::node::Node;
@@ -32,6 +33,19 @@ pub fn now_ms() -> u64 {
     u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// [`now_ms`] as of the latest sweep (of any node in the process), in the sessions' 32-bit
+/// form ([`crate::outbound::clock32`]). Writes to a connection note when they happened with it:
+/// reading the clock itself on every delivery would cost a system-clock read each, and the
+/// heartbeat only needs the time of a write to a sweep's precision. It lags the true time,
+/// never leads it, so a write noted with it looks older than it is and a ping is never put off
+/// for longer than it should be.
+static SWEPT_MS: AtomicU32 = AtomicU32::new(0);
+
+/// The time of the latest sweep (see [`SWEPT_MS`]).
+pub(crate) fn swept_ms() -> u32 {
+    SWEPT_MS.load(Ordering::Relaxed)
+}
+
 /// How often the sweep runs: often enough that pings and timeouts are at most a quarter of
 /// their period late, at most once a second (a sweep reads every session).
 fn sweep_period(interval: Duration, timeout: Duration) -> Duration {
@@ -52,6 +66,7 @@ pub async fn run(node: Arc<Node>) {
             () = node.shutdown.cancelled() => break,
         }
         let now = now_ms();
+        SWEPT_MS.store(crate::outbound::clock32(now), Ordering::Relaxed);
         for session in node.presence.sessions_due(now, interval_ms, timeout_ms) {
             session.beat(now, interval_ms, timeout_ms);
         }

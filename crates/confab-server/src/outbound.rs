@@ -264,6 +264,10 @@ struct Outlet {
     /// Subscribed rooms with the highest seq written in each; `None` while a join is reading
     /// the room's history.
     rooms: RoomMarks,
+    /// When something was last written to the socket, by the sweep's clock
+    /// ([`heartbeat::swept_ms`]): a peer that is sent something anyway needs no ping to know
+    /// the connection is alive (see [`SessionHandle::beat`]).
+    written_ms: u32,
 }
 
 /// The socket an outlet writes to, with its descriptor kept inline: reading it through the
@@ -417,9 +421,12 @@ impl Outlet {
         }
         let socket = self.socket.as_ref().expect("checked by the caller");
         let sent = try_write(socket.fd(), &frames, 0);
-        let Some(outcome) = direct_outcome(sent, &mut self.unfinished, &mut self.broken, || {
-            frames.into_vec()
-        }) else {
+        let parts = WrittenParts {
+            unfinished: &mut self.unfinished,
+            broken: &mut self.broken,
+            written_ms: &mut self.written_ms,
+        };
+        let Some(outcome) = direct_outcome(sent, parts, || frames.into_vec()) else {
             return Direct::Queue;
         };
         if let Some((delivered, newest)) = mark {
@@ -446,7 +453,12 @@ impl Outlet {
         };
         let socket = self.socket.as_ref().expect("checked by the caller");
         let sent = try_send_framed(socket.fd(), &chat.frames[start..]);
-        let Some(outcome) = direct_outcome(sent, &mut self.unfinished, &mut self.broken, || {
+        let parts = WrittenParts {
+            unfinished: &mut self.unfinished,
+            broken: &mut self.broken,
+            written_ms: &mut self.written_ms,
+        };
+        let Some(outcome) = direct_outcome(sent, parts, || {
             vec![Frame::Framed(chat.frames.slice(start..))]
         }) else {
             return Direct::Queue;
@@ -490,22 +502,33 @@ impl Outlet {
 /// `broken`: the task's next write fails the same way and ends the session).
 fn direct_outcome(
     sent: std::io::Result<Written>,
-    unfinished: &mut Option<Box<(Vec<Frame>, usize)>>,
-    broken: &mut bool,
+    outlet: WrittenParts<'_>,
     frames: impl FnOnce() -> Vec<Frame>,
 ) -> Option<Direct> {
     match sent {
-        Ok(Written::All) => Some(Direct::Done),
+        Ok(Written::All) => {
+            *outlet.written_ms = heartbeat::swept_ms();
+            Some(Direct::Done)
+        }
         Ok(Written::Partly(0)) => None,
         Ok(Written::Partly(written)) => {
-            *unfinished = Some(Box::new((frames(), written)));
+            *outlet.written_ms = heartbeat::swept_ms();
+            *outlet.unfinished = Some(Box::new((frames(), written)));
             Some(Direct::Unfinished)
         }
         Err(_) => {
-            *broken = true;
+            *outlet.broken = true;
             None
         }
     }
+}
+
+/// The parts of an [`Outlet`] a direct write's outcome changes, borrowed apart from the rest
+/// (the write's frames may still borrow the outlet's rooms).
+struct WrittenParts<'a> {
+    unfinished: &'a mut Option<Box<(Vec<Frame>, usize)>>,
+    broken: &'a mut bool,
+    written_ms: &'a mut u32,
 }
 
 /// Appends the frames of a chat batch's messages above `delivered` (one span of its shared
@@ -669,16 +692,28 @@ impl SessionHandle {
     }
 
     /// What the heartbeat owes this session at `now`: a timeout if the peer has been silent
-    /// for `timeout_ms`, else a ping every `interval_ms`.
+    /// for `timeout_ms`, else a ping every [`SessionHandle::ping_period`].
     fn beat_owed(&self, now: u64, interval_ms: u64, timeout_ms: u64) -> Option<Beat> {
         let now = clock32(now);
         if ms_since(now, self.heard_ms.load(Ordering::Relaxed)) >= timeout_ms {
             Some(Beat::TimedOut)
-        } else if ms_since(now, self.pinged_ms.load(Ordering::Relaxed)) >= interval_ms {
+        } else if ms_since(now, self.pinged_ms.load(Ordering::Relaxed))
+            >= self.ping_period(interval_ms)
+        {
             Some(Beat::Ping)
         } else {
             None
         }
+    }
+
+    /// This session's time between pings: the interval less up to a quarter of it, fixed per
+    /// session. Connections that came together (a restart's reconnections, a load test) would
+    /// otherwise be pinged together for good, thousands of writes in one sweep that hold up
+    /// everything else the node does (W2's p99 at its ping seconds: 18-60 ms, 2-6 ms
+    /// elsewhere; BENCHMARKS.md, 2026-12-05).
+    fn ping_period(&self, interval_ms: u64) -> u64 {
+        let spread = interval_ms / 4 + 1;
+        interval_ms - (self.id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % spread
     }
 
     /// Whether the heartbeat has something to do for this session at `now`.
@@ -688,13 +723,30 @@ impl SessionHandle {
 
     /// The heartbeat's turn, looked at afresh: raises [`Signal::TimedOut`] on a silent peer,
     /// or pings (written straight into the socket when nothing is ahead of it, so an idle
-    /// session's task is not woken).
+    /// session's task is not woken). A session whose peer was heard from and written to
+    /// within its ping period is not pinged: the peer's frames show it is there, ours show
+    /// it that we are, and a ping would only cost both sides a write and a read (a busy
+    /// node's pings were 1 % of its CPU, in bursts). The write stands for the ping: the next
+    /// is due a period after it.
     pub(crate) fn beat(&self, now: u64, interval_ms: u64, timeout_ms: u64) {
         match self.beat_owed(now, interval_ms, timeout_ms) {
             Some(Beat::TimedOut) => self.raise(Signal::TimedOut),
             Some(Beat::Ping) => {
-                self.pinged_ms.store(clock32(now), Ordering::Relaxed);
-                self.push(&Outbound::Ping, Priority::Droppable);
+                if self.is_slow() {
+                    return;
+                }
+                let outlet = self.outlet();
+                let now = clock32(now);
+                let period = self.ping_period(interval_ms);
+                let written = outlet.written_ms;
+                if ms_since(now, written) < period
+                    && ms_since(now, self.heard_ms.load(Ordering::Relaxed)) < period
+                {
+                    self.pinged_ms.store(written, Ordering::Relaxed);
+                    return;
+                }
+                self.pinged_ms.store(now, Ordering::Relaxed);
+                self.push_locked(outlet, &Outbound::Ping, Priority::Droppable);
             }
             None => {}
         }
@@ -816,8 +868,14 @@ impl OutboundReceiver {
             outlet.socket = None;
         }
         let outcome = match try_write(socket.as_fd(), &frames, skip) {
-            Ok(Written::All) => FlushOutcome::Done,
+            Ok(Written::All) => {
+                outlet.written_ms = heartbeat::swept_ms();
+                FlushOutcome::Done
+            }
             Ok(Written::Partly(written)) => {
+                if written > skip {
+                    outlet.written_ms = heartbeat::swept_ms();
+                }
                 outlet.writing = true;
                 FlushOutcome::Blocked(frames.into_vec(), written)
             }
@@ -1151,6 +1209,49 @@ mod tests {
         assert!(handle.raised(Signal::TimedOut));
         assert!(!handle.raised(Signal::Shutdown));
         assert!(rx.poll_ready(&mut cx).is_ready());
+    }
+
+    #[tokio::test]
+    async fn a_write_and_a_frame_heard_within_the_period_stand_for_a_ping() {
+        let (_socket, mut client, handle, _rx) = attached(4).await;
+        let (interval, timeout) = (1_000, 60_000);
+        let period = handle.ping_period(interval);
+        assert!((interval * 3 / 4..=interval).contains(&period), "{period}");
+        let due = heartbeat::now_ms() + interval;
+        let expect_ping = async |client: &mut TcpStream| {
+            let mut ping = [0; 2];
+            tokio::io::AsyncReadExt::read_exact(client, &mut ping)
+                .await
+                .unwrap();
+            assert_eq!(ping, [0x89, 0]);
+        };
+        // Both ways within the period: no ping, and the next is due a period after the write.
+        handle.heard_ms.store(clock32(due - 100), Ordering::Relaxed);
+        handle.outlet().written_ms = clock32(due - 200);
+        handle.beat(due, interval, timeout);
+        assert!(!handle.beat_due(due + 1, interval, timeout));
+        let next = due - 200 + period;
+        assert!(handle.beat_due(next, interval, timeout));
+        // Heard from, but nothing written since: pinged (the first frame the client gets).
+        handle.heard_ms.store(clock32(next - 10), Ordering::Relaxed);
+        handle.beat(next, interval, timeout);
+        expect_ping(&mut client).await;
+        // Written to, but not heard from since: pinged.
+        let after = next + period;
+        handle.outlet().written_ms = clock32(after - 10);
+        handle.beat(after, interval, timeout);
+        expect_ping(&mut client).await;
+        // Sessions' periods differ, so that connections made together are not pinged together.
+        let periods: std::collections::HashSet<u64> = (0..100)
+            .map(|id| {
+                let user = UserRef {
+                    id: "u".into(),
+                    name: "u".into(),
+                };
+                SessionHandle::new(id, user, 1).0.ping_period(interval)
+            })
+            .collect();
+        assert!(periods.len() > 50, "{periods:?}");
     }
 
     #[tokio::test]

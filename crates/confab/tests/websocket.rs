@@ -195,3 +195,63 @@ async fn requests_that_are_not_websocket_handshakes_are_refused() {
     assert_eq!(wrong_version.status(), 400);
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// Reads frames until `deadline`, counting the server's pings; `send` (if any) goes out every
+/// 50 ms meanwhile.
+async fn count_pings(raw: &mut Raw, deadline: tokio::time::Instant, send: Option<&[u8]>) -> usize {
+    let mut pings = 0;
+    let mut next_send = tokio::time::Instant::now();
+    while tokio::time::Instant::now() < deadline {
+        if let Some(bytes) = send
+            && tokio::time::Instant::now() >= next_send
+        {
+            raw.stream.write_all(bytes).await.unwrap();
+            next_send += Duration::from_millis(50);
+        }
+        let until = if send.is_some() {
+            next_send.min(deadline)
+        } else {
+            deadline
+        };
+        if let Ok((opcode, _)) = tokio::time::timeout_at(until, raw.next_frame()).await {
+            assert_ne!(opcode, 0x8, "closed");
+            pings += usize::from(opcode == 0x9);
+        }
+    }
+    pings
+}
+
+#[tokio::test]
+async fn pings_go_to_quiet_connections_not_to_ones_in_use_both_ways() {
+    let server = TestServer::start_with(|c| {
+        c.heartbeat_interval_ms = 400;
+        c.heartbeat_timeout_ms = 10_000;
+        c.message_rate = 100;
+    })
+    .await;
+    let mut quiet = Raw::open(&server, "quiet").await;
+    quiet.next_of_type("connected").await;
+    let mut chatty = Raw::open(&server, "chatty").await;
+    chatty.next_of_type("connected").await;
+    chatty
+        .stream
+        .write_all(&frame(true, 0x1, br#"{"type":"join","room":"busy"}"#))
+        .await
+        .unwrap();
+    chatty.next_of_type("joined").await;
+    let message = frame(
+        true,
+        0x1,
+        br#"{"type":"message","room":"busy","content":"hi"}"#,
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let (chatty_pings, quiet_pings) = tokio::join!(
+        count_pings(&mut chatty, deadline, Some(&message)),
+        count_pings(&mut quiet, deadline, None),
+    );
+    // A ping at most every 300-400 ms (the interval less a per-connection share of a quarter
+    // of it), a sweep every 100 ms: four or five in 2 s for the quiet one. The chatty one
+    // sends and is sent something every 50 ms: none (one if the machine stalls the test).
+    assert!(quiet_pings >= 4, "quiet: {quiet_pings} pings");
+    assert!(chatty_pings <= 1, "chatty: {chatty_pings} pings");
+}
