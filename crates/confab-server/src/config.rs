@@ -58,7 +58,9 @@ pub struct Config {
     pub max_connections_per_user: usize,
     /// Rooms one session may be joined to.
     pub max_rooms_per_session: usize,
-    /// Interval between server pings, in milliseconds.
+    /// Longest a connection goes without a frame from the server, in milliseconds: a session
+    /// is pinged after three quarters to all of it (spread per session) unless it was written
+    /// to and heard from meanwhile.
     pub heartbeat_interval_ms: u64,
     /// A connection silent for this long (no pong, no frame) is closed, in milliseconds.
     pub heartbeat_timeout_ms: u64,
