@@ -732,11 +732,13 @@ impl SessionHandle {
         match self.beat_owed(now, interval_ms, timeout_ms) {
             Some(Beat::TimedOut) => self.raise(Signal::TimedOut),
             Some(Beat::Ping) => {
+                let now = clock32(now);
                 if self.is_slow() {
+                    // As a refused push: counted as pinged, not looked at again every sweep.
+                    self.pinged_ms.store(now, Ordering::Relaxed);
                     return;
                 }
                 let outlet = self.outlet();
-                let now = clock32(now);
                 let period = self.ping_period(interval_ms);
                 let written = outlet.written_ms;
                 if ms_since(now, written) < period
