@@ -3005,9 +3005,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(store_with_room(dir.path(), "r", &["a"]).await);
         let done = Arc::new(AtomicBool::new(false));
+        // Readers that have read a page: the writes may all be done before a reader is first
+        // scheduled on a busy machine, and every reader must read at least once.
+        let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let readers: Vec<_> = (0..3)
             .map(|_| {
                 let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+                let reading = Arc::clone(&reading);
                 tokio::spawn(async move {
                     let mut seen = 0;
                     let mut pages = 0;
@@ -3019,6 +3023,9 @@ mod tests {
                         assert_eq!(seqs, (from..=last).collect::<Vec<_>>());
                         seen = last;
                         pages += 1;
+                        if pages == 1 {
+                            reading.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                     pages
                 })
@@ -3031,6 +3038,10 @@ mod tests {
                 .collect();
             store.append(batch).await.unwrap();
             last += size;
+        }
+        // (A reader that failed before its first page is found below, not waited for.)
+        while reading.load(Ordering::Relaxed) < 3 && !readers.iter().any(|r| r.is_finished()) {
+            tokio::task::yield_now().await;
         }
         done.store(true, Ordering::Relaxed);
         for reader in readers {
