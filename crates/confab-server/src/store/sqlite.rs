@@ -2685,6 +2685,65 @@ mod tests {
         assert_eq!(next[0].as_ref().unwrap().message.seq, 3);
     }
 
+    /// A batch over more rooms and members than the tail cache holds in tests (so it starts
+    /// over mid-batch), with a retry of a message earlier in the batch: every message gets
+    /// the next seq of its room, is read back under that seq with its own content, and its
+    /// key finds it afterwards.
+    #[tokio::test]
+    async fn large_batches_file_every_row_under_its_own_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_room(dir.path(), "r0", &["a", "b", "c"]).await;
+        for r in 1..6 {
+            store
+                .create_room(
+                    &room(&format!("r{r}")),
+                    &["a".into(), "b".into(), "c".into()],
+                )
+                .await
+                .unwrap();
+        }
+        let authors = ["a", "b", "c"];
+        let mut batch = Vec::new();
+        let mut expected: HashMap<String, Vec<String>> = HashMap::default();
+        for n in 0..70 {
+            let (room_id, author) = (format!("r{}", (n / 2) % 6), authors[n % 3]);
+            let content = format!("m{n}");
+            batch.push(message(&room_id, author, &content, Some(&format!("k{n}"))));
+            expected.entry(room_id).or_default().push(content);
+            if n == 40 {
+                // A retry of message 25 (room r0, author b).
+                batch.push(message("r0", "b", "retried", Some("k25")));
+            }
+        }
+        let results = store.append(batch.clone()).await.unwrap();
+        let retry = results[41].as_ref().unwrap();
+        assert!(retry.duplicate);
+        assert_eq!(retry.message.content, "m25");
+        for (room_id, contents) in &expected {
+            let page = store
+                .history(room_id, HistoryQuery::Latest { limit: 100 })
+                .await
+                .unwrap();
+            let read: Vec<(u64, &str)> = page
+                .messages
+                .iter()
+                .map(|m| (m.seq, m.content.as_str()))
+                .collect();
+            let sent: Vec<(u64, &str)> = (1..).zip(contents.iter().map(String::as_str)).collect();
+            assert_eq!(read, sent, "room {room_id}");
+        }
+        // Every key now finds its original, stored where the history says.
+        let again = store.append(batch).await.unwrap();
+        for (first, second) in results.iter().zip(&again) {
+            let (first, second) = (first.as_ref().unwrap(), second.as_ref().unwrap());
+            assert!(second.duplicate);
+            assert_eq!(
+                (first.message.seq, &first.message.content),
+                (second.message.seq, &second.message.content)
+            );
+        }
+    }
+
     /// A retry keeps getting its original message after the author left the room (the
     /// message was stored while they were a member); a new message from them is refused.
     #[tokio::test]
