@@ -31,6 +31,7 @@
 //! A deleted room's keys are deleted from `client_keys`; in runs, which mix rooms, they stay
 //! and are ignored that way.
 
+use super::SCALED_FOR_TESTS;
 use std::sync::LazyLock;
 
 use foldhash::HashMap;
@@ -50,15 +51,15 @@ use super::sqlite::db_err;
 /// each: 48.7k acked/s at 32, **71.7k** at 256, 79.4k at 1,024 (whose commits grew its ack
 /// p99 to 93-97 ms, and whose waiting lists, scanned for each new key, got long); with
 /// counter ids 117.0k at 32 and 121.9k at 256. Memory stays bounded by [`MERGE_BEHIND`].
-const MERGE_AT: usize = if cfg!(test) { 32 } else { 256 };
+const MERGE_AT: usize = if SCALED_FOR_TESTS { 32 } else { 256 };
 
 /// An author's waiting keys are written, whatever their number, once the oldest is this many
 /// messages behind the newest: this bounds the memory they take and the messages read at start.
-const MERGE_BEHIND: i64 = if cfg!(test) { 50 } else { 100_000 };
+const MERGE_BEHIND: i64 = if SCALED_FOR_TESTS { 50 } else { 100_000 };
 
 /// Authors whose greatest stored key is remembered, at most; past it the memory is emptied and
 /// refilled by the authors who send next (a statement each).
-const CEILINGS_KEPT: usize = if cfg!(test) { 4 } else { 65_536 };
+const CEILINGS_KEPT: usize = if SCALED_FOR_TESTS { 4 } else { 65_536 };
 
 /// Writes an author's waiting keys; a key already there (left by a message since deleted)
 /// takes the new message. `OR FAIL`, like the writer's other inserts (see the messages insert

@@ -25,6 +25,7 @@
 //! waiting entry, in the same transactions, and at start the entries of the messages from
 //! there on that the runs lack are read back.
 
+use super::SCALED_FOR_TESTS;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
@@ -39,7 +40,7 @@ use super::sqlite::{db_err, select_room_key};
 /// A room's waiting entries are written together once there are this many (8 in tests).
 ///
 /// 256 entries make a run of about 300-500 bytes: several rooms' runs share a page.
-pub(super) const FLUSH_AT: usize = if cfg!(test) { 8 } else { 256 };
+pub(super) const FLUSH_AT: usize = if SCALED_FOR_TESTS { 8 } else { 256 };
 
 /// How far a room's due size strays from [`FLUSH_AT`], either way, varied from room to room
 /// and from one flush to the next (none in tests, which count on exact flushes). Rooms whose
@@ -47,12 +48,12 @@ pub(super) const FLUSH_AT: usize = if cfg!(test) { 8 } else { 256 };
 /// same second every 25.6 s, and their 192,000 entries made the slowest seconds of every run
 /// (BENCHMARKS.md, 2026-12-03, last); due at 192 to 320 they spread over 13 s the first time
 /// and drift apart after.
-const FLUSH_SPREAD: usize = if cfg!(test) { 0 } else { FLUSH_AT / 4 };
+const FLUSH_SPREAD: usize = if SCALED_FOR_TESTS { 0 } else { FLUSH_AT / 4 };
 
 /// A room's waiting entries are written, whatever their number, once the oldest is this many
 /// messages behind the newest: this bounds the memory they take (8 bytes each) and the
 /// messages read at start.
-pub(super) const FLUSH_BEHIND: i64 = if cfg!(test) { 40 } else { 100_000 };
+pub(super) const FLUSH_BEHIND: i64 = if SCALED_FOR_TESTS { 40 } else { 100_000 };
 
 /// Writes a room's waiting entries as one run. `OR FAIL`: see the messages insert in
 /// `append_batch` (a failure rolls the whole transaction back).

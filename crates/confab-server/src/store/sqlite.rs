@@ -23,13 +23,14 @@ use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::chunked_insert::ChunkedInsert;
 use super::retry_keys::RetryKeys;
 use super::room_index::{
     IndexWriter, RoomIndex, Waiting, convert_legacy_entries, indexed_last_seq, indexed_rowids,
 };
 use super::{
     Appended, HistoryPage, HistoryQuery, JoinSnapshot, NewMessage, RoomListing, RoomMember,
-    RoomRecord, Store, StoreError, format_timestamp, now_ms,
+    RoomRecord, SCALED_FOR_TESTS, Store, StoreError, format_timestamp, now_ms,
 };
 use crate::config::SqliteSync;
 
@@ -1052,11 +1053,11 @@ fn select_room(conn: &Connection, id: &str) -> Result<Option<RoomRecord>, StoreE
 
 /// Rooms the tail cache holds at most; past that it starts over (4 in tests, so that they
 /// start over too).
-const TAIL_CACHE_ROOMS: usize = if cfg!(test) { 4 } else { 16_384 };
+const TAIL_CACHE_ROOMS: usize = if SCALED_FOR_TESTS { 4 } else { 16_384 };
 
 /// Members (over all rooms) the tail cache holds at most; past that it starts over (8 in
 /// tests).
-const TAIL_CACHE_MEMBERS: usize = if cfg!(test) { 8 } else { 262_144 };
+const TAIL_CACHE_MEMBERS: usize = if SCALED_FOR_TESTS { 8 } else { 262_144 };
 
 /// What the writer knows about rooms between commits: each room's key and last seq and which
 /// authors are members. With it a busy room's message costs its insert alone, not also a
@@ -1136,6 +1137,15 @@ impl TailCache {
             None => {}
         }
         written
+    }
+
+    /// The room's key and last seq if the cache knows `user` is a member of it: what a busy
+    /// room's message needs, without reading anything.
+    fn cached_member(&self, room: &str, user: &str) -> Option<(i64, u64)> {
+        self.rooms
+            .get(room)
+            .filter(|cached| cached.members.contains(user))
+            .map(|cached| (cached.key, cached.last_seq))
     }
 
     /// Where `user` stands in `room`, as the open transaction sees it: looked up in the cache,
@@ -1247,21 +1257,19 @@ fn append_locked(
     cache.retry.load(conn)?;
     cache.index.load(conn)?;
     let mut results = Vec::with_capacity(batch.len());
-    // The last rowid inserted, for the retry keys' low mark, and how many were.
-    let mut newest = None;
-    let mut stored = 0;
-    // `OR FAIL`: nothing in this single-row statement can fail half-way, and without it
-    // SQLite keeps a statement journal for each execution, copying
-    // every page the transaction already dirtied.
-    let mut insert = conn
-        .prepare_cached(
-            "INSERT OR FAIL INTO messages
-                 (room_key, seq, id, user_id, user_name, content, client_id, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .map_err(db_err)?;
+    let mut unwritten = Unwritten::default();
     for msg in batch {
-        let standing = cache.standing(conn, &msg.room, &msg.user.id)?;
+        let standing = match cache.cached_member(&msg.room, &msg.user.id) {
+            Some((key, last_seq)) => Standing::Member(key, last_seq),
+            None => {
+                if !cache.rooms.contains_key(&msg.room) {
+                    // The room's last seq is read from the history index, which needs the
+                    // rows before this one filed in it.
+                    unwritten.write(conn, cache, &results)?;
+                }
+                cache.standing(conn, &msg.room, &msg.user.id)?
+            }
+        };
         let Standing::Member(key, last_seq) = standing else {
             // A retry of a message stored before its author left (or the room went) is still
             // answered with the original.
@@ -1279,31 +1287,21 @@ fn append_locked(
             }));
             continue;
         };
+        if unwritten.holds_key(&results, &msg) {
+            // A retry of a message earlier in this batch: its key must be known first.
+            unwritten.write(conn, cache, &results)?;
+        }
         if let Some(original) = select_retried(conn, &mut cache.retry, &msg)? {
             results.push(Ok(original));
             continue;
         }
         let seq = last_seq + 1;
-        insert
-            .execute(params![
-                key,
-                seq,
-                msg.id,
-                msg.user.id,
-                msg.user.name,
-                msg.content,
-                msg.client_id,
-                msg.timestamp_ms
-            ])
-            .map_err(db_err)?;
-        let rowid = conn.last_insert_rowid();
-        newest = Some(rowid);
-        stored += 1;
-        cache.index.add(key, seq, rowid);
-        if let Some(client_id) = &msg.client_id {
-            cache.retry.add(&msg.user.id, client_id.clone(), rowid);
-        }
         cache.advance(&msg.room, seq);
+        unwritten.rows.push(UnwrittenRow {
+            result: results.len(),
+            key,
+            created_at: msg.timestamp_ms,
+        });
         results.push(Ok(Appended {
             message: ChatMessage {
                 id: msg.id,
@@ -1316,12 +1314,119 @@ fn append_locked(
             },
             duplicate: false,
         }));
+        if unwritten.rows.len() == UNWRITTEN_MAX {
+            unwritten.write(conn, cache, &results)?;
+        }
     }
-    drop(insert);
-    cache.retry.write_due(conn, newest, stored)?;
-    cache.index.write_due(conn, newest, stored)?;
+    unwritten.write(conn, cache, &results)?;
+    cache
+        .retry
+        .write_due(conn, unwritten.newest, unwritten.stored)?;
+    cache
+        .index
+        .write_due(conn, unwritten.newest, unwritten.stored)?;
     cache.pending = Some(conn.total_changes());
     Ok(results)
+}
+
+/// Messages inserted per statement at most, and so the most an append holds unwritten. A
+/// retry's lookup in the rows held looks at this many at most.
+const UNWRITTEN_MAX: usize = 16;
+
+/// Inserts a batch's messages with a statement per [`UNWRITTEN_MAX`] of them rather than one
+/// each: every statement costs SQLite's per-statement work (opening the table's cursor,
+/// halting, resetting) on top of its rows. At W2's eight messages a commit that was about
+/// 1.2K of the 23.6K instructions the store spent per message (callgrind, 2026-12-05).
+/// `OR FAIL`: without it SQLite keeps a statement journal for a statement that may abort
+/// half-way, copying every page the transaction already dirtied; a failure here rolls the
+/// whole transaction back anyway.
+static INSERT_MESSAGES: LazyLock<ChunkedInsert> = LazyLock::new(|| {
+    ChunkedInsert::new(
+        "INSERT OR FAIL INTO messages
+             (room_key, seq, id, user_id, user_name, content, client_id, created_at)",
+        8,
+        "",
+    )
+});
+
+/// An append's stored messages not yet inserted: each is numbered (its seq, its room's
+/// last seq in the tail cache) as it is accepted, and inserted, given its rowid and filed in
+/// the history index and the retry keys, a statement's worth at a time. Whatever would read
+/// what they change (a room not in the tail cache, a retry of one of them) writes them first.
+#[derive(Default)]
+struct Unwritten {
+    rows: Vec<UnwrittenRow>,
+    /// The last rowid inserted, for the low marks of the groups written after the batch.
+    newest: Option<i64>,
+    /// How many messages the append inserted.
+    stored: usize,
+}
+
+/// A message accepted and numbered, not yet inserted.
+struct UnwrittenRow {
+    /// Its place in the append's results, which hold the message.
+    result: usize,
+    /// Its room's key.
+    key: i64,
+    created_at: i64,
+}
+
+impl Unwritten {
+    /// Whether `msg`'s `client_id`, from its author, is one of the rows held.
+    fn holds_key(&self, results: &[Result<Appended, StoreError>], msg: &NewMessage) -> bool {
+        let Some(client_id) = &msg.client_id else {
+            return false;
+        };
+        self.rows.iter().any(|row| {
+            let held = &stored(results, row).message;
+            held.client_id.as_ref() == Some(client_id) && held.user.id == msg.user.id
+        })
+    }
+
+    /// Inserts the rows held and files them in the history index and the retry keys.
+    fn write(
+        &mut self,
+        conn: &Connection,
+        cache: &mut TailCache,
+        results: &[Result<Appended, StoreError>],
+    ) -> Result<(), StoreError> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        INSERT_MESSAGES.run(conn, self.rows.iter(), |row, values| {
+            let message = &stored(results, row).message;
+            values.value(row.key)?;
+            values.value(message.seq)?;
+            values.value(&message.id)?;
+            values.value(&message.user.id)?;
+            values.value(&message.user.name)?;
+            values.value(&message.content)?;
+            values.value(&message.client_id)?;
+            values.value(row.created_at)
+        })?;
+        // Rows inserted without a rowid are each given one more than the table's largest,
+        // in order, so these are consecutive and end at the last one inserted. (SQLite picks
+        // at random only once a rowid reaches `i64::MAX`: 9.2e18 messages.)
+        let last = conn.last_insert_rowid();
+        let count = i64::try_from(self.rows.len()).expect("at most UNWRITTEN_MAX rows");
+        for (rowid, row) in (last - count + 1..).zip(self.rows.drain(..)) {
+            let message = &stored(results, &row).message;
+            cache.index.add(row.key, message.seq, rowid);
+            if let Some(client_id) = &message.client_id {
+                cache.retry.add(&message.user.id, client_id.clone(), rowid);
+            }
+        }
+        self.newest = Some(last);
+        self.stored += usize::try_from(count).expect("a small count");
+        Ok(())
+    }
+}
+
+/// The message a held row stands for.
+fn stored<'a>(results: &'a [Result<Appended, StoreError>], row: &UnwrittenRow) -> &'a Appended {
+    results[row.result]
+        .as_ref()
+        .expect("a held row's result is its stored message")
 }
 
 /// A room's key and last seq, as the writer sees them; `None` if it does not exist.
@@ -1999,7 +2104,9 @@ mod tests {
     /// counts repeat on this noisy machine. 1,000 rooms of 10 members, then commits of
     /// messages from rooms and authors picked at random, each with a client id as
     /// `confab bench` sends (20 commits of 500 unless `APPEND_COMMITS` and `APPEND_BATCH`
-    /// say otherwise). See BENCHMARKS.md for the command.
+    /// say otherwise). Built with `--cfg confab_production_limits`, or it measures the
+    /// store's limits scaled down for tests ([`SCALED_FOR_TESTS`]). See BENCHMARKS.md for
+    /// the command.
     #[tokio::test]
     #[ignore]
     async fn append_w2_shaped() {
@@ -2024,7 +2131,8 @@ mod tests {
         let commits = std::env::var("APPEND_COMMITS").map_or(20, |n| n.parse().unwrap());
         // `APPEND_BATCH` messages per commit (500 unless given): W2's commits carry about 10.
         let per_commit = std::env::var("APPEND_BATCH").map_or(500, |n| n.parse().unwrap());
-        // Client ids shaped like `confab bench`'s: run, connection, then a counter.
+        // Client ids shaped like `confab bench`'s: run, connection, then a counter in
+        // zero-padded hex, so that an author's ids sort in the order they were sent.
         let mut sent = 0_u64;
         for _ in 0..commits {
             let batch = (0..per_commit)
@@ -2035,7 +2143,7 @@ mod tests {
                         &format!("room-{r}"),
                         &format!("user-{r}-{m}"),
                         &content,
-                        Some(&format!("7703a351-{}-{sent}", r * 10 + m)),
+                        Some(&format!("7703a351-{}-{sent:016x}", r * 10 + m)),
                     )
                 })
                 .collect();
