@@ -1259,6 +1259,11 @@ fn append_locked(
     let mut results = Vec::with_capacity(batch.len());
     let mut unwritten = Unwritten::default();
     for msg in batch {
+        if unwritten.holds_key(&results, &msg) {
+            // A retry of a message earlier in this batch (wherever it is sent): its key must
+            // be known first.
+            unwritten.write(conn, cache, &results)?;
+        }
         let standing = match cache.cached_member(&msg.room, &msg.user.id) {
             Some((key, last_seq)) => Standing::Member(key, last_seq),
             None => {
@@ -1287,10 +1292,6 @@ fn append_locked(
             }));
             continue;
         };
-        if unwritten.holds_key(&results, &msg) {
-            // A retry of a message earlier in this batch: its key must be known first.
-            unwritten.write(conn, cache, &results)?;
-        }
         if let Some(original) = select_retried(conn, &mut cache.retry, &msg)? {
             results.push(Ok(original));
             continue;
@@ -2850,6 +2851,36 @@ mod tests {
                 (second.message.seq, &second.message.content)
             );
         }
+    }
+
+    /// A retry sent to a room its author is not a member of, of a message earlier in the
+    /// same batch that is not inserted yet, is still answered with that message.
+    #[tokio::test]
+    async fn a_retry_elsewhere_finds_a_message_earlier_in_its_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_room(dir.path(), "solo", &["a"]).await;
+        store
+            .create_room(&room("r"), &["a".into(), "b".into()])
+            .await
+            .unwrap();
+        let results = store
+            .append(vec![
+                message("solo", "a", "solo's", None),
+                message("r", "b", "original", Some("k1")),
+                message("solo", "b", "retried where b is not a member", Some("k1")),
+            ])
+            .await
+            .unwrap();
+        let retry = results[2].as_ref().expect("the retry finds the original");
+        assert!(retry.duplicate);
+        assert_eq!(
+            (
+                retry.message.room.as_str(),
+                retry.message.seq,
+                retry.message.content.as_str()
+            ),
+            ("r", 1, "original")
+        );
     }
 
     /// A retry keeps getting its original message after the author left the room (the
