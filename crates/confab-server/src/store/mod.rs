@@ -22,16 +22,16 @@ mod sqlite;
 
 pub use sqlite::SqliteStore;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use confab_proto::{ChatMessage, UserRef};
+
 /// Whether the store's limits (groups written at, the tail cache's size, ...) are scaled down
 /// so that unit tests reach them with a few rows. The store's benchmark under callgrind
 /// (`append_w2_shaped`) needs the real ones, or it measures a store that flushes and starts
 /// over every few messages: it is built with `RUSTFLAGS='--cfg confab_production_limits'`.
 const SCALED_FOR_TESTS: bool = cfg!(all(test, not(confab_production_limits)));
-
-use std::sync::Arc;
-
-use async_trait::async_trait;
-use confab_proto::{ChatMessage, UserRef};
 
 /// Why a store operation failed.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -31,17 +31,16 @@
 //! A deleted room's keys are deleted from `client_keys`; in runs, which mix rooms, they stay
 //! and are ignored that way.
 
-use super::SCALED_FOR_TESTS;
 use std::sync::LazyLock;
 
 use foldhash::HashMap;
 use rusqlite::{Connection, OptionalExtension};
 
-use super::StoreError;
 use super::backlog::Backlog;
 use super::chunked_insert::ChunkedInsert;
 use super::key_run;
 use super::sqlite::db_err;
+use super::{SCALED_FOR_TESTS, StoreError};
 
 /// An author's waiting keys are written together once there are this many (32 in tests).
 ///
@@ -62,9 +61,9 @@ const MERGE_BEHIND: i64 = if SCALED_FOR_TESTS { 50 } else { 100_000 };
 const CEILINGS_KEPT: usize = if SCALED_FOR_TESTS { 4 } else { 65_536 };
 
 /// Writes an author's waiting keys; a key already there (left by a message since deleted)
-/// takes the new message. `OR FAIL`, like the writer's other inserts (see the messages insert
-/// in `append_batch`: no statement journal; a failure rolls the whole transaction back), with
-/// an upsert for that one conflict, where it used to be `OR REPLACE`.
+/// takes the new message. `OR FAIL`, like the writer's other inserts (see the messages'
+/// insert, `INSERT_MESSAGES` in `sqlite.rs`: no statement journal; a failure rolls the whole
+/// transaction back), with an upsert for that one conflict, where it used to be `OR REPLACE`.
 static INSERT_KEYS: LazyLock<ChunkedInsert> = LazyLock::new(|| {
     ChunkedInsert::new(
         "INSERT OR FAIL INTO client_keys (user_id, client_id, message)",

@@ -25,17 +25,16 @@
 //! waiting entry, in the same transactions, and at start the entries of the messages from
 //! there on that the runs lack are read back.
 
-use super::SCALED_FOR_TESTS;
 use std::hash::BuildHasher;
 use std::sync::{Mutex, MutexGuard};
 
 use foldhash::{HashMap, HashMapExt};
 use rusqlite::Connection;
 
-use super::StoreError;
 use super::backlog::Backlog;
 use super::packing::{put_varint, take_varint, unzigzag, zigzag};
 use super::sqlite::{db_err, select_room_key};
+use super::{SCALED_FOR_TESTS, StoreError};
 
 /// A room's waiting entries are written together once there are this many (8 in tests).
 ///
@@ -55,8 +54,8 @@ const FLUSH_SPREAD: usize = if SCALED_FOR_TESTS { 0 } else { FLUSH_AT / 4 };
 /// messages read at start.
 pub(super) const FLUSH_BEHIND: i64 = if SCALED_FOR_TESTS { 40 } else { 100_000 };
 
-/// Writes a room's waiting entries as one run. `OR FAIL`: see the messages insert in
-/// `append_batch` (a failure rolls the whole transaction back).
+/// Writes a room's waiting entries as one run. `OR FAIL`: see the messages' insert
+/// (`INSERT_MESSAGES` in `sqlite.rs`; a failure rolls the whole transaction back).
 const INSERT_RUN: &str =
     "INSERT OR FAIL INTO room_index_runs (room_key, last_seq, first_seq, rowids)
      VALUES (?1, ?2, ?3, ?4)";
