@@ -44,6 +44,7 @@ use crate::error::ChatError;
 use crate::outbound::{
     ChatBatchBuilder, Outbound, Priority, SessionHandle, SessionId, encode, encode_ack,
 };
+use crate::send_ring::SendBatch;
 use crate::store::{Appended, NewMessage, Store};
 
 /// Largest number of messages stored in one commit.
@@ -84,15 +85,18 @@ pub struct Committer {
 impl Committer {
     /// Starts the committer task. It runs until `stop` is cancelled, then stores whatever is
     /// still queued and ends; the returned future completes at that point. `linger` is how
-    /// long it waits for more messages before a commit once it is busy (zero: never).
+    /// long it waits for more messages before a commit once it is busy (zero: never);
+    /// `send_ring` whether a commit's fan-out may be written in one system call
+    /// ([`SendBatch`]).
     pub fn start(
         store: Arc<dyn Store>,
         broker: Arc<dyn Broker>,
         linger: Duration,
+        send_ring: bool,
         stop: CancellationToken,
     ) -> (Committer, impl Future<Output = ()> + Send + 'static) {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
-        let task = run(receiver, store, broker, linger, stop);
+        let task = run(receiver, store, broker, linger, send_ring, stop);
         (Committer { queue }, task)
     }
 
@@ -121,8 +125,14 @@ async fn run(
     store: Arc<dyn Store>,
     broker: Arc<dyn Broker>,
     linger: Duration,
+    send_ring: bool,
     stop: CancellationToken,
 ) {
+    let outlets = Outlets {
+        store: store.as_ref(),
+        broker: broker.as_ref(),
+        send_ring,
+    };
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut scratch = Scratch::default();
     let mut timer = LingerTimer::new();
@@ -157,12 +167,12 @@ async fn run(
             take_queued(&mut receiver, &mut batch);
         }
         last_taken = Instant::now();
-        hot = commit(&mut batch, &mut scratch, store.as_ref(), broker.as_ref()).await;
+        hot = commit(&mut batch, &mut scratch, &outlets).await;
     }
     // Shutting down: refuse new messages, store everything already accepted.
     receiver.close();
     while receiver.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        commit(&mut batch, &mut scratch, store.as_ref(), broker.as_ref()).await;
+        commit(&mut batch, &mut scratch, &outlets).await;
     }
 }
 
@@ -237,14 +247,23 @@ struct Scratch {
     held: Vec<Arc<SessionHandle>>,
 }
 
+/// Where a commit's messages go: the store, then the broker, whose fan-out may be written in
+/// one system call ([`SendBatch`]) when `send_ring` says so.
+#[derive(Clone, Copy)]
+struct Outlets<'a> {
+    store: &'a dyn Store,
+    broker: &'a dyn Broker,
+    send_ring: bool,
+}
+
 /// Stores, acks and publishes a batch. Returns whether it stored several messages for one
 /// room.
-async fn commit(
-    batch: &mut Vec<Pending>,
-    scratch: &mut Scratch,
-    store: &dyn Store,
-    broker: &dyn Broker,
-) -> bool {
+async fn commit(batch: &mut Vec<Pending>, scratch: &mut Scratch, outlets: &Outlets<'_>) -> bool {
+    let Outlets {
+        store,
+        broker,
+        send_ring,
+    } = *outlets;
     tracing::trace!(messages = batch.len(), "committing a batch");
     let Scratch {
         replies,
@@ -313,6 +332,9 @@ async fn commit(
     }
     ack_index.clear();
     room_index.clear();
+    // Every write of the fan-out below goes to the kernel in one system call, when `sends`
+    // is dropped (without io_uring, each is made at once).
+    let sends = SendBatch::begin(send_ring);
     // Each sender's acks are held while the rooms fan out and go out with the sender's own
     // copy of its messages (one write), or on their own when released after.
     for (handle, frames) in acks.drain(..) {
@@ -337,6 +359,7 @@ async fn commit(
     for handle in held.drain(..) {
         handle.release();
     }
+    drop(sends);
     several_for_a_room
 }
 
@@ -483,6 +506,7 @@ mod tests {
             store,
             Arc::new(LocalBroker::new(hub)),
             Duration::ZERO,
+            true,
             stop.clone(),
         );
         for n in 0..20 {
@@ -529,8 +553,13 @@ mod tests {
         hub.subscribe("r1", &watcher);
         let stop = CancellationToken::new();
         let linger = Duration::from_millis(50);
-        let (committer, run) =
-            Committer::start(store, Arc::new(LocalBroker::new(hub)), linger, stop.clone());
+        let (committer, run) = Committer::start(
+            store,
+            Arc::new(LocalBroker::new(hub)),
+            linger,
+            true,
+            stop.clone(),
+        );
         let task = tokio::spawn(run);
         // The test's steps run as a task of their own, as a session does: the future `block_on`
         // drives is polled only between batches of tasks, never queued among them.

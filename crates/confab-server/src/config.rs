@@ -97,6 +97,11 @@ pub struct Config {
     /// costs memory per member: W3 5,644 against 4,764 handshakes/s, W5 2.5 against 2.8 s to
     /// catch up (BENCHMARKS.md, "Notices held in the room").
     pub notice_linger_ms: u64,
+    /// Whether a commit's fan-out is written in one system call through io_uring (Linux),
+    /// rather than a `send(2)` per subscriber: 8-13 % less CPU per delivery for a floor server
+    /// in W2 (BENCHMARKS.md, "Sends in one system call"). Where io_uring is unavailable the
+    /// server writes one by one whatever this says.
+    pub send_ring: bool,
     /// Longest time graceful shutdown may take before the process exits anyway, in
     /// milliseconds.
     pub shutdown_timeout_ms: u64,
@@ -143,6 +148,7 @@ impl Default for Config {
             sqlite_synchronous: SqliteSync::Normal,
             commit_linger_ms: 2,
             notice_linger_ms: 500,
+            send_ring: true,
             shutdown_timeout_ms: 10_000,
         }
     }

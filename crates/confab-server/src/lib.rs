@@ -29,6 +29,11 @@ pub mod hub;
 pub mod node;
 pub mod outbound;
 pub mod presence;
+#[cfg(target_os = "linux")]
+pub mod send_ring;
+#[cfg(not(target_os = "linux"))]
+#[path = "send_ring_fallback.rs"]
+pub mod send_ring;
 pub mod session;
 pub mod store;
 pub mod typing;
@@ -125,6 +130,7 @@ impl Server {
             store.clone(),
             broker.clone(),
             config.commit_linger(),
+            config.send_ring,
             committer_stop.clone(),
         );
         let committer_task = tokio::spawn(committer_run);

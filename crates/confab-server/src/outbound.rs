@@ -35,7 +35,8 @@ use tokio::net::TcpStream;
 use tungstenite::Utf8Bytes;
 
 use crate::heartbeat::{self, Signal};
-use crate::websocket::{Frame, Written, try_send_framed, try_write};
+use crate::send_ring;
+use crate::websocket::{self, Frame, Written, try_send_framed, try_write};
 
 /// Process-unique id of one WebSocket connection.
 pub type SessionId = u64;
@@ -251,6 +252,9 @@ struct Outlet {
     broken: bool,
     /// Set once the session task is gone or has sent its close frame: nothing more is queued.
     closed: bool,
+    /// A direct write is in this thread's [`send_ring::SendBatch`], not yet made: anything
+    /// pushed meanwhile queues behind it, and the task waits for its result.
+    in_flight: bool,
     /// Acks kept back by [`SessionHandle::hold`] while their commit fans out: they go out in
     /// the same write as the next frame (usually the sender's own copy of its message).
     held: Option<Box<Outbound>>,
@@ -383,16 +387,23 @@ impl Outlet {
             && self.queue.is_empty()
             && self.unfinished.is_none()
             && !self.writing
+            && !self.in_flight
             && !self.broken
     }
 
     /// Writes `held` (if any) and `item` to the socket in one go without waiting, if they can
-    /// be. `Queue` means neither was written.
-    fn write_direct(&mut self, held: Option<&Outbound>, item: &Outbound) -> Direct {
+    /// be: now, or when the thread's open [`send_ring::SendBatch`] closes (`Done` then, the
+    /// outlet in flight until the batch applies the result). `Queue` means neither was written.
+    fn write_direct(
+        &mut self,
+        handle: &Arc<SessionHandle>,
+        held: Option<&Outbound>,
+        item: &Outbound,
+    ) -> Direct {
         if held.is_none()
             && let Outbound::Chat(chat) = item
         {
-            return self.write_chat(chat);
+            return self.write_chat(handle, chat);
         }
         let mut frames = Frames::new();
         if let Some(held) = held {
@@ -420,6 +431,13 @@ impl Outlet {
             return Direct::Done;
         }
         let socket = self.socket.as_ref().expect("checked by the caller");
+        if send_ring::defer(handle, socket.fd, || websocket::wire_bytes(&frames)) {
+            self.in_flight = true;
+            if let Some((delivered, newest)) = mark {
+                *delivered = newest;
+            }
+            return Direct::Done;
+        }
         let sent = try_write(socket.fd(), &frames, 0);
         let parts = WrittenParts {
             unfinished: &mut self.unfinished,
@@ -439,7 +457,7 @@ impl Outlet {
     /// frames the session lacks (all of the batch, as a rule) go to the socket as they lie in
     /// the shared buffer, in one `send(2)`, with no list of frames built for them, however
     /// many messages the commit stored.
-    fn write_chat(&mut self, chat: &ChatBatch) -> Direct {
+    fn write_chat(&mut self, handle: &Arc<SessionHandle>, chat: &ChatBatch) -> Direct {
         let (delivered, start, newest) = match self.rooms.get_mut(&chat.room) {
             // Not subscribed (any more): nothing to write.
             None => return Direct::Done,
@@ -452,6 +470,11 @@ impl Outlet {
             },
         };
         let socket = self.socket.as_ref().expect("checked by the caller");
+        if send_ring::defer(handle, socket.fd, || chat.frames.slice(start..)) {
+            self.in_flight = true;
+            *delivered = newest;
+            return Direct::Done;
+        }
         let sent = try_send_framed(socket.fd(), &chat.frames[start..]);
         let parts = WrittenParts {
             unfinished: &mut self.unfinished,
@@ -586,7 +609,7 @@ impl SessionHandle {
     /// otherwise into the queue. Returns false if it was neither (dropped, session slow or
     /// gone). Takes a reference: a fan-out pushes the same item to every subscriber, and only
     /// the ones that queue it need a copy of its `Arc`.
-    pub fn push(&self, item: &Outbound, priority: Priority) -> bool {
+    pub fn push(self: &Arc<Self>, item: &Outbound, priority: Priority) -> bool {
         if self.is_slow() {
             return false;
         }
@@ -594,7 +617,7 @@ impl SessionHandle {
     }
 
     fn push_locked(
-        &self,
+        self: &Arc<Self>,
         mut outlet: MutexGuard<'_, Outlet>,
         item: &Outbound,
         priority: Priority,
@@ -605,7 +628,7 @@ impl SessionHandle {
         // Held acks were pushed before `item`: they go first, in the same write when they can.
         let held = outlet.held.take();
         if outlet.is_open_for_direct_writes() {
-            match outlet.write_direct(held.as_deref(), item) {
+            match outlet.write_direct(self, held.as_deref(), item) {
                 Direct::Done => return true,
                 Direct::Unfinished => {
                     drop(outlet);
@@ -646,7 +669,7 @@ impl SessionHandle {
     /// sender is usually subscribed to the room it wrote to, and its acks then go out in the
     /// same write as its own copy of the messages (one system call instead of two). Only
     /// for a fan-out that does not wait: the acks are late by as long as it takes.
-    pub fn hold(&self, item: Outbound) -> bool {
+    pub fn hold(self: &Arc<Self>, item: Outbound) -> bool {
         if self.is_slow() {
             return false;
         }
@@ -661,7 +684,7 @@ impl SessionHandle {
     }
 
     /// Sends what [`SessionHandle::hold`] kept back, if no push has taken it along.
-    pub fn release(&self) {
+    pub fn release(self: &Arc<Self>) {
         let mut outlet = self.outlet();
         if let Some(held) = outlet.held.take() {
             self.push_locked(outlet, &held, Priority::Reliable);
@@ -728,7 +751,7 @@ impl SessionHandle {
     /// it that we are, and a ping would only cost both sides a write and a read (a busy
     /// node's pings were 1 % of its CPU, in bursts). The write stands for the ping: the next
     /// is due a period after it.
-    pub(crate) fn beat(&self, now: u64, interval_ms: u64, timeout_ms: u64) {
+    pub(crate) fn beat(self: &Arc<Self>, now: u64, interval_ms: u64, timeout_ms: u64) {
         match self.beat_owed(now, interval_ms, timeout_ms) {
             Some(Beat::TimedOut) => self.raise(Signal::TimedOut),
             Some(Beat::Ping) => {
@@ -751,6 +774,41 @@ impl SessionHandle {
                 self.push_locked(outlet, &Outbound::Ping, Priority::Droppable);
             }
             None => {}
+        }
+    }
+
+    /// The result of a write a [`send_ring::SendBatch`] made for this outlet, taken as a
+    /// direct write's would be: all written; the rest (or, after `EAGAIN`, all of it) left
+    /// unfinished for the task, ahead of anything queued meanwhile; or, on an error, the
+    /// connection broken, with the write left for the task, whose attempt fails the same way
+    /// and ends the session.
+    pub(crate) fn deferred_written(&self, bytes: Bytes, result: std::io::Result<usize>) {
+        let mut outlet = self.outlet();
+        debug_assert!(outlet.in_flight && outlet.unfinished.is_none());
+        outlet.in_flight = false;
+        let written = match result {
+            Ok(written) if written >= bytes.len() => {
+                outlet.written_ms = heartbeat::swept_ms();
+                None
+            }
+            Ok(written) => {
+                if written > 0 {
+                    outlet.written_ms = heartbeat::swept_ms();
+                }
+                Some(written)
+            }
+            Err(_) => {
+                outlet.broken = true;
+                Some(0)
+            }
+        };
+        if let Some(written) = written {
+            outlet.unfinished = Some(Box::new((vec![Frame::Framed(bytes)], written)));
+        }
+        let for_the_task = outlet.unfinished.is_some() || !outlet.queue.is_empty();
+        drop(outlet);
+        if for_the_task {
+            self.ready.wake();
         }
     }
 
@@ -815,7 +873,9 @@ impl OutboundReceiver {
             return true;
         }
         let outlet = self.handle.outlet();
-        !outlet.writing && (!outlet.queue.is_empty() || outlet.unfinished.is_some())
+        !outlet.writing
+            && !outlet.in_flight
+            && (!outlet.queue.is_empty() || outlet.unfinished.is_some())
     }
 
     /// Opens the socket to direct writes once the session's first frame is out: anything
@@ -837,6 +897,7 @@ impl OutboundReceiver {
         take: usize,
     ) -> Flushed {
         let mut outlet = self.handle.outlet();
+        debug_assert!(!outlet.in_flight, "a session's task ran during its batch");
         let mut frames = Frames::new();
         let mut skip = 0;
         if let Some((rest, written)) = outlet.unfinished.take().map(|unfinished| *unfinished) {
@@ -962,6 +1023,13 @@ impl Drop for OutboundReceiver {
     fn drop(&mut self) {
         let mut outlet = self.handle.outlet();
         outlet.closed = true;
+        if outlet.in_flight
+            && let Some(socket) = &outlet.socket
+        {
+            // Not expected (see `send_ring`): a write of the batch still names this socket's
+            // descriptor, which must not be closed and reused before it is made.
+            std::mem::forget(Arc::clone(&socket._owner));
+        }
         outlet.socket = None;
         outlet.unfinished = None;
         outlet.held = None;
@@ -992,6 +1060,7 @@ pub fn encode_ack(reference: Option<&Ref>, message: &ChatMessage) -> Utf8Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::send_ring::SendBatch;
 
     fn handle(capacity: usize) -> (Arc<SessionHandle>, OutboundReceiver) {
         SessionHandle::new(
@@ -1297,6 +1366,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_socket_queues_and_everything_arrives_whole_and_in_order() {
+        full_socket_case(false).await;
+    }
+
+    /// The same through a [`send_ring::SendBatch`]: the batch's write stops part-way, what
+    /// was pushed while it was in the batch queued behind it, and the task finishes both.
+    #[tokio::test]
+    async fn a_full_socket_in_a_batch_leaves_the_rest_to_the_task_in_order() {
+        if ring_available_or_skip("a_full_socket_in_a_batch_leaves_the_rest_to_the_task_in_order") {
+            full_socket_case(true).await;
+        }
+    }
+
+    async fn full_socket_case(batched: bool) {
         let (socket, mut client, handle, mut rx) = attached(1024).await;
         // The client reads nothing yet: 40 frames of 64 KiB overflow the (shrunk) socket
         // buffers, so a direct write stops part-way and the rest queues behind it.
@@ -1305,6 +1387,7 @@ mod tests {
         let big = |n: usize| format!("{n:04}{}", "x".repeat(64 * 1024));
         assert!(rx.begin_join("r"));
         rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        let batch = batched.then(|| SendBatch::begin(true).expect("a batch opens"));
         for n in 0..40 {
             // Single chat messages and events, whose direct writes take different paths; the
             // first (a message) is the write that stops part-way.
@@ -1317,6 +1400,7 @@ mod tests {
             };
             assert!(handle.push(&item, Priority::Reliable));
         }
+        drop(batch);
         assert!(
             rx.handle.outlet().unfinished.is_some(),
             "a write stopped part-way"
@@ -1343,6 +1427,107 @@ mod tests {
             0,
             "a drained burst gives its memory back"
         );
+    }
+
+    /// Whether io_uring works here; if not, says so (a test that needs it is then skipped,
+    /// visibly), and fails under CI, whose machine has it.
+    fn ring_available_or_skip(test: &str) -> bool {
+        if send_ring::is_available() {
+            return true;
+        }
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: io_uring is unavailable on this CI machine"
+        );
+        eprintln!("SKIPPED {test}: io_uring is unavailable here");
+        false
+    }
+
+    /// Writes made during a batch reach their sockets only when it closes, all in one
+    /// submission; a session's later frames queue behind its write in the batch and follow it,
+    /// and a held ack still shares the write of the message after it.
+    #[tokio::test]
+    async fn a_batch_makes_its_writes_when_it_closes_and_keeps_each_sessions_order() {
+        if !ring_available_or_skip(
+            "a_batch_makes_its_writes_when_it_closes_and_keeps_each_sessions_order",
+        ) {
+            return;
+        }
+        let mut sessions = Vec::new();
+        for _ in 0..3 {
+            let (socket, client, handle, mut rx) = attached(64).await;
+            assert!(rx.begin_join("r"));
+            rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+            sessions.push((socket, client, handle, rx));
+        }
+        assert!(SendBatch::begin(false).is_none(), "switched off");
+        let batch = SendBatch::begin(true).expect("a batch opens on a current-thread runtime");
+        assert!(
+            SendBatch::begin(true).is_none(),
+            "one batch per thread at a time"
+        );
+        for (_, _, handle, rx) in &mut sessions {
+            assert!(handle.hold(text("ack")));
+            assert!(handle.push(&chat("r", 1..=2), Priority::Reliable));
+            assert!(handle.outlet().in_flight);
+            assert!(handle.push(&text("after"), Priority::Reliable));
+            assert_eq!(
+                handle.outlet().queue.len(),
+                1,
+                "queued behind the batch's write"
+            );
+            let ready = std::future::poll_fn(|cx| Poll::Ready(rx.poll_ready(cx))).await;
+            assert!(ready.is_pending(), "the task waits for the batch");
+        }
+        let mut buf = [0; 64];
+        for (_, client, _, _) in &sessions {
+            assert_eq!(
+                client.try_read(&mut buf).unwrap_err().kind(),
+                std::io::ErrorKind::WouldBlock,
+                "nothing is written before the batch closes"
+            );
+        }
+        drop(batch);
+        for (socket, client, handle, rx) in &mut sessions {
+            assert!(!handle.outlet().in_flight);
+            let ready = std::future::poll_fn(|cx| Poll::Ready(rx.poll_ready(cx))).await;
+            assert!(ready.is_ready(), "the queued frame wakes the task");
+            drain(rx, socket).await;
+            assert_eq!(read_texts(client, 4).await, ["ack", "m1", "m2", "after"]);
+            assert!(handle.outlet().is_open_for_direct_writes());
+        }
+    }
+
+    /// A write in a batch to a connection the peer has reset breaks the session as a direct
+    /// write would: the task's attempt fails, and nothing more goes out.
+    #[tokio::test]
+    async fn a_failed_write_in_a_batch_breaks_the_session() {
+        if !ring_available_or_skip("a_failed_write_in_a_batch_breaks_the_session") {
+            return;
+        }
+        let (socket, client, handle, mut rx) = attached(64).await;
+        assert!(rx.begin_join("r"));
+        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        // Closed with unread data: the peer answers with a reset.
+        client.set_zero_linger().unwrap();
+        drop(client);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut failed = false;
+        for seq in 1..=50 {
+            let batch = SendBatch::begin(true).expect("a batch opens");
+            handle.push(&chat("r", seq..=seq), Priority::Reliable);
+            drop(batch);
+            if handle.outlet().broken {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a write to a reset connection fails");
+        assert!(!handle.outlet().is_open_for_direct_writes());
+        assert!(matches!(
+            rx.flush(&socket, &[], None, usize::MAX).outcome,
+            FlushOutcome::Failed
+        ));
     }
 
     #[tokio::test]
