@@ -605,6 +605,22 @@ impl SessionHandle {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// The outlet once no write of it is in a [`send_ring::SendBatch`]: for the session's
+    /// task, which must not write to the socket, or let go of it, while a batch on another
+    /// worker thread still holds a write for it. A batch's writes are made within its current
+    /// submission, so this waits microseconds, and only on a multi-threaded runtime (on a
+    /// current-thread one the task cannot run while the batch is open).
+    fn settled_outlet(&self) -> MutexGuard<'_, Outlet> {
+        loop {
+            let outlet = self.outlet();
+            if !outlet.in_flight {
+                return outlet;
+            }
+            drop(outlet);
+            std::thread::yield_now();
+        }
+    }
+
     /// Sends a frame without waiting: straight into the socket if nothing is ahead of it,
     /// otherwise into the queue. Returns false if it was neither (dropped, session slow or
     /// gone). Takes a reference: a fan-out pushes the same item to every subscriber, and only
@@ -896,8 +912,7 @@ impl OutboundReceiver {
         open: Option<(Arc<str>, u64)>,
         take: usize,
     ) -> Flushed {
-        let mut outlet = self.handle.outlet();
-        debug_assert!(!outlet.in_flight, "a session's task ran during its batch");
+        let mut outlet = self.handle.settled_outlet();
         let mut frames = Frames::new();
         let mut skip = 0;
         if let Some((rest, written)) = outlet.unfinished.take().map(|unfinished| *unfinished) {
@@ -1021,15 +1036,10 @@ impl OutboundReceiver {
 impl Drop for OutboundReceiver {
     /// The session is gone: refuse further pushes and free what is queued.
     fn drop(&mut self) {
-        let mut outlet = self.handle.outlet();
+        // A batch's write still names the socket's descriptor: it must not be closed (and
+        // reused) before the write is made.
+        let mut outlet = self.handle.settled_outlet();
         outlet.closed = true;
-        if outlet.in_flight
-            && let Some(socket) = &outlet.socket
-        {
-            // Not expected (see `send_ring`): a write of the batch still names this socket's
-            // descriptor, which must not be closed and reused before it is made.
-            std::mem::forget(Arc::clone(&socket._owner));
-        }
         outlet.socket = None;
         outlet.unfinished = None;
         outlet.held = None;
@@ -1461,7 +1471,7 @@ mod tests {
             sessions.push((socket, client, handle, rx));
         }
         assert!(SendBatch::begin(false).is_none(), "switched off");
-        let batch = SendBatch::begin(true).expect("a batch opens on a current-thread runtime");
+        let batch = SendBatch::begin(true).expect("a batch opens");
         assert!(
             SendBatch::begin(true).is_none(),
             "one batch per thread at a time"
@@ -1496,6 +1506,38 @@ mod tests {
             assert_eq!(read_texts(client, 4).await, ["ack", "m1", "m2", "after"]);
             assert!(handle.outlet().is_open_for_direct_writes());
         }
+    }
+
+    /// On a multi-threaded runtime a session's task can run while its write is in a batch on
+    /// another thread: its own write waits for the batch's, and follows it on the wire.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_task_on_another_thread_writes_after_the_batchs_write() {
+        if !ring_available_or_skip("a_task_on_another_thread_writes_after_the_batchs_write") {
+            return;
+        }
+        let (socket, mut client, handle, mut rx) = attached(64).await;
+        assert!(rx.begin_join("r"));
+        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        let batch = SendBatch::begin(true).expect("a batch opens");
+        assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
+        assert!(handle.outlet().in_flight);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let task = std::thread::spawn(move || {
+            started_tx.send(()).unwrap();
+            let reply = Frame::Text(Utf8Bytes::from_static("reply"));
+            let flushed = rx.flush(&socket, &[reply], None, usize::MAX);
+            assert!(matches!(flushed.outcome, FlushOutcome::Done));
+            drop(rx);
+        });
+        started_rx.recv().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(
+            handle.outlet().in_flight,
+            "the task's flush waits for the batch"
+        );
+        drop(batch);
+        task.join().unwrap();
+        assert_eq!(read_texts(&mut client, 2).await, ["m1", "reply"]);
     }
 
     /// A write in a batch to a connection the peer has reset breaks the session as a direct

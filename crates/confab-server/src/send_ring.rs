@@ -16,11 +16,14 @@
 //! (`SessionHandle::deferred_written`).
 //!
 //! Invariants:
-//! - A batch's writes are submitted and their results applied before the batch's owner returns
-//!   to the runtime; batches open only on a current-thread runtime, so no session's task can
-//!   run (and write to its socket) while its write is in the ring.
-//! - While a session's write is in the ring its outlet is `in_flight`: anything else pushed to
-//!   it is queued behind, so its bytes go out in order.
+//! - A batch's writes are submitted and their results applied before its thread does anything
+//!   else: a [`SendBatch`] is not `Send`, so the committer cannot hold one across an `.await`.
+//! - While a session's write is in the ring its outlet is `in_flight`, which works as a lock
+//!   the batch holds on the socket's write side: anything pushed meanwhile queues behind it,
+//!   and the session's task, if it runs on another worker thread, waits before writing or
+//!   letting go of the socket (`OutboundReceiver::flush` and its drop), at most until the
+//!   batch's next submission returns. So a session's bytes go out in order, and a socket is
+//!   not closed (its descriptor reused) while the ring still names it.
 //! - The kernel reads a request's bytes until its result is in: the batch owns them (shared
 //!   [`Bytes`]) until then.
 //!
@@ -47,10 +50,10 @@ pub struct SendBatch {
 }
 
 impl SendBatch {
-    /// Opens a batch on this thread if `enabled`, io_uring works here, this thread runs a
-    /// current-thread tokio runtime (see the invariants) and no batch is open already.
+    /// Opens a batch on this thread if `enabled`, io_uring works here and no batch is open
+    /// already.
     pub fn begin(enabled: bool) -> Option<SendBatch> {
-        if !enabled || !on_current_thread_runtime() {
+        if !enabled {
             return None;
         }
         RING.with(|slot| {
@@ -124,11 +127,6 @@ fn apply(finished: Vec<(Pending, std::io::Result<usize>)>) {
     for (pending, result) in finished {
         pending.handle.deferred_written(pending.bytes, result);
     }
-}
-
-fn on_current_thread_runtime() -> bool {
-    tokio::runtime::Handle::try_current()
-        .is_ok_and(|handle| handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
 }
 
 thread_local! {
