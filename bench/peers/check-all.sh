@@ -5,7 +5,7 @@
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 PEERS=("$@")
-[ ${#PEERS[@]} -gt 0 ] || PEERS=(floor floor:batched axum-broadcast axum-broadcast:tuned ws socketio gorilla)
+[ ${#PEERS[@]} -gt 0 ] || PEERS=(floor floor:batched floor:uring axum-broadcast axum-broadcast:tuned ws socketio gorilla)
 LOGS=$(mktemp -d)
 
 if [ ! -d "$HERE/node_modules/ws" ]; then

@@ -98,9 +98,9 @@ pub struct Config {
     /// catch up (BENCHMARKS.md, "Notices held in the room").
     pub notice_linger_ms: u64,
     /// Whether a commit's fan-out is written in one system call through io_uring (Linux),
-    /// rather than a `send(2)` per subscriber: 8-13 % less CPU per delivery for a floor server
-    /// in W2 (BENCHMARKS.md, "Sends in one system call"). Where io_uring is unavailable the
-    /// server writes one by one whatever this says.
+    /// rather than a `send(2)` per subscriber: 6-9 % less CPU per delivery in W2, 20 % in W1
+    /// at 100 msgs/s (BENCHMARKS.md, "Sends in one system call"). Where io_uring is
+    /// unavailable the server writes one by one whatever this says.
     pub send_ring: bool,
     /// Longest time graceful shutdown may take before the process exits anyway, in
     /// milliseconds.

@@ -3,10 +3,10 @@
 //! kernel performs them all in one `io_uring_enter` when the batch closes (or fills up).
 //!
 //! Why: a chat message in a room of ten is ten `send(2)`s, and each pays the system call's
-//! entry and exit and the socket's lookup on its own. The floor (`bench/peers/floor`), made to
-//! submit its ten sends per message this way, spent 8-13 % less CPU per delivery in W2 on an
-//! EPYC host (BENCHMARKS.md, "Sends in one system call"). A commit fans out several messages,
-//! so confab submits tens of sends per call.
+//! entry and exit on its own. A commit fans out several messages, so a submission carries tens
+//! of sends (W2: about 68) or hundreds (W1: a thousand, in four): 6-9 % less CPU per delivery
+//! in W2 and 20 % in W1 at 100 msgs/s on an EPYC host (BENCHMARKS.md, "Sends in one system
+//! call").
 //!
 //! The writes stay what `send(2)` on a non-blocking socket is: every request carries
 //! `MSG_DONTWAIT`, so the kernel performs it during the submission and posts its result (bytes

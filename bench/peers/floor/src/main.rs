@@ -1,11 +1,13 @@
 //! The floor: a minimal single-threaded epoll WebSocket room broadcaster, the yardstick for
 //! fan-out on this machine.
 //!
-//! `floor-peer PORT [batched]`: `GET /ws?room=NAME` upgrades to WebSocket; every text message is
-//! sent, as one server frame built once in a shared buffer, to every connection of the room (the
-//! sender included). `batched` collects all messages read in one epoll wake-up per room and gives
-//! each connection of the room one write of all of them. Writes are non-blocking; what a socket
-//! does not take is kept per connection and flushed on `EPOLLOUT`, never dropped.
+//! `floor-peer PORT [batched|uring]`: `GET /ws?room=NAME` upgrades to WebSocket; every text
+//! message is sent, as one server frame built once in a shared buffer, to every connection of the
+//! room (the sender included). `batched` collects all messages read in one epoll wake-up per room
+//! and gives each connection of the room one write of all of them. `uring` makes each message's
+//! sends in one io_uring submission (`MSG_DONTWAIT`, so each completes during it) instead of a
+//! `send` each. Writes are non-blocking; what a socket does not take is kept per connection and
+//! flushed on `EPOLLOUT`, never dropped.
 
 mod sys;
 
@@ -109,6 +111,8 @@ impl Conns {
 }
 
 struct Server {
+    /// `uring`: the ring each message's sends are submitted through.
+    ring: Option<io_uring::IoUring>,
     listen_fd: i32,
     listening: bool,
     batched: bool,
@@ -227,6 +231,7 @@ impl Server {
         let epfd = sys::epoll_create()?;
         sys::epoll_add(epfd, listen_fd, libc::EPOLLIN, LISTENER)?;
         Ok(Server {
+            ring: None,
             listen_fd,
             listening: true,
             batched,
@@ -410,6 +415,9 @@ impl Server {
         }
         self.frame.clear();
         push_frame(&mut self.frame, 0x1, payload, mask);
+        if let Some(ring) = self.ring.as_mut() {
+            return send_all_in_one_call(ring, &mut self.conns, &room.members, &self.frame);
+        }
         for &member in &room.members {
             self.conns.send(member, &self.frame);
         }
@@ -446,21 +454,104 @@ impl Server {
     }
 }
 
+/// `uring`: `frame` to every connection of `members`, as one submission of sends (a full queue is
+/// submitted first); each result is taken as a `send`'s would be.
+fn send_all_in_one_call(
+    ring: &mut io_uring::IoUring,
+    conns: &mut Conns,
+    members: &[i32],
+    frame: &[u8],
+) {
+    let mut queued = 0;
+    for &member in members {
+        let conn = &conns.by_fd[member as usize];
+        if conn.dead || !conn.unsent.is_empty() {
+            // Behind earlier bytes: queued after them, as `send` does.
+            conns.send(member, frame);
+            continue;
+        }
+        if ring.submission().is_full() {
+            complete(ring, conns, frame, queued);
+            queued = 0;
+        }
+        let send = io_uring::opcode::Send::new(
+            io_uring::types::Fd(member),
+            frame.as_ptr(),
+            frame.len() as u32,
+        )
+        .flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(member as u64);
+        // SAFETY: `frame` outlives the request: `complete` below waits for its result.
+        unsafe { ring.submission().push(&send) }.expect("checked: not full");
+        queued += 1;
+    }
+    complete(ring, conns, frame, queued);
+}
+
+/// Submits the `queued` sends of `frame` and waits for their results: what a socket did not take
+/// is kept for it, as in `Conns::send`.
+fn complete(ring: &mut io_uring::IoUring, conns: &mut Conns, frame: &[u8], queued: usize) {
+    if queued == 0 {
+        return;
+    }
+    let mut seen = 0;
+    while seen < queued {
+        match ring.submit_and_wait(queued - seen) {
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("io_uring_enter: {e}"),
+        }
+        let results: Vec<(i32, i32)> = ring
+            .completion()
+            .map(|entry| (entry.user_data() as i32, entry.result()))
+            .collect();
+        seen += results.len();
+        for (fd, result) in results {
+            let written = match result {
+                n if n >= 0 && n as usize == frame.len() => continue,
+                n if n >= 0 => n as usize,
+                n if n == -libc::EAGAIN => 0,
+                _ => {
+                    conns.kill(fd);
+                    continue;
+                }
+            };
+            conns.by_fd[fd as usize]
+                .unsent
+                .extend_from_slice(&frame[written..]);
+            if sys::epoll_mod(conns.epfd, fd, libc::EPOLLIN | libc::EPOLLOUT).is_err() {
+                conns.kill(fd);
+            }
+        }
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let port: u16 = args
         .next()
         .and_then(|p| p.parse().ok())
-        .expect("usage: floor-peer PORT [batched]");
-    let batched = match args.next().as_deref() {
-        None => false,
-        Some("batched") => true,
-        Some(other) => panic!("unknown variant {other:?}; the only one is \"batched\""),
+        .expect("usage: floor-peer PORT [batched|uring]");
+    let variant = args.next();
+    let (batched, uring) = match variant.as_deref() {
+        None => (false, false),
+        Some("batched") => (true, false),
+        Some("uring") => (false, true),
+        Some(other) => panic!("unknown variant {other:?}; they are \"batched\" and \"uring\""),
     };
     let mut server = Server::new(port, batched).expect("listen");
+    if uring {
+        server.ring = Some(
+            io_uring::IoUring::builder()
+                .setup_single_issuer()
+                .build(256)
+                .expect("io_uring"),
+        );
+    }
     eprintln!(
         "floor peer ({}) listening on 127.0.0.1:{port}",
-        if batched { "batched" } else { "unbatched" }
+        variant.as_deref().unwrap_or("unbatched")
     );
     server.run().expect("epoll_wait");
 }
