@@ -1508,6 +1508,34 @@ mod tests {
         }
     }
 
+    /// A fan-out larger than the ring (W1's thousand subscribers) is submitted a ring's worth
+    /// at a time, and every write is made once, in order.
+    #[tokio::test]
+    async fn a_fan_out_larger_than_the_ring_reaches_everyone() {
+        if !ring_available_or_skip("a_fan_out_larger_than_the_ring_reaches_everyone") {
+            return;
+        }
+        let mut sessions = Vec::new();
+        for _ in 0..600 {
+            let (socket, client, handle, mut rx) = attached(8).await;
+            assert!(rx.begin_join("r"));
+            rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+            sessions.push((socket, client, handle, rx));
+        }
+        for seqs in [1..=1, 2..=3] {
+            let item = chat("r", seqs);
+            let batch = SendBatch::begin(true).expect("a batch opens");
+            for (_, _, handle, _) in &sessions {
+                assert!(handle.push(&item, Priority::Reliable));
+            }
+            drop(batch);
+        }
+        for (_, client, handle, _) in &mut sessions {
+            assert!(!handle.outlet().in_flight);
+            assert_eq!(read_texts(client, 3).await, ["m1", "m2", "m3"]);
+        }
+    }
+
     /// On a multi-threaded runtime a session's task can run while its write is in a batch on
     /// another thread: its own write waits for the batch's, and follows it on the wire.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

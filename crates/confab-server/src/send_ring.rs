@@ -199,6 +199,16 @@ impl Ring {
             .setup_coop_taskrun()
             .build(RING_ENTRIES)
             .or_else(|_| io_uring::IoUring::new(RING_ENTRIES))?;
+        // `SEND` came in Linux 5.6; a kernel with io_uring but without it would fail every
+        // write (and probing came in 5.6 too).
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe)?;
+        if !probe.is_supported(io_uring::opcode::Send::CODE) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "io_uring without SEND",
+            ));
+        }
         Ok(Ring {
             ring,
             pending: Vec::with_capacity(RING_ENTRIES as usize),
