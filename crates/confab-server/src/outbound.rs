@@ -1123,18 +1123,28 @@ mod tests {
         (Arc::new(accepted.unwrap().0), client.unwrap())
     }
 
-    /// A session handle whose outlet is attached to a connected socket, as after `connected`.
-    async fn attached(
-        capacity: usize,
-    ) -> (
+    /// A session over a connected socket: the server's end, the client's, the session's
+    /// handle and its task's receiver.
+    type TestSession = (
         Arc<TcpStream>,
         TcpStream,
         Arc<SessionHandle>,
         OutboundReceiver,
-    ) {
+    );
+
+    /// A session handle whose outlet is attached to a connected socket, as after `connected`.
+    async fn attached(capacity: usize) -> TestSession {
         let (socket, client) = socket_pair().await;
         let (handle, mut rx) = handle(capacity);
         rx.attach(Arc::clone(&socket));
+        (socket, client, handle, rx)
+    }
+
+    /// [`attached`], and subscribed to room "r" with nothing delivered yet, as after its join.
+    async fn joined(capacity: usize) -> TestSession {
+        let (socket, client, handle, mut rx) = attached(capacity).await;
+        assert!(rx.begin_join("r"));
+        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
         (socket, client, handle, rx)
     }
 
@@ -1337,9 +1347,7 @@ mod tests {
 
     #[tokio::test]
     async fn held_acks_go_out_first_whatever_comes_next() {
-        let (socket, mut client, handle, mut rx) = attached(64).await;
-        assert!(rx.begin_join("r"));
-        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        let (socket, mut client, handle, mut rx) = joined(64).await;
         // Taken along by the next push (the sender's own copy of its message)...
         assert!(handle.hold(text("ack1")));
         assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
@@ -1465,10 +1473,7 @@ mod tests {
         }
         let mut sessions = Vec::new();
         for _ in 0..3 {
-            let (socket, client, handle, mut rx) = attached(64).await;
-            assert!(rx.begin_join("r"));
-            rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
-            sessions.push((socket, client, handle, rx));
+            sessions.push(joined(64).await);
         }
         assert!(SendBatch::begin(false).is_none(), "switched off");
         let batch = SendBatch::begin(true).expect("a batch opens");
@@ -1517,10 +1522,7 @@ mod tests {
         }
         let mut sessions = Vec::new();
         for _ in 0..600 {
-            let (socket, client, handle, mut rx) = attached(8).await;
-            assert!(rx.begin_join("r"));
-            rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
-            sessions.push((socket, client, handle, rx));
+            sessions.push(joined(8).await);
         }
         for seqs in [1..=1, 2..=3] {
             let item = chat("r", seqs);
@@ -1543,9 +1545,7 @@ mod tests {
         if !ring_available_or_skip("a_task_on_another_thread_writes_after_the_batchs_write") {
             return;
         }
-        let (socket, mut client, handle, mut rx) = attached(64).await;
-        assert!(rx.begin_join("r"));
-        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        let (socket, mut client, handle, mut rx) = joined(64).await;
         let batch = SendBatch::begin(true).expect("a batch opens");
         assert!(handle.push(&chat("r", 1..=1), Priority::Reliable));
         assert!(handle.outlet().in_flight);
@@ -1575,9 +1575,7 @@ mod tests {
         if !ring_available_or_skip("a_failed_write_in_a_batch_breaks_the_session") {
             return;
         }
-        let (socket, client, handle, mut rx) = attached(64).await;
-        assert!(rx.begin_join("r"));
-        rx.flush(&socket, &[], Some(("r".into(), 0)), 0);
+        let (socket, client, handle, mut rx) = joined(64).await;
         // Closed with unread data: the peer answers with a reset.
         client.set_zero_linger().unwrap();
         drop(client);
