@@ -100,7 +100,8 @@ pub(crate) fn defer(
 ) -> bool {
     let (finished, taken) = RING.with(|slot| {
         let mut slot = slot.borrow_mut();
-        if !slot.ready().is_some_and(|ring| ring.open) {
+        // Not `ready()`: a thread that never opens a batch (the heartbeat's, say) makes no ring.
+        if !matches!(&*slot, Slot::Ready(ring) if ring.open) {
             return (Vec::new(), false);
         }
         // A full queue is submitted first: its results are applied below, to other sessions'
