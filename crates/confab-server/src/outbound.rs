@@ -629,6 +629,7 @@ impl SessionHandle {
         if self.is_slow() {
             return false;
         }
+        send_ring::make_room();
         self.push_locked(self.outlet(), item, priority)
     }
 
@@ -701,6 +702,7 @@ impl SessionHandle {
 
     /// Sends what [`SessionHandle::hold`] kept back, if no push has taken it along.
     pub fn release(self: &Arc<Self>) {
+        send_ring::make_room();
         let mut outlet = self.outlet();
         if let Some(held) = outlet.held.take() {
             self.push_locked(outlet, &held, Priority::Reliable);

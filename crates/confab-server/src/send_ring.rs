@@ -91,36 +91,38 @@ pub fn is_available() -> bool {
 }
 
 /// Hands a write of `bytes` to `fd` to this thread's open batch, for `handle`'s outlet (which
-/// the caller marks in flight). False when no batch is open here: the caller writes at once.
-/// `bytes` is only made when the write is taken.
+/// the caller marks in flight). False when no batch is open here, or its queue is full (see
+/// [`make_room`]): the caller writes at once. `bytes` is only made when the write is taken.
+/// Called under the outlet's lock, so it takes no other lock: it never submits.
 pub(crate) fn defer(
     handle: &Arc<SessionHandle>,
     fd: std::os::fd::RawFd,
     bytes: impl FnOnce() -> Bytes,
 ) -> bool {
-    let (finished, taken) = RING.with(|slot| {
-        let mut slot = slot.borrow_mut();
+    RING.with(|slot| match &mut *slot.borrow_mut() {
         // Not `ready()`: a thread that never opens a batch (the heartbeat's, say) makes no ring.
-        if !matches!(&*slot, Slot::Ready(ring) if ring.open) {
-            return (Vec::new(), false);
+        Slot::Ready(ring) if ring.open && ring.pending.len() < RING_ENTRIES as usize => {
+            ring.push(Arc::clone(handle), fd, bytes());
+            true
         }
-        // A full queue is submitted first: its results are applied below, to other sessions'
-        // outlets (this one has no write in the ring, or the caller would not be writing).
-        let finished = match slot.ready() {
-            Some(ring) if ring.pending.len() == RING_ENTRIES as usize => slot.submit(),
-            _ => Vec::new(),
-        };
-        match slot.ready() {
-            Some(ring) => {
-                ring.push(Arc::clone(handle), fd, bytes());
-                (finished, true)
+        _ => false,
+    })
+}
+
+/// Submits this thread's open batch if its queue is full, so that the next write can join
+/// it. Called before a push takes its outlet's lock: applying the results locks the outlets
+/// they belong to, and no outlet's lock is held while another's is taken.
+pub(crate) fn make_room() {
+    let finished = RING.with(|slot| {
+        let mut slot = slot.borrow_mut();
+        match &*slot {
+            Slot::Ready(ring) if ring.open && ring.pending.len() >= RING_ENTRIES as usize => {
+                slot.submit()
             }
-            // The submission failed and the ring is gone.
-            None => (finished, false),
+            _ => Vec::new(),
         }
     });
     apply(finished);
-    taken
 }
 
 /// Gives each finished write's result to its outlet.
