@@ -5,7 +5,7 @@
 # Usage: bench/run.sh WORKLOAD TARGET [options] [-- extra confab bench flags]
 #   WORKLOAD  w1 (fan-out) | w2 (many rooms) | w3 (idle) | w4 (durable, confab only)
 #             | w5 (resume storm, confab only)
-#   TARGET    confab | PEER[:VARIANT]: floor, floor:batched, axum-broadcast,
+#   TARGET    confab | PEER[:VARIANT]: floor, floor:batched, floor:uring, axum-broadcast,
 #             axum-broadcast:tuned, ws, socketio, gorilla (see bench/peers/README.md)
 # Options:
 #   --rate R          W1: messages/s published into the room (default 100)
