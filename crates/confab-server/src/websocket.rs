@@ -310,32 +310,39 @@ pub(crate) fn wire_bytes(frames: &[Frame]) -> Bytes {
     let mut out = Vec::new();
     for frame in frames {
         heads.clear();
-        let payload: &[u8] = match frame {
-            Frame::Framed(whole) => whole,
-            Frame::Text(payload) => {
-                push_header(&mut heads, TEXT, payload.len());
-                payload.as_bytes()
-            }
-            Frame::Ping => {
-                push_header(&mut heads, PING, 0);
-                &[]
-            }
-            Frame::Pong(payload) => {
-                push_header(&mut heads, PONG, payload.len());
-                payload
-            }
-            Frame::Close(code, reason) => {
-                let reason = truncate_utf8(reason.as_str(), 123);
-                push_header(&mut heads, CLOSE, 2 + reason.len());
-                heads.extend_from_slice(&code.to_be_bytes());
-                heads.extend_from_slice(reason.as_bytes());
-                &[]
-            }
-        };
+        let payload = push_head(&mut heads, frame);
         out.extend_from_slice(&heads);
         out.extend_from_slice(payload);
     }
     Bytes::from(out)
+}
+
+/// Appends what goes on the wire before `frame`'s payload (its header, and a close frame's
+/// code and reason, at most 123 bytes of it) to `heads`, and returns the payload: the whole
+/// of a pre-framed span, which has its headers already.
+fn push_head<'a>(heads: &mut Heads, frame: &'a Frame) -> &'a [u8] {
+    match frame {
+        Frame::Framed(whole) => whole,
+        Frame::Text(payload) => {
+            push_header(heads, TEXT, payload.len());
+            payload.as_bytes()
+        }
+        Frame::Ping => {
+            push_header(heads, PING, 0);
+            &[]
+        }
+        Frame::Pong(payload) => {
+            push_header(heads, PONG, payload.len());
+            payload
+        }
+        Frame::Close(code, reason) => {
+            let reason = truncate_utf8(reason.as_str(), 123);
+            push_header(heads, CLOSE, 2 + reason.len());
+            heads.extend_from_slice(&code.to_be_bytes());
+            heads.extend_from_slice(reason.as_bytes());
+            &[]
+        }
+    }
 }
 
 /// Unmasks a client frame's payload in place, eight bytes at a time: byte by byte it was
@@ -383,34 +390,17 @@ fn send_frames(
     // Headers (and close payloads) of every frame, one after another. On the stack: this runs
     // once per delivery, and a typical write is a few frames.
     let mut heads = Heads::new();
-    let mut spans: SmallVec<[Range<usize>; 16]> = SmallVec::new();
+    let mut spans: SmallVec<[(Range<usize>, &[u8]); 16]> = SmallVec::new();
     for frame in frames {
         let start = heads.len();
-        match frame {
-            Frame::Framed(_) => {}
-            Frame::Text(payload) => push_header(&mut heads, TEXT, payload.len()),
-            Frame::Ping => push_header(&mut heads, PING, 0),
-            Frame::Pong(payload) => push_header(&mut heads, PONG, payload.len()),
-            Frame::Close(code, reason) => {
-                let reason = truncate_utf8(reason.as_str(), 123);
-                push_header(&mut heads, CLOSE, 2 + reason.len());
-                heads.extend_from_slice(&code.to_be_bytes());
-                heads.extend_from_slice(reason.as_bytes());
-            }
-        }
-        spans.push(start..heads.len());
+        let payload = push_head(&mut heads, frame);
+        spans.push((start..heads.len(), payload));
     }
     let mut slices: SmallVec<[IoSlice<'_>; 32]> = SmallVec::new();
-    for (frame, span) in frames.iter().zip(spans) {
+    for (span, payload) in spans {
         if !span.is_empty() {
             slices.push(IoSlice::new(&heads[span]));
         }
-        let payload: &[u8] = match frame {
-            Frame::Framed(whole) => whole,
-            Frame::Text(payload) => payload.as_bytes(),
-            Frame::Pong(payload) => payload,
-            Frame::Ping | Frame::Close(..) => &[],
-        };
         if !payload.is_empty() {
             slices.push(IoSlice::new(payload));
         }
