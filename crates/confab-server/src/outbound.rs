@@ -830,6 +830,21 @@ impl SessionHandle {
         }
     }
 
+    /// A write a [`send_ring::SendBatch`] may or may not have made (its ring failed before
+    /// giving the result): the connection's bytes can no longer be known to be whole and in
+    /// order, so it is shut down both ways. The task's read ends, the session closes, and the
+    /// client reconnects and resumes from its last seq.
+    pub(crate) fn deferred_lost(&self) {
+        let mut outlet = self.outlet();
+        outlet.in_flight = false;
+        outlet.broken = true;
+        if let Some(socket) = &outlet.socket {
+            let _ = rustix::net::shutdown(socket.fd(), rustix::net::Shutdown::Both);
+        }
+        drop(outlet);
+        self.ready.wake();
+    }
+
     /// Droppable frames refused so far.
     pub fn dropped(&self) -> u32 {
         self.dropped.load(Ordering::Relaxed)
@@ -1538,6 +1553,29 @@ mod tests {
             assert!(!handle.outlet().in_flight);
             assert_eq!(read_texts(client, 3).await, ["m1", "m2", "m3"]);
         }
+    }
+
+    /// A write whose fate the ring could not tell (it failed) cuts the connection off: the
+    /// client sees the end of the stream rather than bytes it cannot trust, and nothing more
+    /// is written directly.
+    #[tokio::test]
+    async fn a_write_lost_with_its_ring_cuts_the_connection_off() {
+        use tokio::io::AsyncReadExt;
+        let (_socket, mut client, handle, _rx) = joined(64).await;
+        handle.outlet().in_flight = true;
+        handle.deferred_lost();
+        {
+            let outlet = handle.outlet();
+            assert!(outlet.broken && !outlet.in_flight);
+            assert!(!outlet.is_open_for_direct_writes());
+        }
+        let mut rest = Vec::new();
+        let read = client.read_to_end(&mut rest);
+        tokio::time::timeout(std::time::Duration::from_secs(5), read)
+            .await
+            .expect("the stream ends")
+            .unwrap();
+        assert!(rest.is_empty(), "nothing after the cut");
     }
 
     /// On a multi-threaded runtime a session's task can run while its write is in a batch on

@@ -125,12 +125,20 @@ pub(crate) fn make_room() {
     apply(finished);
 }
 
-/// Gives each finished write's result to its outlet.
-fn apply(finished: Vec<(Pending, std::io::Result<usize>)>) {
-    for (pending, result) in finished {
-        pending.handle.deferred_written(pending.bytes, result);
+/// Gives each finished write's result to its outlet; a write whose fate is unknown (its
+/// ring failed) cuts its connection off.
+fn apply(finished: Vec<(Pending, Landed)>) {
+    for (pending, landed) in finished {
+        match landed {
+            Some(result) => pending.handle.deferred_written(pending.bytes, result),
+            None => pending.handle.deferred_lost(),
+        }
     }
 }
+
+/// What became of a write: the kernel's result, or `None` when the ring failed before giving
+/// it (the kernel may still make the write, or may not).
+type Landed = Option<std::io::Result<usize>>;
 
 thread_local! {
     /// This thread's ring, made on first use.
@@ -166,7 +174,7 @@ impl Slot {
 
     /// Submits the ring's queued writes and returns their results; a ring whose submission
     /// failed is given up (see [`Ring::submit`]).
-    fn submit(&mut self) -> Vec<(Pending, std::io::Result<usize>)> {
+    fn submit(&mut self) -> Vec<(Pending, Landed)> {
         let Slot::Ready(ring) = self else {
             return Vec::new();
         };
@@ -229,7 +237,7 @@ impl Ring {
         // SAFETY: the request reads `len` bytes of `bytes`, which `pending` keeps alive (and
         // in place: `Bytes` is a handle to a heap buffer) until `submit` has its result; `fd`
         // is the outlet's socket, which the outlet keeps open while its write is in flight.
-        // The queue has room: `defer` submits a full one before pushing.
+        // The queue has room: `defer` pushes only below `RING_ENTRIES`.
         let pushed = unsafe { self.ring.submission().push(&send) };
         debug_assert!(pushed.is_ok(), "the submission queue was full");
         self.pending.push(Pending { handle, bytes });
@@ -238,12 +246,12 @@ impl Ring {
     /// Submits the queued writes, waits for all their results (each is immediate: see the
     /// module's notes) and returns them, each with its write, and whether the submission
     /// failed (the ring must not be used again).
-    fn submit(&mut self) -> (Vec<(Pending, std::io::Result<usize>)>, bool) {
+    fn submit(&mut self) -> (Vec<(Pending, Landed)>, bool) {
         let count = self.pending.len();
         if count == 0 {
             return (Vec::new(), false);
         }
-        let mut results: Vec<Option<std::io::Result<usize>>> = Vec::new();
+        let mut results: Vec<Landed> = Vec::new();
         results.resize_with(count, || None);
         let mut seen = 0;
         while seen < count {
@@ -257,17 +265,15 @@ impl Ring {
                 Err(err) => {
                     // Not expected of a ring that works. What was submitted may still be read
                     // by the kernel: its bytes are kept for good, the ring is given up, and
-                    // the sessions without a result are treated as broken (their clients
-                    // resume from their last seq; nothing stored is lost).
+                    // the connections whose write has no result are cut off, since whether
+                    // it was made is unknown (their clients resume from their last seq;
+                    // nothing stored is lost).
                     tracing::error!(error = %err, "io_uring submission failed: writes go one by one from now on");
                     let pending = std::mem::take(&mut self.pending);
                     let finished = pending
                         .into_iter()
                         .zip(results)
-                        .map(|(pending, result)| {
-                            std::mem::forget(pending.bytes.clone());
-                            (pending, result.unwrap_or_else(|| Err(err.kind().into())))
-                        })
+                        .inspect(|(pending, _)| std::mem::forget(pending.bytes.clone()))
                         .collect();
                     return (finished, true);
                 }
@@ -292,12 +298,7 @@ impl Ring {
                 });
             }
         }
-        let finished = self
-            .pending
-            .drain(..)
-            .zip(results)
-            .map(|(pending, result)| (pending, result.expect("every result was seen")))
-            .collect();
-        (finished, false)
+        debug_assert!(results.iter().all(Option::is_some), "every result was seen");
+        (self.pending.drain(..).zip(results).collect(), false)
     }
 }
