@@ -60,6 +60,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// An error status with its body: the REST API and a refused upgrade both answer with
+    /// `{"error": {code, message}}`; anything else (a proxy's page, say) becomes the message.
+    fn http(status: u16, body: &[u8]) -> ClientError {
+        let (code, message) = match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(body) => (Some(body.error.code), body.error.message),
+            Err(_) => (None, String::from_utf8_lossy(body).into_owned()),
+        };
+        ClientError::Http {
+            status,
+            code,
+            message,
+        }
+    }
+
     /// The protocol error code, for HTTP and command errors.
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
@@ -155,15 +169,7 @@ impl Client {
             .await
             .map_err(|e| ClientError::Transport(e.to_string()))?;
         if status >= 400 {
-            let (code, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(body) => (Some(body.error.code), body.error.message),
-                Err(_) => (None, String::from_utf8_lossy(&bytes).into_owned()),
-            };
-            return Err(ClientError::Http {
-                status,
-                code,
-                message,
-            });
+            return Err(ClientError::http(status, &bytes));
         }
         let bytes = if bytes.is_empty() {
             &b"null"[..]
@@ -175,16 +181,27 @@ impl Client {
         Ok((status, value))
     }
 
+    /// `GET path`, without a body.
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        Ok(self.call(reqwest::Method::GET, path, None::<&()>).await?.1)
+    }
+
+    /// `POST path` with an optional JSON body.
+    async fn post<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T> {
+        Ok(self.call(reqwest::Method::POST, path, body).await?.1)
+    }
+
     /// `POST /api/register`.
     pub async fn register(&self, username: &str, password: &str) -> Result<AuthResponse> {
         let body = AuthRequest {
             username: username.into(),
             password: password.into(),
         };
-        Ok(self
-            .call(reqwest::Method::POST, "/api/register", Some(&body))
-            .await?
-            .1)
+        self.post("/api/register", Some(&body)).await
     }
 
     /// `POST /api/login`.
@@ -193,17 +210,12 @@ impl Client {
             username: username.into(),
             password: password.into(),
         };
-        Ok(self
-            .call(reqwest::Method::POST, "/api/login", Some(&body))
-            .await?
-            .1)
+        self.post("/api/login", Some(&body)).await
     }
 
     /// `GET /api/rooms`.
     pub async fn rooms(&self) -> Result<Vec<RoomSummary>> {
-        let (_, body): (_, RoomsResponse) = self
-            .call(reqwest::Method::GET, "/api/rooms", None::<&()>)
-            .await?;
+        let body: RoomsResponse = self.get("/api/rooms").await?;
         Ok(body.rooms)
     }
 
@@ -213,57 +225,36 @@ impl Client {
             name: name.into(),
             private,
         };
-        let (_, body): (_, RoomResponse) = self
-            .call(reqwest::Method::POST, "/api/rooms", Some(&body))
-            .await?;
+        let body: RoomResponse = self.post("/api/rooms", Some(&body)).await?;
         Ok(body.room)
     }
 
     /// `POST /api/rooms/{room}/join`.
     pub async fn join_room(&self, room: &str) -> Result<RoomInfo> {
-        let (_, body): (_, RoomResponse) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/rooms/{room}/join"),
-                None::<&()>,
-            )
-            .await?;
+        let path = format!("/api/rooms/{room}/join");
+        let body: RoomResponse = self.post(&path, None::<&()>).await?;
         Ok(body.room)
     }
 
     /// `POST /api/rooms/{room}/leave`.
     pub async fn leave_room(&self, room: &str) -> Result<()> {
-        let _: (_, serde_json::Value) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/rooms/{room}/leave"),
-                None::<&()>,
-            )
-            .await?;
+        let path = format!("/api/rooms/{room}/leave");
+        let _: serde_json::Value = self.post(&path, None::<&()>).await?;
         Ok(())
     }
 
     /// `DELETE /api/rooms/{room}`.
     pub async fn delete_room(&self, room: &str) -> Result<()> {
+        let path = format!("/api/rooms/{room}");
         let _: (_, serde_json::Value) = self
-            .call(
-                reqwest::Method::DELETE,
-                &format!("/api/rooms/{room}"),
-                None::<&()>,
-            )
+            .call(reqwest::Method::DELETE, &path, None::<&()>)
             .await?;
         Ok(())
     }
 
     /// `GET /api/rooms/{room}/members`.
     pub async fn members(&self, room: &str) -> Result<Vec<Member>> {
-        let (_, body): (_, MembersResponse) = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/api/rooms/{room}/members"),
-                None::<&()>,
-            )
-            .await?;
+        let body: MembersResponse = self.get(&format!("/api/rooms/{room}/members")).await?;
         Ok(body.members)
     }
 
@@ -285,8 +276,8 @@ impl Client {
         if let Some(limit) = limit {
             query.push(format!("limit={limit}"));
         }
-        let path = format!("/api/rooms/{room}/messages?{}", query.join("&"));
-        Ok(self.call(reqwest::Method::GET, &path, None::<&()>).await?.1)
+        self.get(&format!("/api/rooms/{room}/messages?{}", query.join("&")))
+            .await
     }
 
     /// `POST /api/rooms/{room}/messages`: returns the stored message and the HTTP status
@@ -301,13 +292,9 @@ impl Client {
             content: content.into(),
             client_id: client_id.map(String::from),
         };
-        let (status, body): (_, MessageResponse) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/rooms/{room}/messages"),
-                Some(&body),
-            )
-            .await?;
+        let path = format!("/api/rooms/{room}/messages");
+        let (status, body): (_, MessageResponse) =
+            self.call(reqwest::Method::POST, &path, Some(&body)).await?;
         Ok((status, body.message))
     }
 
@@ -316,24 +303,15 @@ impl Client {
         let body = AddMemberRequest {
             username: username.into(),
         };
-        let (_, body): (_, AddMemberResponse) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/rooms/{room}/members"),
-                Some(&body),
-            )
-            .await?;
+        let path = format!("/api/rooms/{room}/members");
+        let body: AddMemberResponse = self.post(&path, Some(&body)).await?;
         Ok(body.user)
     }
 
     /// `POST /api/dm/{username}`.
     pub async fn open_dm(&self, username: &str) -> Result<RoomInfo> {
-        let (_, body): (_, RoomResponse) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/api/dm/{username}"),
-                None::<&()>,
-            )
+        let body: RoomResponse = self
+            .post(&format!("/api/dm/{username}"), None::<&()>)
             .await?;
         Ok(body.room)
     }
@@ -341,8 +319,7 @@ impl Client {
     /// `GET /api/presence?users=...`.
     pub async fn presence(&self, ids: &[&str]) -> Result<Vec<UserPresence>> {
         let path = format!("/api/presence?users={}", ids.join(","));
-        let (_, body): (_, PresenceResponse) =
-            self.call(reqwest::Method::GET, &path, None::<&()>).await?;
+        let body: PresenceResponse = self.get(&path).await?;
         Ok(body.users)
     }
 
@@ -417,15 +394,7 @@ impl Connection {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 let status = response.status().as_u16();
                 let body = response.body().clone().unwrap_or_default();
-                let (code, message) = match serde_json::from_slice::<ErrorBody>(&body) {
-                    Ok(body) => (Some(body.error.code), body.error.message),
-                    Err(_) => (None, String::from_utf8_lossy(&body).into_owned()),
-                };
-                return Err(ClientError::Http {
-                    status,
-                    code,
-                    message,
-                });
+                return Err(ClientError::http(status, &body));
             }
             Err(err) => return Err(ClientError::Transport(err.to_string())),
         };
