@@ -261,28 +261,56 @@ pub struct RoomMember {
 
 /// RFC 3339 UTC with milliseconds, the protocol's timestamp format.
 ///
-/// Every stored message and every history row goes through here, so the digits are written
-/// straight into a fixed buffer: `time`'s general formatter cost over 3,000 instructions a
-/// call, about a tenth of storing a message.
+/// Every stored message and every history row goes through here, so the date is worked out
+/// with integer arithmetic and the digits written straight into a fixed buffer: `time`'s
+/// general formatter cost over 3,000 instructions a call, and its date conversion alone
+/// (through 128-bit nanoseconds) about 1,000, a twelfth of storing a message.
 pub fn format_timestamp(ms: i64) -> String {
     const EPOCH: &str = "1970-01-01T00:00:00.000Z";
-    let nanos = i128::from(ms) * 1_000_000;
-    let Ok(at) = time::OffsetDateTime::from_unix_timestamp_nanos(nanos) else {
+    const MS_PER_DAY: i64 = 86_400_000;
+    let (year, month, day) = civil_from_days(ms.div_euclid(MS_PER_DAY));
+    // The wire format has four digits for the year.
+    let Some(year) = u16::try_from(year).ok().filter(|&year| year <= 9999) else {
         return EPOCH.to_string();
     };
-    let Some(year) = u16::try_from(at.year()).ok().filter(|&year| year <= 9999) else {
-        return EPOCH.to_string();
-    };
-    let (hour, minute, second, milli) = at.to_hms_milli();
+    // Below a day's milliseconds, so every field fits a u16.
+    let in_day = ms.rem_euclid(MS_PER_DAY);
+    let field = |value: i64| u16::try_from(value).unwrap_or(0);
     let mut text = *b"0000-00-00T00:00:00.000Z";
     put_digits(&mut text[0..4], year);
-    put_digits(&mut text[5..7], u8::from(at.month()).into());
-    put_digits(&mut text[8..10], at.day().into());
-    put_digits(&mut text[11..13], hour.into());
-    put_digits(&mut text[14..16], minute.into());
-    put_digits(&mut text[17..19], second.into());
-    put_digits(&mut text[20..23], milli);
+    put_digits(&mut text[5..7], month);
+    put_digits(&mut text[8..10], day);
+    put_digits(&mut text[11..13], field(in_day / 3_600_000));
+    put_digits(&mut text[14..16], field(in_day / 60_000 % 60));
+    put_digits(&mut text[17..19], field(in_day / 1_000 % 60));
+    put_digits(&mut text[20..23], field(in_day % 1_000));
     String::from_utf8(text.to_vec()).unwrap_or_else(|_| EPOCH.to_string())
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01: Howard
+/// Hinnant's `civil_from_days`, which counts in 400-year eras starting on 1 March, so that
+/// the leap day falls at the end of a year.
+fn civil_from_days(days: i64) -> (i64, u16, u16) {
+    let shifted = days + 719_468; // days since 0000-03-01
+    let era = shifted.div_euclid(146_097);
+    let day_of_era = shifted.rem_euclid(146_097); // [0, 146096]
+    let year_of_era =
+        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153; // [0, 11], 0 is March
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1; // [1, 31]
+    let month = if month_from_march < 10 {
+        month_from_march + 3
+    } else {
+        month_from_march - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    // Both are small and positive by construction.
+    (
+        year,
+        u16::try_from(month).unwrap_or(1),
+        u16::try_from(day).unwrap_or(1),
+    )
 }
 
 /// Writes `value`'s last `out.len()` decimal digits into `out`, zero-padded.
@@ -316,16 +344,35 @@ mod tests {
         // Before 1970 or past year 9999 (the wire format has four digits), the epoch.
         assert_eq!(format_timestamp(-1), "1969-12-31T23:59:59.999Z");
         assert_eq!(format_timestamp(i64::MAX), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_timestamp(i64::MIN), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            format_timestamp(-62_167_219_200_000),
+            "0000-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            format_timestamp(-62_167_219_200_001),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            format_timestamp(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert_eq!(
+            format_timestamp(253_402_300_800_000),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 
-    /// The hand-written digits agree with `time`'s own RFC 3339 formatter everywhere in the
-    /// years a message can carry (leap days, month ends and millisecond edges included).
+    /// The hand-written date and digits agree with `time`'s own RFC 3339 formatter everywhere
+    /// in the years the format can carry (leap days, century years, month ends and millisecond
+    /// edges included).
     #[test]
     fn timestamps_agree_with_the_time_crate() {
         let format = time::macros::format_description!(
             "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
         );
-        let mut ms: i64 = 0;
+        // From year 0 to year 9999.
+        let mut ms: i64 = -62_167_219_200_000;
         while ms < 253_402_300_799_999 {
             let at = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
                 .unwrap();
