@@ -79,13 +79,22 @@ impl Conns {
             conn.unsent.extend_from_slice(bytes);
             return;
         }
-        let written = match sys::send(fd, bytes) {
+        let result = sys::send(fd, bytes);
+        self.settle(fd, bytes, result);
+    }
+
+    /// Takes a send's `result` for `bytes` to `fd`: what the socket did not take is queued
+    /// (and `EPOLLOUT` watched for), a failed connection is killed.
+    fn settle(&mut self, fd: i32, bytes: &[u8], result: io::Result<usize>) {
+        let written = match result {
             Ok(n) if n == bytes.len() => return,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             Err(_) => return self.kill(fd),
         };
-        conn.unsent.extend_from_slice(&bytes[written..]);
+        self.by_fd[fd as usize]
+            .unsent
+            .extend_from_slice(&bytes[written..]);
         if sys::epoll_mod(self.epfd, fd, libc::EPOLLIN | libc::EPOLLOUT).is_err() {
             self.kill(fd);
         }
@@ -489,8 +498,8 @@ fn send_all_in_one_call(
     complete(ring, conns, frame, queued);
 }
 
-/// Submits the `queued` sends of `frame` and waits for their results: what a socket did not take
-/// is kept for it, as in `Conns::send`.
+/// Submits the `queued` sends of `frame` and waits for their results, each taken as a `send`'s
+/// (`Conns::settle`).
 fn complete(ring: &mut io_uring::IoUring, conns: &mut Conns, frame: &[u8], queued: usize) {
     if queued == 0 {
         return;
@@ -508,21 +517,12 @@ fn complete(ring: &mut io_uring::IoUring, conns: &mut Conns, frame: &[u8], queue
             .collect();
         seen += results.len();
         for (fd, result) in results {
-            let written = match result {
-                n if n >= 0 && n as usize == frame.len() => continue,
-                n if n >= 0 => n as usize,
-                n if n == -libc::EAGAIN => 0,
-                _ => {
-                    conns.kill(fd);
-                    continue;
-                }
+            let result = if result >= 0 {
+                Ok(result as usize)
+            } else {
+                Err(io::Error::from_raw_os_error(-result))
             };
-            conns.by_fd[fd as usize]
-                .unsent
-                .extend_from_slice(&frame[written..]);
-            if sys::epoll_mod(conns.epfd, fd, libc::EPOLLIN | libc::EPOLLOUT).is_err() {
-                conns.kill(fd);
-            }
+            conns.settle(fd, frame, result);
         }
     }
 }
