@@ -10,11 +10,13 @@
 # on first use. Recording starts PROFILE_DELAY seconds (default 6: connecting plus the
 # warmup) after the server does and lasts PROFILE_SECONDS (default 6), inside the window.
 # PROFILE_TARGET (default confab) profiles another target of bench/run.sh instead, e.g. the
-# floor, to compare where the kernel time goes.
+# floor, to compare where the kernel time goes. PROFILE_CALL_GRAPH is perf's --call-graph
+# (default fp; dwarf,32768 attributes time inside our frames, which carry no frame pointers),
+# and PROFILE_KEEP=1 keeps the recording as OUT_STEM.perf.data for `perf report` afterwards.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-[ $# -ge 2 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 WORKLOAD=$1 STEM=$2
 shift 2
 DELAY=${PROFILE_DELAY:-6} RECORD=${PROFILE_SECONDS:-6}
@@ -36,11 +38,15 @@ for _ in $(seq 600); do
 done
 [ -n "$pid" ] || { cat "$TMP/run.log" >&2; echo "profile.sh: the server did not start" >&2; exit 1; }
 sleep "$DELAY"
-perf record -F 999 -g -p "$pid" -o "$TMP/perf.data" -- sleep "$RECORD" >/dev/null 2>&1 || true
+perf record -F 999 --call-graph "${PROFILE_CALL_GRAPH:-fp}" -p "$pid" -o "$TMP/perf.data" -- sleep "$RECORD" >/dev/null 2>&1 || true
 wait "$RUN_PID" || true
 grep -E 'latency|acked|server ' "$TMP/run.log" >&2 || true
 perf script -i "$TMP/perf.data" 2>/dev/null | inferno-collapse-perf |
     inferno-flamegraph --title "confab $WORKLOAD $*" >"$STEM.svg"
 perf report -i "$TMP/perf.data" --no-children --stdio --sort dso,symbol -g none 2>/dev/null |
     grep -E '^ +[0-9]' | sed -E 's/[[:space:]]+-[[:space:]]+-[[:space:]]*$//' | awk 'NR <= 40' >"$STEM.txt"
+if [ "${PROFILE_KEEP:-0}" = 1 ]; then
+    cp "$TMP/perf.data" "$STEM.perf.data"
+    echo "kept the recording as $STEM.perf.data" >&2
+fi
 echo "wrote $STEM.svg and $STEM.txt" >&2
