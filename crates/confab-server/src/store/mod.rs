@@ -14,6 +14,7 @@
 
 mod backlog;
 mod chunked_insert;
+mod held_statements;
 mod key_run;
 mod packing;
 mod retry_keys;

@@ -38,6 +38,7 @@ use rusqlite::{Connection, OptionalExtension};
 
 use super::backlog::Backlog;
 use super::chunked_insert::ChunkedInsert;
+use super::held_statements::WriterConn;
 use super::key_run;
 use super::sqlite::db_err;
 use super::{SCALED_FOR_TESTS, StoreError};
@@ -270,7 +271,7 @@ impl RetryKeys {
     /// the append stored (see `Backlog::write_due`), and moves the low mark.
     pub(super) fn write_due(
         &mut self,
-        conn: &Connection,
+        conn: &WriterConn<'_, '_>,
         newest: Option<i64>,
         stored: usize,
     ) -> Result<(), StoreError> {
@@ -302,9 +303,9 @@ impl RetryKeys {
                 Ok(Some((first, count)))
             })?;
         if let Some(low) = low {
-            conn.prepare_cached("UPDATE low_marks SET client_keys = ?1")
-                .and_then(|mut stmt| stmt.execute([low]))
-                .map_err(db_err)?;
+            conn.held("UPDATE low_marks SET client_keys = ?1", |stmt| {
+                stmt.execute([low]).map_err(db_err)
+            })?;
         }
         Ok(())
     }
@@ -323,7 +324,7 @@ impl RetryKeys {
 /// has written) as one run, the others (random keys, or keys that went out of order) one row
 /// each, as before runs. Returns the new `greatest`.
 fn write_keys(
-    conn: &Connection,
+    conn: &WriterConn<'_, '_>,
     user: &str,
     mut keys: Vec<(String, i64)>,
     greatest: Option<String>,
@@ -350,11 +351,13 @@ fn write_keys(
     })?;
     if let [.., (last, _)] = run {
         let packed = key_run::encode(run.iter().map(|(key, rowid)| (key.as_str(), *rowid)));
-        conn.prepare_cached(
+        conn.held(
             "INSERT OR FAIL INTO client_key_runs (user_id, last_key, keys) VALUES (?1, ?2, ?3)",
-        )
-        .and_then(|mut stmt| stmt.execute(rusqlite::params![user, last, packed]))
-        .map_err(db_err)?;
+            |stmt| {
+                stmt.execute(rusqlite::params![user, last, packed])
+                    .map_err(db_err)
+            },
+        )?;
     }
     let written = keys.pop().map(|(key, _)| key);
     Ok(greatest.max(written))

@@ -32,6 +32,7 @@ use foldhash::{HashMap, HashMapExt};
 use rusqlite::Connection;
 
 use super::backlog::Backlog;
+use super::held_statements::WriterConn;
 use super::packing::{put_varint, take_varint, unzigzag, zigzag};
 use super::sqlite::{db_err, select_room_key};
 use super::{SCALED_FOR_TESTS, StoreError};
@@ -56,7 +57,8 @@ pub(super) const FLUSH_BEHIND: i64 = if SCALED_FOR_TESTS { 40 } else { 100_000 }
 
 /// Writes a room's waiting entries as one run. `OR FAIL`: see the messages' insert
 /// (`INSERT_MESSAGES` in `sqlite.rs`; a failure rolls the whole transaction back).
-const INSERT_RUN: &str =
+/// A `static`, not a `const`: the writer's held statement is found by the text's address.
+static INSERT_RUN: &str =
     "INSERT OR FAIL INTO room_index_runs (room_key, last_seq, first_seq, rowids)
      VALUES (?1, ?2, ?3, ?4)";
 
@@ -311,7 +313,7 @@ impl IndexWriter {
     /// moves the low mark.
     pub(super) fn write_due(
         &mut self,
-        conn: &Connection,
+        conn: &WriterConn<'_, '_>,
         newest: Option<i64>,
         stored: usize,
     ) -> Result<(), StoreError> {
@@ -323,14 +325,16 @@ impl IndexWriter {
                 let Some(waiting) = rooms.remove(&key) else {
                     return Ok(None);
                 };
-                insert_run(conn, key, waiting.indexed + 1, &waiting.rowids)?;
+                conn.held(INSERT_RUN, |stmt| {
+                    execute_run(stmt, key, waiting.indexed + 1, &waiting.rowids)
+                })?;
                 changed.insert(key, Change::Replaced);
                 Ok(Some((waiting.first_rowid(), waiting.rowids.len())))
             })?;
         if let Some(low) = low {
-            conn.prepare_cached("UPDATE low_marks SET room_index = ?1")
-                .and_then(|mut stmt| stmt.execute([low]))
-                .map_err(db_err)?;
+            conn.held("UPDATE low_marks SET room_index = ?1", |stmt| {
+                stmt.execute([low]).map_err(db_err)
+            })?;
         }
         Ok(())
     }
@@ -450,20 +454,28 @@ fn insert_run(
     first_seq: u64,
     rowids: &[i64],
 ) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(INSERT_RUN).map_err(db_err)?;
+    execute_run(&mut stmt, key, first_seq, rowids)
+}
+
+/// [`insert_run`] with `stmt`, a statement of [`INSERT_RUN`] (the writer holds one).
+fn execute_run(
+    stmt: &mut rusqlite::Statement<'_>,
+    key: i64,
+    first_seq: u64,
+    rowids: &[i64],
+) -> Result<(), StoreError> {
     if rowids.is_empty() {
         return Ok(());
     }
     let last_seq = first_seq + rowids.len() as u64 - 1;
-    conn.prepare_cached(INSERT_RUN)
-        .and_then(|mut stmt| {
-            stmt.execute(rusqlite::params![
-                key,
-                last_seq,
-                first_seq,
-                encode_rowids(rowids)
-            ])
-        })
-        .map_err(db_err)?;
+    stmt.execute(rusqlite::params![
+        key,
+        last_seq,
+        first_seq,
+        encode_rowids(rowids)
+    ])
+    .map_err(db_err)?;
     Ok(())
 }
 

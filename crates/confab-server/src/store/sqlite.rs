@@ -24,6 +24,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use super::chunked_insert::ChunkedInsert;
+use super::held_statements::{HeldStatements, WriteConnection, WriterConn};
 use super::retry_keys::RetryKeys;
 use super::room_index::{
     IndexWriter, RoomIndex, Waiting, convert_legacy_entries, indexed_last_seq, indexed_rowids,
@@ -89,7 +90,7 @@ const ROOM_INDEX_RUNS_MIGRATION: usize = 8;
 /// A unit of work for the writer thread. It runs inside a savepoint and returns whether it
 /// succeeded (to release or roll back the savepoint) plus the function that answers the caller
 /// once the commit outcome is known.
-type WriteJob = Box<dyn FnOnce(&Connection) -> (bool, Deliver) + Send>;
+type WriteJob = Box<dyn FnOnce(&WriterConn<'_, '_>) -> (bool, Deliver) + Send>;
 
 /// Answers a caller after the commit; receives the commit error if the commit failed.
 type Deliver = Box<dyn FnOnce(Option<StoreError>) + Send>;
@@ -219,7 +220,7 @@ impl SqliteStore {
 
         let (sender, receiver) = mpsc::channel::<WriteJob>();
         let writer = Arc::new(Mutex::new(Writer {
-            conn,
+            conn: WriteConnection::hold(conn),
             tails: Arc::clone(&tails),
             index: Arc::clone(&index),
             restarts: WalRestarts {
@@ -292,7 +293,8 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.write_and_settle(job, |_| {}, false).await
+        self.write_and_settle(move |db: &WriterConn<'_, '_>| job(db), |_| {}, false)
+            .await
     }
 
     /// [`SqliteStore::write`], also telling `settle`, on the writing thread, whether the job's
@@ -306,7 +308,7 @@ impl SqliteStore {
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&WriterConn<'_, '_>) -> Result<T, StoreError> + Send + 'static,
         S: FnOnce(bool) + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
@@ -748,7 +750,7 @@ fn rewind_between_commits(writer: &Weak<Mutex<Writer>>) -> Rewind {
     if !restarts.requested {
         return Rewind::NotNeeded;
     }
-    if rewind(conn) {
+    if rewind(conn.conn()) {
         restarts.rewound();
         Rewind::Done
     } else {
@@ -820,7 +822,8 @@ fn wake_without_preempting() {
 /// queued jobs with it, and appends are committed with it on their caller's thread when it is
 /// free ([`SqliteStore::commit_in_place`]).
 struct Writer {
-    conn: Connection,
+    /// The write connection, with the statements of every commit held prepared on it.
+    conn: WriteConnection,
     /// What the writer remembers between commits, the history index's waiting entries among
     /// them: published to `index` by each commit that changes them.
     tails: Arc<Mutex<TailCache>>,
@@ -845,72 +848,74 @@ impl Writer {
             batch,
             deliveries,
         } = self;
-        if let Err(err) = run_cached(conn, "BEGIN IMMEDIATE") {
-            let err = db_err(err);
-            for job in batch.drain(..) {
-                // The job never ran; answer with the error without touching the database.
-                fail_unrun(job, err.clone());
-            }
-            return false;
-        }
-        let mut aborted: Option<StoreError> = None;
-        // Each job in its own savepoint, so a failing one leaves the others in the commit. A
-        // job alone needs none (the transaction is its savepoint): a savepoint copies every
-        // page the job touches into the statement journal, and under load the committer's
-        // one append job per commit is the usual case.
-        let savepoints = batch.len() > 1;
-        let mut failed_alone = false;
-        for job in batch.drain(..) {
-            if let Some(err) = &aborted {
-                fail_unrun(job, err.clone());
-                continue;
-            }
-            if savepoints {
-                let _ = run_cached(conn, "SAVEPOINT job");
-            }
-            let (ok, deliver) = job(conn);
-            if savepoints {
-                if !ok {
-                    let _ = run_cached(conn, "ROLLBACK TO job");
+        conn.with(|conn| {
+            if let Err(err) = conn.run_held("BEGIN IMMEDIATE") {
+                for job in batch.drain(..) {
+                    // The job never ran; answer with the error without touching the database.
+                    fail_unrun(job, err.clone());
                 }
-                let _ = run_cached(conn, "RELEASE job");
-            } else {
-                failed_alone = !ok;
+                return false;
             }
-            deliveries.push(deliver);
-            if conn.is_autocommit() {
-                // SQLite rolled the whole transaction back (disk full, I/O error): nothing of
-                // this batch is stored, and later jobs must not run outside a transaction.
-                aborted = Some(StoreError::Database(
-                    "the transaction was rolled back by SQLite".into(),
-                ));
+            let mut aborted: Option<StoreError> = None;
+            // Each job in its own savepoint, so a failing one leaves the others in the
+            // commit. A job alone needs none (the transaction is its savepoint): a savepoint
+            // copies every page the job touches into the statement journal, and under load the
+            // committer's one append job per commit is the usual case.
+            let savepoints = batch.len() > 1;
+            let mut failed_alone = false;
+            for job in batch.drain(..) {
+                if let Some(err) = &aborted {
+                    fail_unrun(job, err.clone());
+                    continue;
+                }
+                if savepoints {
+                    let _ = conn.run_held("SAVEPOINT job");
+                }
+                let (ok, deliver) = job(conn);
+                if savepoints {
+                    if !ok {
+                        let _ = conn.run_held("ROLLBACK TO job");
+                    }
+                    let _ = conn.run_held("RELEASE job");
+                } else {
+                    failed_alone = !ok;
+                }
+                deliveries.push(deliver);
+                if conn.is_autocommit() {
+                    // SQLite rolled the whole transaction back (disk full, I/O error): nothing
+                    // of this batch is stored, and later jobs must not run outside a
+                    // transaction.
+                    aborted = Some(StoreError::Database(
+                        "the transaction was rolled back by SQLite".into(),
+                    ));
+                }
             }
-        }
-        // A commit that changes the history index's waiting entries holds off readers'
-        // snapshots until they are published (see `room_index`).
-        let news = lock_tails(tails).index.has_news();
-        let mut published = news.then(|| index.lock());
-        let commit_error = match aborted {
-            Some(err) => Some(err),
-            // The job's own error is its answer; nothing of it may be committed.
-            None if failed_alone => {
-                let _ = run_cached(conn, "ROLLBACK");
-                None
+            // A commit that changes the history index's waiting entries holds off readers'
+            // snapshots until they are published (see `room_index`).
+            let news = lock_tails(tails).index.has_news();
+            let mut published = news.then(|| index.lock());
+            let commit_error = match aborted {
+                Some(err) => Some(err),
+                // The job's own error is its answer; nothing of it may be committed.
+                None if failed_alone => {
+                    let _ = conn.run_held("ROLLBACK");
+                    None
+                }
+                None => conn.run_held("COMMIT").err(),
+            };
+            if commit_error.is_some() {
+                let _ = conn.run_held("ROLLBACK");
             }
-            None => run_cached(conn, "COMMIT").err().map(db_err),
-        };
-        if commit_error.is_some() {
-            let _ = run_cached(conn, "ROLLBACK");
-        }
-        if let Some(published) = &mut published {
-            let committed = commit_error.is_none() && !failed_alone;
-            lock_tails(tails).index.publish(conn, committed, published);
-        }
-        drop(published);
-        for deliver in deliveries.drain(..) {
-            deliver(commit_error.clone());
-        }
-        restarts.after_commit(conn, may_rewind)
+            if let Some(published) = &mut published {
+                let committed = commit_error.is_none() && !failed_alone;
+                lock_tails(tails).index.publish(conn, committed, published);
+            }
+            drop(published);
+            for deliver in deliveries.drain(..) {
+                deliver(commit_error.clone());
+            }
+            restarts.after_commit(conn, may_rewind)
+        })
     }
 }
 
@@ -929,7 +934,10 @@ fn run_writer(writer: &Mutex<Writer>, jobs: mpsc::Receiver<WriteJob>) {
     }
     // Keep the WAL small for the next start.
     let writer = writer.lock().expect("writer lock");
-    let _ = writer.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
+    let _ = writer
+        .conn
+        .conn()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)");
 }
 
 /// Keeps a cached statement compiled whatever values are bound to it. By default SQLite
@@ -954,7 +962,8 @@ fn run_cached(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
 /// statements can touch the real one outside a transaction.
 fn fail_unrun(job: WriteJob, err: StoreError) {
     let scratch = Connection::open_in_memory().expect("an in-memory SQLite database opens");
-    let (_, deliver) = job(&scratch);
+    let held = HeldStatements::default();
+    let (_, deliver) = job(&WriterConn::new(&scratch, &held));
     deliver(Some(err));
 }
 
@@ -1234,7 +1243,7 @@ fn lock_tails(tails: &Mutex<TailCache>) -> std::sync::MutexGuard<'_, TailCache> 
 /// message leaves no gap. The outer error means the batch
 /// must be rolled back (some of its rows may be written).
 fn append_batch(
-    conn: &Connection,
+    conn: &WriterConn<'_, '_>,
     batch: Vec<NewMessage>,
     tails: &Mutex<TailCache>,
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
@@ -1249,7 +1258,7 @@ fn append_batch(
 
 /// [`append_batch`] with the tail cache in hand.
 fn append_locked(
-    conn: &Connection,
+    conn: &WriterConn<'_, '_>,
     batch: Vec<NewMessage>,
     cache: &mut TailCache,
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
@@ -1387,7 +1396,7 @@ impl Unwritten {
     /// Inserts the rows held and files them in the history index and the retry keys.
     fn write(
         &mut self,
-        conn: &Connection,
+        conn: &WriterConn<'_, '_>,
         cache: &mut TailCache,
         results: &[Result<Appended, StoreError>],
     ) -> Result<(), StoreError> {
