@@ -2,13 +2,12 @@
 //!
 //! rusqlite's statement cache is made for statements run now and then: each use looks the
 //! statement up by its SQL text (trimmed, hashed, compared, and copied as the key) and, when
-//! it goes back, clears every parameter, which gives back the buffers the bound text was
-//! copied into, so the next use allocates them again. For a commit's `BEGIN`, `COMMIT` and
-//! multi-row inserts of messages (64 parameters at W2's eight messages a commit) that was
-//! about 1K instructions per stored message (callgrind, BENCHMARKS.md, 2026-12-05, night).
-//! The writer keeps those statements instead: found by the address of their `'static` text,
-//! run with their bindings left in place (every use binds every parameter again), never
-//! cleared.
+//! it goes back, clears every parameter (64 for W2's eight messages a commit in one insert).
+//! For a commit's `BEGIN`, `COMMIT` and multi-row inserts that was 744 instructions per
+//! stored message. The writer keeps those statements instead: found by the address of their
+//! `'static` text, run with their bindings left in place (every use binds every parameter
+//! again), never cleared: 9.72K → 9.17K instructions per message of the store's own
+//! (callgrind, BENCHMARKS.md, 2026-12-05, night).
 //!
 //! They borrow the connection they were prepared on, which the writer owns alongside them:
 //! [`WriteConnection`] is that pair (`self_cell`), and drops the statements first.
