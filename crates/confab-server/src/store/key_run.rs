@@ -19,7 +19,10 @@ use super::packing::{put_varint, take_varint, unzigzag, zigzag};
 /// Packs `entries` (`client_id`, message rowid), which must be sorted by key with no key
 /// twice.
 pub(super) fn encode<'a>(entries: impl IntoIterator<Item = (&'a str, i64)>) -> Vec<u8> {
-    let mut out = Vec::new();
+    let entries = entries.into_iter();
+    // About what a UUID-like key takes after the prefix it shares, with its lengths and rowid:
+    // growing from empty reallocated several times per run.
+    let mut out = Vec::with_capacity(entries.size_hint().0 * 24);
     let mut previous: &[u8] = &[];
     let mut previous_rowid = 0i64;
     for (key, rowid) in entries {

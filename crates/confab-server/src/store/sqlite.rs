@@ -1266,7 +1266,12 @@ fn append_locked(
     cache.retry.load(conn)?;
     cache.index.load(conn)?;
     let mut results = Vec::with_capacity(batch.len());
-    let mut unwritten = Unwritten::default();
+    let mut unwritten = Unwritten {
+        // Room for a statement's worth at once: growing it from empty was two reallocations
+        // per commit.
+        rows: Vec::with_capacity(UNWRITTEN_MAX.min(batch.len())),
+        ..Unwritten::default()
+    };
     for msg in batch {
         if unwritten.holds_key(&results, &msg) {
             // A retry of a message earlier in this batch (wherever it is sent): its key must
